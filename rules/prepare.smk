@@ -1,0 +1,18 @@
+# Dataset -> token ids + shard plan; all teacher and data checks before any GPU work.
+
+
+rule prepare:
+    input:
+        teacher=teacher_input,
+        dataset=dataset_input,
+    output:
+        tokens=out("prepared", "tokens.h5"),
+        plan=out("prepared", "plan.json"),
+    params:
+        # Only what changes the stored numbers: editing GPUs or batch sizes reruns nothing.
+        settings=meaning_settings_json(config),
+        num_shards=config["num_shards"],
+    log:
+        out("logs", "prepare.log"),
+    script:
+        "../workflow_scripts/prepare.py"
