@@ -10,7 +10,7 @@ configfile: "config/config.yaml"
 include: "rules/common.smk"
 
 
-check_unknown_keys(config, load_schema("config/schema.yaml"))
+check_config_values(config, "config/schema.yaml")
 validate(config, "config/schema.yaml")
 check_config(config)
 
@@ -24,4 +24,6 @@ include: "rules/gather.smk"
 rule all:
     input:
         rules.gather.output,
+        # Listed too, so a deleted shard is regenerated (and gathered again).
+        all_shards,
     default_target: True

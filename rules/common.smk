@@ -12,6 +12,7 @@ from workflow_scripts.workflow_config import (
     DEMO,
     check_gpus,
     check_paths,
+    check_schema,
     check_unknown_keys,
     dataset_path,
     demo_dir,
@@ -21,19 +22,33 @@ from workflow_scripts.workflow_config import (
 )
 
 
-def load_schema(path):
-    with open(Path(workflow.main_snakefile).parent / path) as handle:
-        return yaml.safe_load(handle)
+def exit_with_config_error(error):
+    # One line where the user looks, not a traceback.
+    print(f"Config error: {error}", file=sys.stderr)
+    raise SystemExit(1)
+
+
+def check_config_values(config, schema_path):
+    """Unknown keys and schema violations as one line each, before Snakemake's validate."""
+    with open(Path(workflow.main_snakefile).parent / schema_path) as handle:
+        schema = yaml.safe_load(handle)
+    try:
+        check_unknown_keys(config, schema)
+        check_schema(config, schema)
+    except ConfigError as error:
+        exit_with_config_error(error)
 
 
 def check_config(config):
     """Everything that can be checked without torch, before any job runs."""
-    global GPU_GROUPS
-    GPU_GROUPS = check_gpus(config)
-    check_paths(config)
-    if GPU_GROUPS and config["gpu_assignment"] == "local":
+    try:
+        groups = check_gpus(config)
+        check_paths(config)
+    except ConfigError as error:
+        exit_with_config_error(error)
+    if groups and config["gpu_assignment"] == "local":
         # Cap concurrent generate jobs at the number of groups without a --resources flag.
-        workflow.global_resources.setdefault("gpu", len(GPU_GROUPS) * config["gpus_per_model"])
+        workflow.global_resources.setdefault("gpu", len(groups) * config["gpus_per_model"])
     if config["force_regenerate"]:
         workflow.dag_settings.forcerun = frozenset(workflow.dag_settings.forcerun) | {"generate"}
 

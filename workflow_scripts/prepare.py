@@ -60,6 +60,8 @@ def check_teacher(teacher_path: Path, top_k: int, trust_remote_code: bool):
     """The teacher folder holds a causal LM and a tokenizer; top_k fits its vocabulary."""
     from transformers import AutoConfig, AutoTokenizer
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    from workflow_scripts.fingerprints import WEIGHT_SUFFIXES
     from workflow_scripts.job import UserError
 
     try:
@@ -71,6 +73,11 @@ def check_teacher(teacher_path: Path, top_k: int, trust_remote_code: bool):
         raise UserError(
             f"teacher.path: {teacher_path} holds a '{model_config.model_type}' model, which is not "
             "a causal language model; give a decoder model that AutoModelForCausalLM loads"
+        )
+    if not any(p.suffix in WEIGHT_SUFFIXES for p in teacher_path.iterdir()):
+        raise UserError(
+            f"teacher.path: {teacher_path} has a config but no weights (*.safetensors or *.bin); "
+            "save the model with model.save_pretrained into that folder"
         )
     try:
         tokenizer = AutoTokenizer.from_pretrained(teacher_path, trust_remote_code=trust_remote_code)

@@ -47,6 +47,17 @@ def check_unknown_keys(config: dict, schema: dict, where: str = "") -> None:
             check_unknown_keys(value, sub, f"{where}{key}.")
 
 
+def check_schema(config: dict, schema: dict) -> None:
+    """The first schema violation as ``key.path: problem``."""
+    import jsonschema
+
+    validator = jsonschema.Draft202012Validator(schema)
+    error = jsonschema.exceptions.best_match(validator.iter_errors(config))
+    if error is not None:
+        where = ".".join(str(p) for p in error.absolute_path) or "config"
+        raise ConfigError(f"{where}: {error.message}")
+
+
 def demo_dir(config: dict) -> Path:
     return Path(config["demo"]["dir"])
 

@@ -1,0 +1,86 @@
+"""Shared fixtures: a copy of the workflow per test, and one demo teacher per session."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+os.environ["TOKENIZERS_PARALLELISM"] = "false"
+
+WORKFLOW_FILES = ("Snakefile", "rules", "workflow_scripts", "config", "profiles")
+
+
+def snakemake_bin() -> str:
+    candidate = Path(sys.executable).with_name("snakemake")
+    return str(candidate) if candidate.exists() else "snakemake"
+
+
+class Workflow:
+    """A copy of the workflow in a temporary folder, run through the real snakemake CLI."""
+
+    def __init__(self, root: Path, lock_dir: Path):
+        self.root = root
+        root.mkdir(parents=True, exist_ok=True)
+        self.lock_dir = lock_dir
+        for name in WORKFLOW_FILES:
+            source = REPO / name
+            if source.is_dir():
+                shutil.copytree(source, root / name, ignore=shutil.ignore_patterns("__pycache__"))
+            else:
+                shutil.copy2(source, root / name)
+
+    def run(self, *args, config: dict | None = None, check: bool = True, env: dict | None = None,
+            timeout: int = 900) -> subprocess.CompletedProcess:
+        cmd = [snakemake_bin(), *args]
+        if config is not None:
+            path = self.root / "test_config.yaml"
+            path.write_text(yaml.safe_dump(config))
+            cmd += ["--configfile", str(path)]
+        full_env = {**os.environ, "TEACHER_LOGITS_GPU_LOCK_DIR": str(self.lock_dir), **(env or {})}
+        result = subprocess.run(cmd, cwd=self.root, env=full_env, capture_output=True, text=True,
+                                timeout=timeout)
+        if check and result.returncode != 0:
+            raise AssertionError(
+                f"{' '.join(cmd)} failed ({result.returncode}):\n{result.stdout[-4000:]}\n"
+                f"{result.stderr[-8000:]}"
+            )
+        return result
+
+    def path(self, *parts) -> Path:
+        return self.root.joinpath(*parts)
+
+    def manifest(self, output_dir="results/demo") -> dict:
+        return json.loads(self.path(output_dir, "manifest.json").read_text())
+
+
+@pytest.fixture(scope="session")
+def demo_dir(tmp_path_factory) -> Path:
+    """The demo corpus and teacher, built once through the workflow's own rules."""
+    cached = os.environ.get("TEACHER_LOGITS_TEST_DEMO_DIR")
+    if cached and (Path(cached) / "teacher" / "config.json").exists():
+        return Path(cached)
+    root = tmp_path_factory.mktemp("demo_build")
+    wf = Workflow(root, root / "locks")
+    demo = root / "demo"
+    wf.run("--cores", "2", str(demo / "teacher"), config={"demo": {"dir": str(demo)}})
+    assert (demo / "teacher" / "config.json").exists()
+    assert (demo / "corpus.jsonl").exists()
+    return demo
+
+
+@pytest.fixture
+def workflow(tmp_path, demo_dir) -> Workflow:
+    wf = Workflow(tmp_path / "wf", tmp_path / "locks")
+    # The default demo location points at the session's demo: nothing is rebuilt.
+    (wf.root / "resources").mkdir()
+    (wf.root / "resources" / "demo").symlink_to(demo_dir)
+    return wf
