@@ -1,6 +1,5 @@
 from snakemake.utils import min_version, validate
 
-
 min_version("9.0")
 
 
@@ -22,8 +21,8 @@ include: "rules/gather.smk"
 
 
 rule all:
+    default_target: True
     input:
         rules.gather.output,
         # Listed too, so a deleted shard is regenerated (and gathered again).
         all_shards,
-    default_target: True

@@ -1,6 +1,7 @@
 # Config checks, GPU resources, paths and input functions shared by the rules.
 # Plan time only: nothing here imports torch.
 import sys
+import uuid
 from pathlib import Path
 
 import yaml
@@ -9,11 +10,11 @@ sys.path.insert(0, str(Path(workflow.main_snakefile).parent))
 
 from workflow_scripts.workflow_config import (
     ConfigError,
-    DEMO,
     check_gpus,
     check_paths,
     check_schema,
     check_unknown_keys,
+    coerce_command_line_values,
     dataset_path,
     demo_dir,
     meaning_settings_json,
@@ -32,6 +33,7 @@ def check_config_values(config, schema_path):
     """Unknown keys and schema violations as one line each, before Snakemake's validate."""
     with open(Path(workflow.main_snakefile).parent / schema_path) as handle:
         schema = yaml.safe_load(handle)
+    coerce_command_line_values(config, schema)
     try:
         check_unknown_keys(config, schema)
         check_schema(config, schema)
@@ -48,9 +50,9 @@ def check_config(config):
         exit_with_config_error(error)
     if groups and config["gpu_assignment"] == "local":
         # Cap concurrent generate jobs at the number of groups without a --resources flag.
-        workflow.global_resources.setdefault("gpu", len(groups) * config["gpus_per_model"])
-    if config["force_regenerate"]:
-        workflow.dag_settings.forcerun = frozenset(workflow.dag_settings.forcerun) | {"generate"}
+        workflow.global_resources.setdefault(
+            "gpu", len(groups) * config["gpus_per_model"]
+        )
 
 
 def out(*parts):
@@ -60,6 +62,17 @@ def out(*parts):
 def gpus_per_job():
     """The `gpu` resource of one generate job: none in CPU mode."""
     return int(config["gpus_per_model"]) if check_gpus(config) else 0
+
+
+def regenerate_token():
+    """A new token forces every shard to be regenerated (force_regenerate=true).
+
+    Otherwise the token on disk is kept, so the run after a forced one reruns nothing.
+    """
+    token_file = Path(out("prepared", "regenerate.token"))
+    if config["force_regenerate"]:
+        return uuid.uuid4().hex
+    return token_file.read_text().strip() if token_file.exists() else "initial"
 
 
 def teacher_input(wildcards):

@@ -6,6 +6,8 @@ rule demo_corpus:
         corpus=str(demo_dir(config) / "corpus.jsonl"),
     log:
         out("logs", "demo_corpus.log"),
+    conda:
+        "../environment.yml"
     script:
         "../workflow_scripts/demo_assets.py"
 
@@ -17,6 +19,8 @@ rule demo_teacher:
         teacher=directory(str(demo_dir(config) / "teacher")),
     log:
         out("logs", "demo_teacher.log"),
+    conda:
+        "../environment.yml"
     threads: 2
     script:
         "../workflow_scripts/demo_assets.py"

@@ -11,5 +11,7 @@ rule gather:
         manifest=out("manifest.json"),
     log:
         out("logs", "gather.log"),
+    conda:
+        "../environment.yml"
     script:
         "../workflow_scripts/gather.py"

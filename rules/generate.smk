@@ -1,18 +1,34 @@
 # One job per shard: claim a GPU group, run the teacher, write the shard atomically.
 
 
+rule regenerate_request:
+    output:
+        token=out("prepared", "regenerate.token"),
+    log:
+        out("logs", "regenerate_request.log"),
+    conda:
+        "../environment.yml"
+    params:
+        token=regenerate_token(),
+    shell:
+        "echo {params.token} > {output.token} 2> {log}"
+
+
 rule generate:
     input:
+        regenerate=rules.regenerate_request.output.token,
         tokens=rules.prepare.output.tokens,
         plan=rules.prepare.output.plan,
     output:
         shard=out("shards", "shard_{shard}.h5"),
-    wildcard_constraints:
-        shard=r"\d{5}",
     log:
         out("logs", "generate", "shard_{shard}.log"),
     benchmark:
         out("benchmarks", "generate", "shard_{shard}.tsv")
+    wildcard_constraints:
+        shard=r"\d{5}",
+    conda:
+        "../environment.yml"
     threads: config["generation"]["threads"]
     resources:
         gpu=gpus_per_job(),

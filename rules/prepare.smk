@@ -8,11 +8,13 @@ rule prepare:
     output:
         tokens=out("prepared", "tokens.h5"),
         plan=out("prepared", "plan.json"),
+    log:
+        out("logs", "prepare.log"),
+    conda:
+        "../environment.yml"
     params:
         # Only what changes the stored numbers: editing GPUs or batch sizes reruns nothing.
         settings=meaning_settings_json(config),
         num_shards=config["num_shards"],
-    log:
-        out("logs", "prepare.log"),
     script:
         "../workflow_scripts/prepare.py"

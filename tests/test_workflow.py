@@ -45,7 +45,7 @@ def test_gpu_groups_end_to_end_rerun_and_repair(workflow):
     shards = shard_files(workflow)
     assert len(shards) == 6
 
-    claims = []
+    claims, jobs = [], []
     for path in shards:
         with h5py.File(path) as f:
             attrs = read_attrs(f)
@@ -54,16 +54,17 @@ def test_gpu_groups_end_to_end_rerun_and_repair(workflow):
         assert claim["cuda_visible_devices"] == attrs["cuda_visible_devices"]
         assert claim["started_at"] <= claim["finished_at"]
         claims.append((attrs["cuda_visible_devices"], claim["started_at"], claim["finished_at"]))
+        jobs.append((attrs["job_started_at"], attrs["finished_at"]))
     # Both groups used, and no two overlapping jobs held the same group.
     assert {c[0] for c in claims} == {"0,1", "2,3"}
     for i, (group_a, start_a, end_a) in enumerate(claims):
         for group_b, start_b, end_b in claims[i + 1:]:
             if start_a < end_b and start_b < end_a:
                 assert group_a != group_b, "two running jobs shared a GPU group"
-    # The workflow's own gpu cap (4 GPUs / 2 per model) holds with --cores 4 and no --resources.
-    for _, start, _ in claims:
-        running = sum(1 for _, s, e in claims if s <= start < e)
-        assert running <= 2
+    # The workflow's own gpu cap (4 GPUs / 2 per model) holds with --cores 4 and no
+    # --resources: never more than two generate processes alive, waiting or not.
+    for start, _ in jobs:
+        assert sum(1 for s, e in jobs if s <= start < e) <= 2
 
     manifest = workflow.manifest()
     assert [s["index"] for s in manifest["shards"]] == list(range(6))
@@ -89,6 +90,19 @@ def test_gpu_groups_end_to_end_rerun_and_repair(workflow):
     changed = {**GPU_RUN, "gpus": "0,1", "generation": {"threads": 1, "batch_tokens": 999}}
     dry = workflow.run("-n", "--cores", "2", config=changed)
     assert "Nothing to be done" in dry.stdout + dry.stderr
+
+
+def test_force_regenerate_redoes_every_shard(workflow):
+    config = {"num_shards": 2, "dataset": {"max_samples": 40}}
+    workflow.run("--cores", "2", config=config)
+    before = {p.name: p.stat().st_mtime_ns for p in shard_files(workflow)}
+    result = workflow.run("--cores", "2", "--config", "force_regenerate=true", config=config)
+    assert job_counts(result.stdout + result.stderr).get("generate") == 2
+    after = {p.name: p.stat().st_mtime_ns for p in shard_files(workflow)}
+    assert before.keys() == after.keys() and all(after[k] > before[k] for k in before)
+    # The run after a forced one is a normal run again: nothing to do.
+    calm = workflow.run("--cores", "2", config=config)
+    assert "Nothing to be done" in calm.stdout + calm.stderr
 
 
 def test_demo_runs_with_no_config(workflow):

@@ -106,6 +106,7 @@ def generate(config: dict, shard: int, tokens_path: str, plan_path: str, output:
     from workflow_scripts.shard_format import ShardWriter, read_prepared
     from workflow_scripts.workflow_config import teacher_path
 
+    job_started_at = time.time()
     plan = json.loads(Path(plan_path).read_text())
     sample_ids, offsets, input_ids = read_prepared(tokens_path).shard_slice(shard)
     num_tokens = int(offsets[-1])
@@ -208,6 +209,7 @@ def generate(config: dict, shard: int, tokens_path: str, plan_path: str, output:
                     "finished_at": finished_at,
                     "versions": library_versions(),
                     "claims": [claim_record],
+                    "job_started_at": job_started_at,
                     "teacher_load_seconds": load_seconds,
                     "generation_seconds": gen_seconds,
                 }

@@ -47,6 +47,22 @@ def check_unknown_keys(config: dict, schema: dict, where: str = "") -> None:
             check_unknown_keys(value, sub, f"{where}{key}.")
 
 
+TRUE_WORDS = {"true", "yes", "on", "1"}
+FALSE_WORDS = {"false", "no", "off", "0"}
+
+
+def coerce_command_line_values(config: dict, schema: dict) -> None:
+    """``--config flag=true`` arrives as the string 'true': turn such words into booleans."""
+    for key, sub in schema.get("properties", {}).items():
+        value = config.get(key)
+        if sub.get("type") == "boolean" and isinstance(value, str):
+            word = value.strip().lower()
+            if word in TRUE_WORDS | FALSE_WORDS:
+                config[key] = word in TRUE_WORDS
+        elif isinstance(value, dict) and sub.get("type") == "object":
+            coerce_command_line_values(value, sub)
+
+
 def check_schema(config: dict, schema: dict) -> None:
     """The first schema violation as ``key.path: problem``."""
     import jsonschema
