@@ -49,6 +49,8 @@ def gather(plan_path: str, tokens_path: str, shard_paths: list[str], index_out: 
     summaries, problems = [], []
     for index, shard_path in enumerate(shard_paths):
         sample_ids, offsets, input_ids = prepared.shard_slice(index)
+        # Logged first: should libhdf5 itself crash on a corrupt file, the log names the shard.
+        log.info("validating shard %d: %s", index, shard_path)
         try:
             summary = validate_shard(
                 shard_path, sample_ids, offsets, input_ids,

@@ -121,9 +121,18 @@ def physical_devices(group: Sequence[int], inherited_mask: str | None) -> list[s
     Indices select from an inherited mask (as CUDA itself does); entries are passed
     through unchanged, so UUIDs and MIG ids work.
     """
-    if inherited_mask is None or inherited_mask.strip() == "":
+    if inherited_mask is None:
         return [str(g) for g in group]
     entries = [e.strip() for e in inherited_mask.split(",") if e.strip()]
+    if not entries:
+        raise GpuConfigError(
+            "CUDA_VISIBLE_DEVICES is set but empty in your shell, so CUDA sees no GPU; unset it "
+            "(or list GPUs in it) to use gpus, or run with gpus= for CPU"
+        )
+    if len(set(entries)) != len(entries):
+        raise GpuConfigError(
+            f"CUDA_VISIBLE_DEVICES={inherited_mask} lists a GPU more than once; list each once"
+        )
     too_high = [g for g in group if g >= len(entries)]
     if too_high:
         raise GpuConfigError(

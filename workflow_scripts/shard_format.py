@@ -42,6 +42,9 @@ REQUIRED_ATTRS = (
     "claims",
 )
 
+# Datasets a shard may leave out (entropy when store_entropy is off).
+OPTIONAL_DATASETS = ("entropy",)
+
 VALUE_DTYPES = {"float16": np.float16, "float32": np.float32}
 COMPRESSIONS = ("default", "zstd", "gzip", "lzf", "none")
 
@@ -125,6 +128,8 @@ class ShardWriter:
         for name, values in arrays.items():
             if name in self._file:
                 self._file[name][r0 : r0 + rows] = values
+            elif name not in OPTIONAL_DATASETS:
+                raise ShardError(f"unknown shard dataset {name!r}")
         self._samples_done += n
         self._rows_done += rows
 
@@ -225,8 +230,10 @@ def validate_shard(
                 handle, expected_sample_ids, expected_offsets, expected_input_ids,
                 expected_attrs, vocab_size,
             )
-    except (OSError, KeyError) as exc:
-        raise ShardError(f"unreadable data ({exc})") from None
+    except ShardError:
+        raise
+    except Exception as exc:  # corrupt metadata surfaces as many h5py/json error types
+        raise ShardError(f"corrupt or unreadable ({type(exc).__name__}: {exc})") from None
 
 
 def _validate_open_shard(handle, exp_ids, exp_offsets, exp_input_ids, exp_attrs, vocab_size):
@@ -256,6 +263,8 @@ def _validate_open_shard(handle, exp_ids, exp_offsets, exp_input_ids, exp_attrs,
         if name not in handle:
             raise ShardError(f"dataset {name!r} is missing")
         ds = handle[name]
+        if not isinstance(ds, h5py.Dataset):
+            raise ShardError(f"{name!r} is not a dataset")
         if ds.shape != shape:
             raise ShardError(f"dataset {name!r} has shape {ds.shape}, expected {shape}")
         if dtype is not None and ds.dtype != dtype:
