@@ -15,6 +15,13 @@ from pathlib import Path
 
 import numpy as np
 
+if __name__ == "__main__":  # Snakemake runs a copy of this file: import from the repository
+    sys.path.insert(0, str(Path(snakemake.scriptdir).parent))  # noqa: F821
+
+from workflow_scripts.batching import plan_batches, windows  # noqa: E402
+from workflow_scripts.gpu_groups import gpu_claim, groups_from_config  # noqa: E402
+from workflow_scripts.shard_format import ShardWriter, read_prepared  # noqa: E402
+
 log = logging.getLogger("generate")
 
 # A window of consecutive samples is computed, then written in order. Its size
@@ -69,8 +76,6 @@ def compute_window(head, input_ids: np.ndarray, offsets: np.ndarray, batch_token
     """Top-k rows of the samples in one window, concatenated in sample order."""
     import torch
 
-    from workflow_scripts.batching import plan_batches
-
     lengths = np.diff(offsets)
     num_rows = int(offsets[-1])
     out_ids = np.empty((num_rows, head.top_k), dtype=np.int32)
@@ -99,93 +104,87 @@ def compute_window(head, input_ids: np.ndarray, offsets: np.ndarray, batch_token
     return out_ids, out_logits, out_lse, out_entropy
 
 
-def generate(config: dict, shard: int, tokens_path: str, plan_path: str, output: str, threads: int):
-    from workflow_scripts.batching import windows
-    from workflow_scripts.gpu_groups import gpu_claim
+def load_head(config: dict, claim, wants_gpu: bool):
+    """Load the teacher on the claimed GPUs (or CPU) and wrap it in the top-k head."""
+    import torch
+
     from workflow_scripts.job import UserError
-    from workflow_scripts.shard_format import ShardWriter, read_prepared
+    from workflow_scripts.teacher import TopKHead, load_teacher
     from workflow_scripts.workflow_config import teacher_path
 
+    on_gpu = torch.cuda.is_available() and claim.cuda_visible_devices != ""
+    if wants_gpu and not on_gpu and not config["allow_cpu"]:
+        raise UserError(
+            f"CUDA_VISIBLE_DEVICES={claim.cuda_visible_devices!r} but CUDA sees no GPU; "
+            "check the driver, or set allow_cpu=true to run on CPU"
+        )
+    teacher = config["teacher"]
+    model = load_teacher(
+        str(teacher_path(config)),
+        dtype=teacher["dtype"],
+        attn_implementation=teacher["attn_implementation"],
+        trust_remote_code=teacher["trust_remote_code"],
+        max_memory=teacher["max_memory"],
+        allow_offload=teacher["allow_offload"],
+        on_gpu=on_gpu,
+    )
+    return TopKHead(model, int(config["generation"]["top_k"]))
+
+
+def write_rows(head, writer, sample_ids, offsets, input_ids, batch_tokens: int, shard: int):
+    """Run every window of the shard through the teacher and write it, in sample order."""
+    # Padded positions are masked out and never stored, so any valid id pads.
+    pad_id = int(head.model.config.pad_token_id or 0)
+    with progress_bar(int(offsets[-1]), shard) as bar:
+        for s0, s1 in windows(np.diff(offsets), WINDOW_BATCHES * batch_tokens):
+            r0, r1 = int(offsets[s0]), int(offsets[s1])
+            ids, logits, lse, entropy = compute_window(
+                head, input_ids[r0:r1], offsets[s0 : s1 + 1] - r0, batch_tokens, pad_id
+            )
+            rows = {"input_ids": input_ids[r0:r1], "topk_ids": ids, "topk_logits": logits,
+                    "logsumexp": lse, "entropy": entropy}  # h5py casts to the stored dtypes
+            writer.write_block(sample_ids[s0:s1], np.diff(offsets[s0 : s1 + 1]), rows)
+            bar.update(r1 - r0)
+
+
+def generate(config: dict, shard: int, tokens_path: str, plan_path: str, output: str, threads: int):
     job_started_at = time.time()
     plan = json.loads(Path(plan_path).read_text())
     sample_ids, offsets, input_ids = read_prepared(tokens_path).shard_slice(shard)
     num_tokens = int(offsets[-1])
-    gen, storage, teacher_cfg = config["generation"], config["storage"], config["teacher"]
-    batch_tokens = int(gen["batch_tokens"])
+    gen, storage = config["generation"], config["storage"]
+    wants_gpu = bool(groups_from_config(config["gpus"], config["gpus_per_model"]))
     holder = {"workflow": os.getcwd(), "output": str(output), "shard": shard}
 
     with gpu_claim(
-        config["gpus"],
-        config["gpus_per_model"],
-        assignment=config["gpu_assignment"],
-        holder=holder,
-        first=shard,
+        config["gpus"], config["gpus_per_model"], assignment=config["gpu_assignment"],
+        holder=holder, first=shard,
     ) as claim:
         log.info(
             "shard %d: %d samples, %d tokens; CUDA_VISIBLE_DEVICES=%r on %s",
             shard, len(sample_ids), num_tokens, claim.cuda_visible_devices, claim.hostname,
         )
-        import torch
-
-        from workflow_scripts.teacher import TopKHead, load_teacher
+        import torch  # only now: CUDA must see the claimed group, nothing else
 
         torch.set_num_threads(threads)  # same threads, same reductions: bit-identical reruns
-        on_gpu = torch.cuda.is_available() and claim.cuda_visible_devices != ""
-        if claim.group_index is not None and not on_gpu and not config["allow_cpu"]:
-            raise UserError(
-                f"CUDA_VISIBLE_DEVICES={claim.cuda_visible_devices} but CUDA sees no GPU; "
-                "check the driver, or set allow_cpu=true to run on CPU"
-            )
         load_start = time.time()
-        model = load_teacher(
-            str(teacher_path(config)),
-            dtype=teacher_cfg["dtype"],
-            attn_implementation=teacher_cfg["attn_implementation"],
-            trust_remote_code=teacher_cfg["trust_remote_code"],
-            max_memory=teacher_cfg["max_memory"],
-            allow_offload=teacher_cfg["allow_offload"],
-            on_gpu=on_gpu,
-        )
-        head = TopKHead(model, int(gen["top_k"]))
+        head = load_head(config, claim, wants_gpu)
         load_seconds = time.time() - load_start
         log.info("teacher loaded in %.1f s", load_seconds)
 
-        # Padded positions are masked out and never stored, so any valid id pads.
-        pad_id = int(model.config.pad_token_id or 0)
         writer = ShardWriter(
-            output,
-            num_samples=len(sample_ids),
-            num_tokens=num_tokens,
-            top_k=int(gen["top_k"]),
-            value_dtype=storage["value_dtype"],
-            compression=storage["compression"],
+            output, num_samples=len(sample_ids), num_tokens=num_tokens, top_k=int(gen["top_k"]),
+            value_dtype=storage["value_dtype"], compression=storage["compression"],
             with_entropy=bool(gen["store_entropy"]),
         )
-        value_dtype = np.float16 if storage["value_dtype"] == "float16" else np.float32
         gen_start = time.time()
         try:
-            with progress_bar(num_tokens, shard) as bar:
-                for s0, s1 in windows(np.diff(offsets), WINDOW_BATCHES * batch_tokens):
-                    r0, r1 = int(offsets[s0]), int(offsets[s1])
-                    ids, logits, lse, entropy = compute_window(
-                        head, input_ids[r0:r1], offsets[s0 : s1 + 1] - r0, batch_tokens, pad_id
-                    )
-                    writer.write_block(
-                        sample_ids[s0:s1],
-                        np.diff(offsets[s0 : s1 + 1]),
-                        {
-                            "input_ids": input_ids[r0:r1],
-                            "topk_ids": ids,
-                            "topk_logits": logits.astype(value_dtype),
-                            "logsumexp": lse,
-                            "entropy": entropy.astype(np.float16),
-                        },
-                    )
-                    bar.update(r1 - r0)
+            write_rows(head, writer, sample_ids, offsets, input_ids, int(gen["batch_tokens"]), shard)
             finished_at = time.time()
             gen_seconds = finished_at - gen_start
             log.info(
-                "generated %d tokens in %.1f s (%.0f tokens/s); teacher load was %.1f s (%.0f%% of the job)",
+                "generated %d tokens in %.1f s (%.0f tokens/s); teacher load took %.1f s "
+                "(%.0f%% of the job)",
                 num_tokens, gen_seconds, num_tokens / max(gen_seconds, 1e-9), load_seconds,
                 100 * load_seconds / max(load_seconds + gen_seconds, 1e-9),
             )
@@ -220,7 +219,6 @@ def generate(config: dict, shard: int, tokens_path: str, plan_path: str, output:
 
 
 if __name__ == "__main__":  # pragma: no cover - executed by Snakemake
-    sys.path.insert(0, str(Path(snakemake.scriptdir).parent))  # noqa: F821
     from workflow_scripts.job import run_job
 
     run_job(
