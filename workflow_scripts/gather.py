@@ -12,7 +12,21 @@ import sys
 import time
 from pathlib import Path
 
+import h5py
 import numpy as np
+
+if __name__ == "__main__":  # Snakemake runs a copy of this file: import from the repository
+    sys.path.insert(0, str(Path(snakemake.scriptdir).parent))  # noqa: F821
+
+from workflow_scripts.fingerprints import file_sha256  # noqa: E402
+from workflow_scripts.shard_format import (  # noqa: E402
+    FORMAT_VERSION,
+    MASS_BINS,
+    ShardError,
+    read_prepared,
+    temp_path_for,
+    validate_shard,
+)
 
 log = logging.getLogger("gather")
 
@@ -22,18 +36,6 @@ def regenerate_hint(shard_path: str) -> str:
 
 
 def gather(plan_path: str, tokens_path: str, shard_paths: list[str], index_out: str, manifest_out: str):
-    import h5py
-
-    from workflow_scripts.fingerprints import file_sha256
-    from workflow_scripts.shard_format import (
-        FORMAT_VERSION,
-        MASS_BINS,
-        ShardError,
-        read_prepared,
-        temp_path_for,
-        validate_shard,
-    )
-
     start = time.time()
     plan = json.loads(Path(plan_path).read_text())
     prepared = read_prepared(tokens_path)
@@ -153,7 +155,6 @@ def gather(plan_path: str, tokens_path: str, shard_paths: list[str], index_out: 
 
 
 if __name__ == "__main__":  # pragma: no cover - executed by Snakemake
-    sys.path.insert(0, str(Path(snakemake.scriptdir).parent))  # noqa: F821
     from workflow_scripts.job import run_job
 
     run_job(

@@ -7,9 +7,24 @@ teacher is reported before a GPU is touched.
 
 import json
 import logging
+import sys
 from pathlib import Path
 
 import numpy as np
+
+if __name__ == "__main__":  # Snakemake runs a copy of this file: import from the repository
+    sys.path.insert(0, str(Path(snakemake.scriptdir).parent))  # noqa: F821
+
+from workflow_scripts.fingerprints import (  # noqa: E402
+    WEIGHT_SUFFIXES,
+    config_fingerprint,
+    teacher_fingerprint,
+    tokenizer_fingerprint,
+)
+from workflow_scripts.gpu_groups import groups_from_config  # noqa: E402
+from workflow_scripts.job import UserError  # noqa: E402
+from workflow_scripts.shard_format import FORMAT_VERSION, PreparedTokens, write_prepared  # noqa: E402
+from workflow_scripts.workflow_config import meaning_settings  # noqa: E402
 
 log = logging.getLogger("prepare")
 
@@ -19,7 +34,6 @@ TOKENIZE_BATCH = 1000
 def load_texts(path: Path, split: str, text_field: str, max_samples: int | None) -> list:
     """The ``text_field`` column of the dataset, row order preserved."""
     import datasets
-    from workflow_scripts.job import UserError
 
     datasets.disable_progress_bars()
     try:
@@ -61,9 +75,6 @@ def check_teacher(teacher_path: Path, top_k: int, trust_remote_code: bool):
     from transformers import AutoConfig, AutoTokenizer
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-    from workflow_scripts.fingerprints import WEIGHT_SUFFIXES
-    from workflow_scripts.job import UserError
-
     try:
         model_config = AutoConfig.from_pretrained(teacher_path, trust_remote_code=trust_remote_code)
     except Exception as exc:
@@ -98,7 +109,6 @@ def check_teacher(teacher_path: Path, top_k: int, trust_remote_code: bool):
 
 def tokenize(tokenizer, texts: list, max_length: int):
     """Token ids per kept row, ids of the rows kept, dropped rows, truncation count."""
-    from workflow_scripts.job import UserError
 
     tokenizer.model_max_length = max(max_length, 1) * 1000  # silence length warnings
     kept_rows, token_lists, dropped = [], [], []
@@ -154,16 +164,6 @@ def split_shards(lengths: np.ndarray, num_shards: int) -> np.ndarray:
 
 
 def prepare(config: dict, teacher_path: str, dataset_path: str, tokens_out: str, plan_out: str):
-    from workflow_scripts.fingerprints import (
-        config_fingerprint,
-        teacher_fingerprint,
-        tokenizer_fingerprint,
-    )
-    from workflow_scripts.gpu_groups import groups_from_config
-    from workflow_scripts.job import UserError
-    from workflow_scripts.shard_format import FORMAT_VERSION, PreparedTokens, write_prepared
-    from workflow_scripts.workflow_config import meaning_settings
-
     teacher_path, dataset_path = Path(teacher_path), Path(dataset_path)
     groups = groups_from_config(config["gpus"], config["gpus_per_model"])
     if groups and config["gpu_assignment"] == "local" and not config["allow_cpu"]:
@@ -242,10 +242,6 @@ def prepare(config: dict, teacher_path: str, dataset_path: str, tokens_out: str,
 
 
 if __name__ == "__main__":  # pragma: no cover - executed by Snakemake
-    import sys
-
-    # Snakemake runs a copy of this file: import the package from the repository.
-    sys.path.insert(0, str(Path(snakemake.scriptdir).parent))  # noqa: F821
     from workflow_scripts.job import run_job
 
     run_job(
