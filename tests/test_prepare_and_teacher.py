@@ -15,6 +15,8 @@ def _write_all_formats(tmp_path):
     import datasets
 
     ds = datasets.Dataset.from_dict({"text": TEXTS, "other": [1, 2, 3, 4]})
+    json_array = tmp_path / "d.json"
+    json_array.write_text(json.dumps([{"text": t, "other": i} for i, t in enumerate(TEXTS)]))
     jsonl = tmp_path / "d.jsonl"
     jsonl.write_text("".join(json.dumps({"text": t, "other": i}) + "\n" for i, t in enumerate(TEXTS)))
     parquet = tmp_path / "d.parquet"
@@ -24,7 +26,7 @@ def _write_all_formats(tmp_path):
     arrow_dir = tmp_path / "arrow_single"
     ds.save_to_disk(str(arrow_dir))
     arrow = next(arrow_dir.glob("*.arrow"))
-    return {"jsonl": jsonl, "parquet": parquet, "save_to_disk": saved, "arrow": arrow}
+    return {"json": json_array, "jsonl": jsonl, "parquet": parquet, "save_to_disk": saved, "arrow": arrow}
 
 
 def test_every_dataset_format_loads_in_row_order(tmp_path):

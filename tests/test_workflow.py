@@ -176,12 +176,48 @@ def test_reader_random_access_and_dataloader(workflow):
     seen = {int(r["sample_id"]) for r in loader}
     assert seen == set(int(s) for s in store.sample_ids)
 
+    # Padded batches through the reader's own collate, also with workers.
+    batched = torch.utils.data.DataLoader(store, batch_size=8, shuffle=True, num_workers=2,
+                                          collate_fn=LogitStore.collate)
+    total = 0
+    for batch in batched:
+        lengths = batch["attention_mask"].sum(axis=1)
+        for row, sid in enumerate(batch["sample_id"]):
+            rec = store.by_sample_id(int(sid))
+            n = int(lengths[row])
+            assert n == len(rec["input_ids"])
+            np.testing.assert_array_equal(batch["topk_logits"][row, :n], rec["topk_logits"])
+            assert (batch["topk_ids"][row, n:] == 0).all()
+        total += len(batch["sample_id"])
+    assert total == len(store)
+
     # The store is relocatable: shards are referenced by relative path.
     expected = store[5]["topk_ids"]
     store.close()
     moved = workflow.path("moved_store")
     os.rename(workflow.path("results/demo"), moved)
     np.testing.assert_array_equal(LogitStore(moved)[5]["topk_ids"], expected)
+
+
+def test_reader_installs_as_a_package_without_the_workflow(workflow, tmp_path):
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    target = tmp_path / "site"
+    subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps",
+                    "--no-build-isolation", "--target", str(target), str(REPO)],
+                   check=True, capture_output=True, timeout=300)
+    workflow.run("--cores", "2", config={"num_shards": 1, "dataset": {"max_samples": 10}})
+    code = ("import sys, workflow_scripts.logit_store as m; s = m.LogitStore(sys.argv[1]); "
+            "assert len(s) == 10 and s[3]['topk_ids'].shape[1] == 64; "
+            "assert 'snakemake' not in sys.modules and 'torch' not in sys.modules; "
+            "print(m.__file__)")
+    result = subprocess.run([sys.executable, "-c", code, str(workflow.path("results/demo"))],
+                            cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(target)},
+                            capture_output=True, text=True, check=True)
+    assert result.stdout.startswith(str(target))
 
 
 def test_empty_texts_are_dropped_and_listed(workflow, tmp_path):

@@ -85,6 +85,29 @@ class LogitStore:
         state["_handles"] = {}
         return state
 
+    @staticmethod
+    def collate(records: list[dict], pad_id: int = 0) -> dict:
+        """Pad a list of samples to the longest into ``[B, L, ...]`` numpy arrays.
+
+        ``attention_mask`` marks real tokens. Pass as ``DataLoader(..., collate_fn=
+        LogitStore.collate)`` (torch's default collate cannot stack ragged samples).
+        """
+        width = max(len(r["input_ids"]) for r in records)
+        batch = {"sample_id": np.array([r["sample_id"] for r in records], dtype=np.int64),
+                 "attention_mask": np.zeros((len(records), width), dtype=np.uint8)}
+        fills = {"input_ids": pad_id, "topk_ids": 0, "topk_logits": 0.0, "logsumexp": 0.0,
+                 "entropy": 0.0, "loss_mask": 0}
+        for name, fill in fills.items():
+            if name not in records[0]:
+                continue
+            first = records[0][name]
+            batch[name] = np.full((len(records), width, *first.shape[1:]), fill, dtype=first.dtype)
+            for row, record in enumerate(records):
+                batch[name][row, : len(record[name])] = record[name]
+        for row, record in enumerate(records):
+            batch["attention_mask"][row, : len(record["input_ids"])] = 1
+        return batch
+
     def __enter__(self):
         return self
 

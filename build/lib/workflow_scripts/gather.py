@@ -1,0 +1,169 @@
+"""Rule ``gather``: validate every shard, then write ``index.h5`` and ``manifest.json``.
+
+A shard that fails any check stops the gather with one line per bad shard and the
+command that regenerates it; nothing already finished is touched.
+"""
+
+
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+if __name__ == "__main__":  # Snakemake runs a copy of this file: import from the repository
+    sys.path.insert(0, str(Path(snakemake.scriptdir).parent))  # noqa: F821
+
+from workflow_scripts.fingerprints import file_sha256  # noqa: E402
+from workflow_scripts.shard_format import (  # noqa: E402
+    FORMAT_VERSION,
+    MASS_BINS,
+    ShardError,
+    read_prepared,
+    temp_path_for,
+    validate_shard,
+)
+
+log = logging.getLogger("gather")
+
+
+def regenerate_hint(shard_path: str) -> str:
+    return f"snakemake --cores N <your usual --config/--configfile> --forcerun {shard_path}"
+
+
+def gather(plan_path: str, tokens_path: str, shard_paths: list[str], index_out: str, manifest_out: str):
+    start = time.time()
+    plan = json.loads(Path(plan_path).read_text())
+    prepared = read_prepared(tokens_path)
+    store_dir = Path(index_out).parent
+    expected_common = {
+        "num_shards": plan["num_shards"],
+        "top_k": plan["top_k"],
+        "teacher_fingerprint": plan["teacher_fingerprint"],
+        "tokenizer_fingerprint": plan["tokenizer_fingerprint"],
+        "config_fingerprint": plan["config_fingerprint"],
+    }
+
+    summaries, problems = [], []
+    for index, shard_path in enumerate(shard_paths):
+        sample_ids, offsets, input_ids = prepared.shard_slice(index)
+        # Logged first: should libhdf5 itself crash on a corrupt file, the log names the shard.
+        log.info("validating shard %d: %s", index, shard_path)
+        try:
+            summary = validate_shard(
+                shard_path, sample_ids, offsets, input_ids,
+                {**expected_common, "shard_index": index}, plan["vocab_size"],
+            )
+        except ShardError as exc:
+            problems.append((index, shard_path, str(exc)))
+            continue
+        summaries.append((index, shard_path, summary))
+    if problems:
+        lines = [f"shard {i} ({path}): {why}" for i, path, why in problems]
+        forced = " ".join(path for _, path, _ in problems)
+        raise ShardError(
+            f"{len(problems)} shard(s) failed validation:\n  " + "\n  ".join(lines)
+            + f"\nRegenerate them with: {regenerate_hint(forced)}"
+        )
+
+    all_ids = np.concatenate([s.sample_ids for _, _, s in summaries])
+    if len(np.unique(all_ids)) != len(all_ids):
+        raise ShardError("a sample id appears in more than one shard; rerun prepare and all shards")
+    if not np.array_equal(np.sort(all_ids), np.sort(prepared.sample_ids)):
+        raise ShardError("the shards do not hold exactly the samples prepare planned")
+
+    # Per-sample index in sample-id order: which shard, which position inside it.
+    shard_of = np.concatenate([np.full(s.num_samples, i, dtype=np.int32) for i, _, s in summaries])
+    position = np.concatenate([np.arange(s.num_samples, dtype=np.int64) for _, _, s in summaries])
+    lengths = np.concatenate([np.diff(s.offsets) for _, _, s in summaries])
+    order = np.argsort(all_ids, kind="stable")
+    relative = [os.path.relpath(Path(p).resolve(), store_dir.resolve()) for _, p, _ in summaries]
+
+    temp = temp_path_for(Path(index_out))
+    with h5py.File(temp, "w") as f:
+        f.attrs["format_version"] = FORMAT_VERSION
+        for key, value in expected_common.items():
+            f.attrs[key] = value
+        f.attrs["num_samples"] = len(all_ids)
+        f.attrs["num_tokens"] = int(lengths.sum())
+        f.create_dataset("shard_paths", data=np.array(relative, dtype=object), dtype=h5py.string_dtype())
+        f.create_dataset("sample_ids", data=all_ids[order])
+        f.create_dataset("sample_shard", data=shard_of[order])
+        f.create_dataset("sample_position", data=position[order])
+        f.create_dataset("sample_length", data=lengths[order])
+    os.replace(temp, index_out)
+
+    total_tokens = int(lengths.sum())
+    mass_hist = sum(s.topk_mass_hist for _, _, s in summaries)
+    hits = sum(s.next_token_in_topk for _, _, s in summaries)
+    next_rows = sum(s.next_token_rows for _, _, s in summaries)
+    shard_bytes = sum(os.path.getsize(p) for _, p, _ in summaries)
+    manifest = {
+        "format_version": FORMAT_VERSION,
+        "created_at": time.time(),
+        "num_samples": len(all_ids),
+        "num_tokens": total_tokens,
+        "top_k": plan["top_k"],
+        "vocab_size": plan["vocab_size"],
+        "teacher_fingerprint": plan["teacher_fingerprint"],
+        "tokenizer_fingerprint": plan["tokenizer_fingerprint"],
+        "config_fingerprint": plan["config_fingerprint"],
+        "settings": plan["settings"],
+        "shards": [
+            {
+                "index": i,
+                "path": rel,
+                "num_samples": s.num_samples,
+                "num_tokens": s.num_tokens,
+                "sha256": file_sha256(p),
+                "bytes": os.path.getsize(p),
+                "cuda_visible_devices": s.attrs["cuda_visible_devices"],
+                "hostname": s.attrs["hostname"],
+                "started_at": s.attrs["started_at"],
+                "finished_at": s.attrs["finished_at"],
+                "claims": s.attrs["claims"],
+            }
+            for (i, p, s), rel in zip(summaries, relative)
+        ],
+        "dropped": plan["dropped"],
+        "truncated_samples": plan["truncated_samples"],
+        "stats": {
+            "mean_topk_mass": sum(s.topk_mass_sum for _, _, s in summaries) / max(total_tokens, 1),
+            "topk_mass_histogram": {
+                "bin_edges": MASS_BINS.tolist(),
+                "counts": mass_hist.tolist(),
+            },
+            "mean_entropy_nats": sum(s.entropy_sum for _, _, s in summaries) / max(total_tokens, 1),
+            "next_token_in_topk_fraction": hits / max(next_rows, 1),
+            "bytes_per_token": shard_bytes / max(total_tokens, 1),
+            "total_bytes": shard_bytes,
+        },
+    }
+    temp_manifest = Path(manifest_out).with_suffix(".json.partial")
+    temp_manifest.write_text(json.dumps(manifest, indent=1))
+    os.replace(temp_manifest, manifest_out)
+    seconds = time.time() - start
+    log.info(
+        "gathered %d shards, %d samples, %d tokens in %.1f s (%.0f tokens/s); mean top-k mass %.3f",
+        len(summaries), len(all_ids), total_tokens, seconds, total_tokens / max(seconds, 1e-9),
+        manifest["stats"]["mean_topk_mass"],
+    )
+
+
+if __name__ == "__main__":  # pragma: no cover - executed by Snakemake
+    from workflow_scripts.job import run_job
+
+    run_job(
+        "gather",
+        snakemake.log[0],  # noqa: F821
+        gather,
+        snakemake.input.plan,  # noqa: F821
+        snakemake.input.tokens,  # noqa: F821
+        list(snakemake.input.shards),  # noqa: F821
+        snakemake.output.index,  # noqa: F821
+        snakemake.output.manifest,  # noqa: F821
+    )

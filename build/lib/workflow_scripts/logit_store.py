@@ -1,0 +1,115 @@
+"""Random-access reader over a gathered store (``index.h5`` + shards).
+
+Needs numpy, h5py and hdf5plugin only; never Snakemake or torch. It is a
+map-style dataset (``__len__`` + ``__getitem__``), so ``torch.utils.data.DataLoader``
+takes it directly, with any number of workers: shard handles are opened lazily in
+the process that reads (each worker opens its own).
+
+    store = LogitStore("results/demo")
+    rec = store[0]                      # i-th sample in sample-id order
+    rec = store.by_sample_id(1234)
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from workflow_scripts.shard_format import FORMAT_VERSION, read_sample
+
+
+class LogitStore:
+    def __init__(self, path: str | os.PathLike):
+        path = Path(path)
+        self.index_path = path / "index.h5" if path.is_dir() else path
+        if not self.index_path.is_file():
+            raise FileNotFoundError(
+                f"no index.h5 at {self.index_path}; run the workflow's gather step first"
+            )
+        self.root = self.index_path.parent
+        with h5py.File(self.index_path, "r") as index:
+            version = int(index.attrs["format_version"])
+            if version > FORMAT_VERSION:
+                raise ValueError(
+                    f"{self.index_path} has format_version {version}; this reader knows up to "
+                    f"{FORMAT_VERSION}: update the workflow code"
+                )
+            self.top_k = int(index.attrs["top_k"])
+            self.num_tokens = int(index.attrs["num_tokens"])
+            self.config_fingerprint = str(index.attrs["config_fingerprint"])
+            self.shard_paths = [self.root / p.decode() if isinstance(p, bytes) else self.root / p
+                                for p in index["shard_paths"][:]]
+            self.sample_ids = index["sample_ids"][:]
+            self.sample_shard = index["sample_shard"][:]
+            self.sample_position = index["sample_position"][:]
+            self.sample_length = index["sample_length"][:]
+        self._handles: dict[int, tuple[h5py.File, np.ndarray]] = {}
+        self._pid = os.getpid()
+
+    def __len__(self) -> int:
+        return len(self.sample_ids)
+
+    def __getitem__(self, i: int) -> dict:
+        i = int(i)
+        if i < 0:
+            i += len(self)
+        if not 0 <= i < len(self):
+            raise IndexError(f"sample {i} out of range for a store of {len(self)}")
+        handle, offsets = self._shard(int(self.sample_shard[i]))
+        return read_sample(handle, int(self.sample_position[i]), offsets)
+
+    def by_sample_id(self, sample_id: int) -> dict:
+        i = int(np.searchsorted(self.sample_ids, sample_id))
+        if i >= len(self) or self.sample_ids[i] != sample_id:
+            raise KeyError(f"sample id {sample_id} is not in the store (dropped or out of range)")
+        return self[i]
+
+    def _shard(self, shard: int):
+        if os.getpid() != self._pid:  # forked into a DataLoader worker: never share handles
+            self._handles, self._pid = {}, os.getpid()
+        if shard not in self._handles:
+            handle = h5py.File(self.shard_paths[shard], "r")
+            self._handles[shard] = (handle, handle["offsets"][:])
+        return self._handles[shard]
+
+    def close(self) -> None:
+        for handle, _ in self._handles.values():
+            handle.close()
+        self._handles = {}
+
+    def __getstate__(self):  # DataLoader with spawn pickles the dataset: drop open handles
+        state = self.__dict__.copy()
+        state["_handles"] = {}
+        return state
+
+    @staticmethod
+    def collate(records: list[dict], pad_id: int = 0) -> dict:
+        """Pad a list of samples to the longest into ``[B, L, ...]`` numpy arrays.
+
+        ``attention_mask`` marks real tokens. Pass as ``DataLoader(..., collate_fn=
+        LogitStore.collate)`` (torch's default collate cannot stack ragged samples).
+        """
+        width = max(len(r["input_ids"]) for r in records)
+        batch = {"sample_id": np.array([r["sample_id"] for r in records], dtype=np.int64),
+                 "attention_mask": np.zeros((len(records), width), dtype=np.uint8)}
+        fills = {"input_ids": pad_id, "topk_ids": 0, "topk_logits": 0.0, "logsumexp": 0.0,
+                 "entropy": 0.0, "loss_mask": 0}
+        for name, fill in fills.items():
+            if name not in records[0]:
+                continue
+            first = records[0][name]
+            batch[name] = np.full((len(records), width, *first.shape[1:]), fill, dtype=first.dtype)
+            for row, record in enumerate(records):
+                batch[name][row, : len(record[name])] = record[name]
+        for row, record in enumerate(records):
+            batch["attention_mask"][row, : len(record["input_ids"])] = 1
+        return batch
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()

@@ -1,0 +1,376 @@
+"""The shard file format (version 1): names, dtypes, writing, reading, validating.
+
+The one place that knows the HDF5 layout. The generate job writes through
+``ShardWriter``, gather checks with ``validate_shard``, and the reader reads with
+``read_sample``. Needs numpy, h5py and hdf5plugin only.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+try:  # registers the Zstd filter; without it zstd-compressed shards cannot be read
+    import hdf5plugin
+except ImportError:  # pragma: no cover - listed in requirements
+    hdf5plugin = None
+
+FORMAT_VERSION = 1
+
+# Rows per HDF5 chunk: a random sample read touches one or two chunks, and a
+# chunk of 64-wide top-k still compresses well.
+CHUNK_ROWS = 1024
+
+REQUIRED_ATTRS = (
+    "format_version",
+    "top_k",
+    "shard_index",
+    "num_shards",
+    "teacher_fingerprint",
+    "tokenizer_fingerprint",
+    "config_fingerprint",
+    "cuda_visible_devices",
+    "hostname",
+    "started_at",
+    "finished_at",
+    "versions",
+    "claims",
+)
+
+# Datasets a shard may leave out (entropy when store_entropy is off).
+OPTIONAL_DATASETS = ("entropy",)
+
+VALUE_DTYPES = {"float16": np.float16, "float32": np.float32}
+COMPRESSIONS = ("default", "zstd", "gzip", "lzf", "none")
+
+
+class ShardError(ValueError):
+    """A shard that is missing, unreadable or inconsistent; the message says what."""
+
+
+def compression_options(name: str) -> dict:
+    """h5py dataset keyword arguments for a ``storage.compression`` name."""
+    options: dict = {"fletcher32": True}  # a flipped bit becomes a read error
+    if name in ("default", "zstd"):
+        if hdf5plugin is None:
+            raise ShardError("storage.compression=zstd needs the hdf5plugin package")
+        options.update(shuffle=True, **hdf5plugin.Zstd(clevel=3))
+    elif name == "gzip":
+        options.update(shuffle=True, compression="gzip", compression_opts=4)
+    elif name == "lzf":
+        options.update(shuffle=True, compression="lzf")
+    elif name != "none":
+        raise ShardError(f"storage.compression={name!r}: use one of {', '.join(COMPRESSIONS)}")
+    return options
+
+
+def temp_path_for(path: Path) -> Path:
+    return path.with_name(path.name + ".partial")
+
+
+class ShardWriter:
+    """Append token rows sample by sample, then ``commit`` atomically (temp file + rename).
+
+    The total row count is known from the shard plan, so datasets are created at
+    their final size and rows land in order; nothing is ever appended to a file
+    that a previous (killed) process left behind.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        num_samples: int,
+        num_tokens: int,
+        top_k: int,
+        value_dtype: str = "float16",
+        compression: str = "default",
+        with_entropy: bool = True,
+    ):
+        self.path = Path(path)
+        self.temp_path = temp_path_for(self.path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.num_samples = num_samples
+        self.num_tokens = num_tokens
+        self.top_k = top_k
+        self._file = h5py.File(self.temp_path, "w")
+        opts = compression_options(compression)
+        rows = max(1, min(CHUNK_ROWS, num_tokens))
+        f = self._file
+        f.create_dataset("sample_ids", shape=(num_samples,), dtype=np.int64)
+        f.create_dataset("offsets", shape=(num_samples + 1,), dtype=np.int64)
+        f.create_dataset("input_ids", shape=(num_tokens,), dtype=np.int32, chunks=(rows,), **opts)
+        for name, dtype in (("topk_ids", np.int32), ("topk_logits", VALUE_DTYPES[value_dtype])):
+            f.create_dataset(
+                name, shape=(num_tokens, top_k), dtype=dtype, chunks=(rows, top_k), **opts
+            )
+        f.create_dataset("logsumexp", shape=(num_tokens,), dtype=np.float32, chunks=(rows,), **opts)
+        if with_entropy:
+            f.create_dataset("entropy", shape=(num_tokens,), dtype=np.float16, chunks=(rows,), **opts)
+        self._sample_ids = np.zeros(num_samples, dtype=np.int64)
+        self._offsets = np.zeros(num_samples + 1, dtype=np.int64)
+        self._samples_done = 0
+        self._rows_done = 0
+
+    def write_block(self, sample_ids, lengths, arrays: dict) -> None:
+        """Write consecutive samples: ``arrays`` hold their rows concatenated in order."""
+        lengths = np.asarray(lengths, dtype=np.int64)
+        n, rows = len(lengths), int(lengths.sum())
+        s0, r0 = self._samples_done, self._rows_done
+        if s0 + n > self.num_samples or r0 + rows > self.num_tokens:
+            raise ShardError("more rows written than the shard plan holds")
+        self._sample_ids[s0 : s0 + n] = sample_ids
+        self._offsets[s0 + 1 : s0 + n + 1] = r0 + np.cumsum(lengths)
+        for name, values in arrays.items():
+            if name in self._file:
+                self._file[name][r0 : r0 + rows] = values
+            elif name not in OPTIONAL_DATASETS:
+                raise ShardError(f"unknown shard dataset {name!r}")
+        self._samples_done += n
+        self._rows_done += rows
+
+    def commit(self, attrs: dict) -> Path:
+        if self._samples_done != self.num_samples or self._rows_done != self.num_tokens:
+            raise ShardError(
+                f"shard incomplete: {self._samples_done}/{self.num_samples} samples, "
+                f"{self._rows_done}/{self.num_tokens} rows"
+            )
+        f = self._file
+        f["sample_ids"][:] = self._sample_ids
+        f["offsets"][:] = self._offsets
+        f.attrs["format_version"] = FORMAT_VERSION
+        f.attrs["top_k"] = self.top_k
+        for key, value in attrs.items():
+            f.attrs[key] = json.dumps(value) if isinstance(value, (dict, list)) else value
+        f.close()
+        with open(self.temp_path, "rb") as handle:
+            os.fsync(handle.fileno())
+        os.replace(self.temp_path, self.path)
+        return self.path
+
+    def abort(self) -> None:
+        try:
+            self._file.close()
+        finally:
+            self.temp_path.unlink(missing_ok=True)
+
+
+def read_attrs(handle: h5py.File) -> dict:
+    out = {}
+    for key, value in handle.attrs.items():
+        if isinstance(value, bytes):
+            value = value.decode()
+        if isinstance(value, np.generic):
+            value = value.item()
+        if key in ("versions", "claims") and isinstance(value, str):
+            value = json.loads(value)
+        out[key] = value
+    return out
+
+
+SAMPLE_FIELDS = ("input_ids", "topk_ids", "topk_logits", "logsumexp", "entropy", "loss_mask")
+
+
+def read_sample(handle: h5py.File, position: int, offsets=None) -> dict:
+    """Every per-token array of the sample at ``position`` in this shard, in rank order."""
+    if offsets is None:
+        start, stop = handle["offsets"][position : position + 2]
+    else:
+        start, stop = offsets[position], offsets[position + 1]
+    record = {"sample_id": int(handle["sample_ids"][position])}
+    for name in SAMPLE_FIELDS:
+        if name in handle:
+            record[name] = handle[name][start:stop]
+    return record
+
+
+@dataclass
+class ShardSummary:
+    """What gather learns from one valid shard."""
+
+    num_samples: int
+    num_tokens: int
+    sample_ids: np.ndarray
+    offsets: np.ndarray
+    attrs: dict
+    topk_mass_sum: float
+    topk_mass_hist: np.ndarray
+    entropy_sum: float
+    next_token_in_topk: int
+    next_token_rows: int
+
+
+MASS_BINS = np.linspace(0.0, 1.0, 21)
+VALIDATE_BLOCK_ROWS = 1 << 16
+
+
+def validate_shard(
+    path: str | os.PathLike,
+    expected_sample_ids: np.ndarray,
+    expected_offsets: np.ndarray,
+    expected_input_ids: np.ndarray,
+    expected_attrs: dict,
+    vocab_size: int,
+) -> ShardSummary:
+    """Check one shard completely; raise ``ShardError`` naming the first problem found."""
+    path = Path(path)
+    if not path.exists():
+        raise ShardError("file is missing")
+    try:
+        handle = h5py.File(path, "r")
+    except OSError as exc:
+        raise ShardError(f"not a readable HDF5 file ({exc})") from None
+    try:
+        with handle:
+            return _validate_open_shard(
+                handle, expected_sample_ids, expected_offsets, expected_input_ids,
+                expected_attrs, vocab_size,
+            )
+    except ShardError:
+        raise
+    except Exception as exc:  # corrupt metadata surfaces as many h5py/json error types
+        raise ShardError(f"corrupt or unreadable ({type(exc).__name__}: {exc})") from None
+
+
+def _validate_open_shard(handle, exp_ids, exp_offsets, exp_input_ids, exp_attrs, vocab_size):
+    missing = [a for a in REQUIRED_ATTRS if a not in handle.attrs]
+    if missing:
+        raise ShardError(f"missing attributes {missing}")
+    attrs = read_attrs(handle)
+    if attrs["format_version"] != FORMAT_VERSION:
+        raise ShardError(
+            f"format_version {attrs['format_version']}, this workflow reads {FORMAT_VERSION}"
+        )
+    for key, value in exp_attrs.items():
+        if attrs.get(key) != value:
+            raise ShardError(f"attribute {key}={attrs.get(key)!r}, expected {value!r}")
+
+    top_k = int(attrs["top_k"])
+    num_samples, num_tokens = len(exp_ids), int(exp_offsets[-1])
+    shapes = {
+        "sample_ids": ((num_samples,), np.int64),
+        "offsets": ((num_samples + 1,), np.int64),
+        "input_ids": ((num_tokens,), np.int32),
+        "topk_ids": ((num_tokens, top_k), np.int32),
+        "topk_logits": ((num_tokens, top_k), None),
+        "logsumexp": ((num_tokens,), np.float32),
+    }
+    for name, (shape, dtype) in shapes.items():
+        if name not in handle:
+            raise ShardError(f"dataset {name!r} is missing")
+        ds = handle[name]
+        if not isinstance(ds, h5py.Dataset):
+            raise ShardError(f"{name!r} is not a dataset")
+        if ds.shape != shape:
+            raise ShardError(f"dataset {name!r} has shape {ds.shape}, expected {shape}")
+        if dtype is not None and ds.dtype != dtype:
+            raise ShardError(f"dataset {name!r} has dtype {ds.dtype}, expected {np.dtype(dtype)}")
+    if handle["topk_logits"].dtype not in (np.float16, np.float32):
+        raise ShardError(f"topk_logits has dtype {handle['topk_logits'].dtype}")
+    has_entropy = "entropy" in handle
+    if has_entropy and handle["entropy"].shape != (num_tokens,):
+        raise ShardError(f"dataset 'entropy' has shape {handle['entropy'].shape}")
+
+    sample_ids = handle["sample_ids"][:]
+    offsets = handle["offsets"][:]
+    if not np.array_equal(sample_ids, exp_ids):
+        raise ShardError("sample_ids differ from the shard plan written by prepare")
+    if not np.array_equal(offsets, exp_offsets):
+        raise ShardError("offsets differ from the shard plan (sample lengths changed)")
+
+    mass_hist = np.zeros(len(MASS_BINS) - 1, dtype=np.int64)
+    mass_sum = entropy_sum = 0.0
+    hits = rows_with_next = 0
+    # Which rows have a next token inside their own sample: all but each sample's last.
+    last_rows = offsets[1:] - 1
+    for r0 in range(0, num_tokens, VALIDATE_BLOCK_ROWS):
+        r1 = min(num_tokens, r0 + VALIDATE_BLOCK_ROWS)
+        input_ids = handle["input_ids"][r0:r1]
+        if not np.array_equal(input_ids, exp_input_ids[r0:r1]):
+            bad = r0 + int(np.flatnonzero(input_ids != exp_input_ids[r0:r1])[0])
+            raise ShardError(f"input_ids differ from prepare's tokens at row {bad}")
+        ids = handle["topk_ids"][r0:r1]
+        logits = handle["topk_logits"][r0:r1].astype(np.float32)
+        lse = handle["logsumexp"][r0:r1]
+        if ids.size and (ids.min() < 0 or ids.max() >= vocab_size):
+            raise ShardError(f"topk_ids outside the vocabulary [0, {vocab_size})")
+        if not (np.isfinite(logits).all() and np.isfinite(lse).all()):
+            raise ShardError(f"non-finite values in rows {r0}..{r1 - 1}")
+        if top_k > 1 and (np.diff(logits, axis=1) > 0).any():
+            row = r0 + int(np.flatnonzero((np.diff(logits, axis=1) > 0).any(axis=1))[0])
+            raise ShardError(f"topk_logits not sorted most likely first at row {row}")
+        if top_k > 1 and (np.diff(np.sort(ids, axis=1), axis=1) == 0).any():
+            raise ShardError(f"repeated token ids inside a top-k row in rows {r0}..{r1 - 1}")
+        # The largest logit cannot exceed logsumexp (allow the storage dtype's rounding).
+        if (logits[:, 0] > lse + 1e-2 * np.maximum(1.0, np.abs(lse))).any():
+            raise ShardError(f"logsumexp smaller than the top logit in rows {r0}..{r1 - 1}")
+        mass = np.exp(logits - lse[:, None]).sum(axis=1)
+        mass_sum += float(mass.sum())
+        mass_hist += np.histogram(np.clip(mass, 0.0, 1.0), bins=MASS_BINS)[0]
+        if has_entropy:
+            entropy_sum += float(handle["entropy"][r0:r1].astype(np.float64).sum())
+        rows = np.arange(r0, r1)
+        has_next = ~np.isin(rows, last_rows)
+        next_ids = exp_input_ids[np.minimum(rows + 1, num_tokens - 1)]
+        hits += int(((ids == next_ids[:, None]).any(axis=1) & has_next).sum())
+        rows_with_next += int(has_next.sum())
+
+    return ShardSummary(
+        num_samples=num_samples,
+        num_tokens=num_tokens,
+        sample_ids=sample_ids,
+        offsets=offsets,
+        attrs=attrs,
+        topk_mass_sum=mass_sum,
+        topk_mass_hist=mass_hist,
+        entropy_sum=entropy_sum,
+        next_token_in_topk=hits,
+        next_token_rows=rows_with_next,
+    )
+
+
+# --- prepare's output: every kept sample's tokens plus the shard plan --------------
+
+
+@dataclass
+class PreparedTokens:
+    sample_ids: np.ndarray  # int64 [S] row numbers in the loaded dataset
+    offsets: np.ndarray  # int64 [S+1]
+    input_ids: np.ndarray  # int32 [T]
+    shard_bounds: np.ndarray  # int64 [num_shards+1]: shard i owns samples bounds[i]:bounds[i+1]
+
+    @property
+    def num_shards(self) -> int:
+        return len(self.shard_bounds) - 1
+
+    def shard_slice(self, shard: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(sample_ids, offsets rebased to 0, input_ids) of one shard."""
+        s0, s1 = int(self.shard_bounds[shard]), int(self.shard_bounds[shard + 1])
+        r0, r1 = int(self.offsets[s0]), int(self.offsets[s1])
+        return self.sample_ids[s0:s1], self.offsets[s0 : s1 + 1] - r0, self.input_ids[r0:r1]
+
+
+def write_prepared(path: str | os.PathLike, prepared: PreparedTokens) -> None:
+    path = Path(path)
+    temp = temp_path_for(path)
+    with h5py.File(temp, "w") as f:
+        f.attrs["format_version"] = FORMAT_VERSION
+        f.create_dataset("sample_ids", data=prepared.sample_ids.astype(np.int64))
+        f.create_dataset("offsets", data=prepared.offsets.astype(np.int64))
+        f.create_dataset("input_ids", data=prepared.input_ids.astype(np.int32), fletcher32=True)
+        f.create_dataset("shard_bounds", data=prepared.shard_bounds.astype(np.int64))
+    os.replace(temp, path)
+
+
+def read_prepared(path: str | os.PathLike) -> PreparedTokens:
+    with h5py.File(path, "r") as f:
+        return PreparedTokens(
+            sample_ids=f["sample_ids"][:],
+            offsets=f["offsets"][:],
+            input_ids=f["input_ids"][:],
+            shard_bounds=f["shard_bounds"][:],
+        )

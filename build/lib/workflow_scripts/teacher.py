@@ -1,0 +1,144 @@
+"""The teacher: load it, run a padded batch, keep per-token top-k and logsumexp.
+
+Knows nothing of files or Snakemake. The full ``[tokens, vocab]`` logits are never
+materialised in float32: rows go through the output head in chunks of
+``chunk_rows``, so the memory of the top-k step is bounded by the chunk, not by
+batch x sequence x vocabulary.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+log = logging.getLogger(__name__)
+
+DTYPES = {
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+    "float32": torch.float32,
+    "auto": "auto",
+}
+
+# float32 bytes one top-k chunk may hold: rows x vocab x 4 <= this.
+DEFAULT_CHUNK_BYTES = 256 * 1024 * 1024
+
+
+class TeacherError(RuntimeError):
+    """A user-facing problem loading or running the teacher; the message names the fix."""
+
+
+@dataclass
+class TopK:
+    """Results for the valid (unpadded) positions of a batch, row-major by sample."""
+
+    ids: torch.Tensor  # int32 [N, k]
+    logits: torch.Tensor  # float32 [N, k], most likely first
+    logsumexp: torch.Tensor  # float32 [N]
+    entropy: torch.Tensor  # float32 [N]
+
+
+def load_teacher(
+    path: str,
+    dtype: str = "bfloat16",
+    attn_implementation: str | None = None,
+    trust_remote_code: bool = False,
+    max_memory: dict | None = None,
+    allow_offload: bool = False,
+    on_gpu: bool = False,
+):
+    from transformers import AutoModelForCausalLM
+
+    kwargs = dict(
+        dtype=DTYPES[dtype],
+        device_map="auto" if on_gpu else "cpu",
+        trust_remote_code=trust_remote_code,
+    )
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
+    if max_memory:
+        kwargs["max_memory"] = max_memory
+    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    model.eval()
+    if on_gpu:
+        placed = getattr(model, "hf_device_map", {}) or {}
+        offloaded = sorted({str(d) for d in placed.values() if str(d) in ("cpu", "disk")})
+        if offloaded and not allow_offload:
+            need_gb = model.get_memory_footprint() / 2**30
+            raise TeacherError(
+                f"the teacher (~{need_gb:.1f} GiB of weights) does not fit the GPUs of this group: "
+                f"device_map='auto' put layers on {offloaded}, which runs very slowly. Use more "
+                "GPUs per model (gpus_per_model), a smaller dtype, or set teacher.allow_offload: true"
+            )
+    return model
+
+
+class TopKHead:
+    """Runs the body once and the output head in row chunks.
+
+    The chunked head is used only when it reproduces ``model(...).logits`` bit for
+    bit on a probe batch; architectures that change logits after ``lm_head`` (final
+    soft-capping, logit scaling) fall back to the model's own forward, still reduced
+    to top-k in chunks.
+    """
+
+    def __init__(self, model, top_k: int, chunk_bytes: int = DEFAULT_CHUNK_BYTES):
+        self.model = model
+        self.top_k = top_k
+        self.head = model.get_output_embeddings()
+        self.body = model.base_model
+        self.vocab_size = self.head.weight.shape[0] if self.head is not None else None
+        self.input_device = model.get_input_embeddings().weight.device
+        vocab = self.vocab_size or model.config.vocab_size
+        self.chunk_rows = max(1, chunk_bytes // (int(vocab) * 4))
+        self.chunked = self.head is not None and self._chunked_head_matches()
+        log.info(
+            "top-k via %s, %d rows per chunk",
+            "chunked output head" if self.chunked else "the model's own forward (head not chunkable)",
+            self.chunk_rows,
+        )
+
+    @torch.inference_mode()
+    def _chunked_head_matches(self) -> bool:
+        vocab = int(self.model.config.vocab_size)
+        ids = (torch.arange(8, device=self.input_device) * 7919 % vocab).unsqueeze(0)
+        mask = torch.ones_like(ids)
+        try:
+            full = self.model(input_ids=ids, attention_mask=mask).logits
+            hidden = self.body(input_ids=ids, attention_mask=mask).last_hidden_state
+            return torch.equal(full, self.head(hidden.to(self.head.weight.device)))
+        except Exception as exc:  # any mismatch in structure means: do not chunk
+            log.info("chunked head probe failed (%s); using the model's forward", exc)
+            return False
+
+    @torch.inference_mode()
+    def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> TopK:
+        input_ids = input_ids.to(self.input_device)
+        attention_mask = attention_mask.to(self.input_device)
+        if self.chunked:
+            hidden = self.body(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+            rows = hidden[attention_mask.to(hidden.device).bool()]
+            project = self.head
+        else:
+            logits = self.model(input_ids=input_ids, attention_mask=attention_mask).logits
+            rows = logits[attention_mask.to(logits.device).bool()]
+            project = None
+        return self._reduce(rows, project)
+
+    def _reduce(self, rows: torch.Tensor, project) -> TopK:
+        parts = []
+        for start in range(0, rows.shape[0], self.chunk_rows):
+            chunk = rows[start : start + self.chunk_rows]
+            if project is not None:
+                chunk = project(chunk.to(self.head.weight.device))
+            chunk = chunk.float()
+            lse = torch.logsumexp(chunk, dim=-1)
+            log_probs = chunk - lse[:, None]
+            # Exact entropy of the full distribution; 0 * -inf (masked logits) counts as 0.
+            entropy = -(torch.exp(log_probs) * log_probs).nan_to_num(0.0).sum(dim=-1)
+            del log_probs
+            values, ids = torch.topk(chunk, self.top_k, dim=-1, sorted=True)
+            parts.append((ids.to(torch.int32), values, lse, entropy))
+        return TopK(*(torch.cat([p[i] for p in parts]).cpu() for i in range(4)))

@@ -1,0 +1,143 @@
+"""Config checks and derived paths that run at plan time: no torch, no transformers.
+
+``common.smk`` calls these while Snakemake parses the workflow, so a bad value is
+reported before any job starts. Job scripts use the same helpers to find files.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import os
+from pathlib import Path
+
+from .gpu_groups import GpuConfigError, groups_from_config
+
+DEMO = "demo"
+DATASET_SUFFIXES = (".jsonl", ".json", ".parquet", ".arrow")
+
+# Settings that change the meaning of the stored numbers; everything else (GPUs,
+# batch sizes, paths, thread counts) may change without discarding finished shards.
+MEANING_KEYS = {
+    "teacher": ("dtype", "attn_implementation", "trust_remote_code"),
+    "dataset": ("split", "text_field", "messages_field", "max_samples"),
+    "tokenize": ("max_length",),
+    "generation": ("top_k", "store_entropy"),
+    "storage": ("value_dtype",),
+}
+
+
+class ConfigError(ValueError):
+    """A bad config value; the message names the key and the fix."""
+
+
+def check_unknown_keys(config: dict, schema: dict, where: str = "") -> None:
+    """Refuse keys the schema does not know, naming the closest known key."""
+    properties = schema.get("properties", {})
+    for key, value in config.items():
+        if key not in properties:
+            close = difflib.get_close_matches(str(key), list(properties), n=1)
+            hint = f"; did you mean '{where}{close[0]}'?" if close else ""
+            known = ", ".join(sorted(properties))
+            raise ConfigError(
+                f"unknown config key '{where}{key}'{hint} (known keys here: {known})"
+            )
+        sub = properties[key]
+        if isinstance(value, dict) and sub.get("type") == "object" and "properties" in sub:
+            check_unknown_keys(value, sub, f"{where}{key}.")
+
+
+TRUE_WORDS = {"true", "yes", "on", "1"}
+FALSE_WORDS = {"false", "no", "off", "0"}
+
+
+def coerce_command_line_values(config: dict, schema: dict) -> None:
+    """``--config flag=true`` arrives as the string 'true': turn such words into booleans."""
+    for key, sub in schema.get("properties", {}).items():
+        value = config.get(key)
+        if sub.get("type") == "boolean" and isinstance(value, str):
+            word = value.strip().lower()
+            if word in TRUE_WORDS | FALSE_WORDS:
+                config[key] = word in TRUE_WORDS
+        elif isinstance(value, dict) and sub.get("type") == "object":
+            coerce_command_line_values(value, sub)
+
+
+def check_schema(config: dict, schema: dict) -> None:
+    """The first schema violation as ``key.path: problem``."""
+    import jsonschema
+
+    validator = jsonschema.Draft202012Validator(schema)
+    error = jsonschema.exceptions.best_match(validator.iter_errors(config))
+    if error is not None:
+        where = ".".join(str(p) for p in error.absolute_path) or "config"
+        raise ConfigError(f"{where}: {error.message}")
+
+
+def demo_dir(config: dict) -> Path:
+    return Path(config["demo"]["dir"])
+
+
+def teacher_path(config: dict) -> Path:
+    path = config["teacher"]["path"]
+    return demo_dir(config) / "teacher" if path == DEMO else Path(path)
+
+
+def dataset_path(config: dict) -> Path:
+    path = config["dataset"]["path"]
+    return demo_dir(config) / "corpus.jsonl" if path == DEMO else Path(path)
+
+
+def check_paths(config: dict) -> None:
+    """File checks that need no torch: the teacher folder and the dataset exist."""
+    if config["teacher"]["path"] != DEMO:
+        teacher = Path(config["teacher"]["path"])
+        if not teacher.is_dir():
+            raise ConfigError(
+                f"teacher.path: folder {teacher} does not exist; give a local Hugging Face model "
+                "folder (one with config.json) or 'demo'"
+            )
+        if not (teacher / "config.json").is_file():
+            raise ConfigError(
+                f"teacher.path: {teacher} has no config.json, so it is not a Hugging Face model "
+                "folder; point it at the folder save_pretrained wrote"
+            )
+    if config["dataset"]["path"] != DEMO:
+        data = Path(config["dataset"]["path"])
+        if not data.exists():
+            raise ConfigError(
+                f"dataset.path: {data} does not exist; give a .jsonl/.json/.parquet/.arrow file, "
+                "a save_to_disk folder, or 'demo'"
+            )
+        if data.is_file() and data.suffix not in DATASET_SUFFIXES:
+            raise ConfigError(
+                f"dataset.path: {data} has suffix '{data.suffix}'; supported are "
+                f"{', '.join(DATASET_SUFFIXES)} files or a save_to_disk folder"
+            )
+        if data.is_file() and not os.access(data, os.R_OK):
+            raise ConfigError(f"dataset.path: {data} is not readable; fix its permissions")
+    if config["dataset"]["max_samples"] == 0:
+        raise ConfigError("dataset.max_samples=0 keeps no sample; use null for all, or a count")
+
+
+def check_gpus(config: dict) -> list[tuple[int, ...]]:
+    try:
+        return groups_from_config(config["gpus"], config["gpus_per_model"])
+    except GpuConfigError as exc:
+        raise ConfigError(str(exc)) from None
+
+
+def shard_names(config: dict) -> list[str]:
+    return [f"{i:05d}" for i in range(int(config["num_shards"]))]
+
+
+def meaning_settings(config: dict) -> dict:
+    """The config values that go into ``config_fingerprint`` (no paths)."""
+    return {
+        section: {key: config[section].get(key) for key in keys}
+        for section, keys in MEANING_KEYS.items()
+    }
+
+
+def meaning_settings_json(config: dict) -> str:
+    return json.dumps(meaning_settings(config), sort_keys=True)
