@@ -200,14 +200,20 @@ def test_reader_random_access_and_dataloader(workflow):
 
 
 def test_reader_installs_as_a_package_without_the_workflow(workflow, tmp_path):
+    import shutil
     import subprocess
     import sys
 
     from conftest import REPO
 
-    target = tmp_path / "site"
+    source, target = tmp_path / "source", tmp_path / "site"
+    source.mkdir()
+    # Build from a copy: setuptools writes build/ and egg-info next to the sources.
+    shutil.copy2(REPO / "pyproject.toml", source)
+    shutil.copytree(REPO / "workflow_scripts", source / "workflow_scripts",
+                    ignore=shutil.ignore_patterns("__pycache__"))
     subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps",
-                    "--no-build-isolation", "--target", str(target), str(REPO)],
+                    "--no-build-isolation", "--target", str(target), str(source)],
                    check=True, capture_output=True, timeout=300)
     workflow.run("--cores", "2", config={"num_shards": 1, "dataset": {"max_samples": 10}})
     code = ("import sys, workflow_scripts.logit_store as m; s = m.LogitStore(sys.argv[1]); "
