@@ -158,6 +158,50 @@ def test_stored_topk_matches_unbatched_float32_forward(workflow, demo_dir):
         np.testing.assert_allclose(rec["entropy"].astype(np.float32), entropy, rtol=2e-3, atol=2e-3)
 
 
+def _small_teacher(arch: str, demo_dir, out):
+    """A random teacher of another architecture, with the demo tokenizer beside it."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(demo_dir / "teacher")
+    torch.manual_seed(0)
+    if arch == "gpt2":  # learned absolute positions: wrong under left padding
+        config = AutoConfig.for_model("gpt2", vocab_size=len(tokenizer), n_embd=64, n_layer=2,
+                                      n_head=4, n_positions=1024)
+    else:  # gemma2: final logit soft-capping after lm_head, so the head is not chunked
+        config = AutoConfig.for_model("gemma2", vocab_size=len(tokenizer), hidden_size=64,
+                                      intermediate_size=128, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                      final_logit_softcapping=3.0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "gemma2"])
+def test_other_architectures_match_their_own_forward(workflow, demo_dir, tmp_path, arch):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    teacher = _small_teacher(arch, demo_dir, tmp_path / arch)
+    workflow.run("--cores", "2", config={
+        "teacher": {"path": str(teacher), "dtype": "float32"},
+        "storage": {"value_dtype": "float32"}, "num_shards": 1,
+        "dataset": {"max_samples": 40}, "generation": {"top_k": 8, "batch_tokens": 2048}})
+    log = workflow.path("results/demo/logs/generate/shard_00000.log").read_text()
+    assert ("chunked output head" in log) is (arch == "gpt2")
+    store = LogitStore(workflow.path("results/demo"))
+    model = AutoModelForCausalLM.from_pretrained(teacher, dtype=torch.float32).eval()
+    for i in (0, 13, 39):
+        rec = store[i]
+        with torch.no_grad():
+            logits = model(torch.from_numpy(rec["input_ids"].astype(np.int64))[None]).logits[0]
+        np.testing.assert_allclose(rec["logsumexp"], torch.logsumexp(logits, -1).numpy(),
+                                   atol=1e-4, rtol=1e-5)
+        np.testing.assert_allclose(rec["topk_logits"], torch.topk(logits, 8, -1).values.numpy(),
+                                   atol=1e-4, rtol=1e-5)
+
+
 def test_reader_random_access_and_dataloader(workflow):
     import torch
 
