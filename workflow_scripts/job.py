@@ -56,7 +56,7 @@ def run_job(name: str, log_path: str | None, main, *args, **kwargs):
         log.error("%s", exc)
         sys.exit(1)
     except Exception:
-        logging.getLogger(name).debug("unexpected error", exc_info=True)
+        # Python prints the traceback on the console; keep a copy in the job's log too.
         if log_path:
             with open(log_path, "a") as handle:
                 traceback.print_exc(file=handle)
