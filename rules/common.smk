@@ -83,9 +83,5 @@ def dataset_input(wildcards):
     return str(dataset_path(config))
 
 
-def shard_path(shard):
-    return out("shards", f"shard_{shard}.h5")
-
-
 def all_shards(wildcards):
-    return [shard_path(shard) for shard in shard_names(config)]
+    return expand(rules.generate.output.shard, shard=shard_names(config))
