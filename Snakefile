@@ -14,6 +14,11 @@ validate(config, "config/schema.yaml")
 check_config(config)
 
 
+# Not in a dry run: planning never waits for or blocks a running workflow.
+onstart:
+    take_run_lock(config)
+
+
 include: "rules/demo.smk"
 include: "rules/prepare.smk"
 include: "rules/generate.smk"

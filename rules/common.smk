@@ -8,6 +8,7 @@ import yaml
 
 sys.path.insert(0, str(Path(workflow.main_snakefile).parent))
 
+from workflow_scripts.run_lock import hold_run_lock
 from workflow_scripts.workflow_config import (
     ConfigError,
     check_gpus,
@@ -53,6 +54,15 @@ def check_config(config):
         workflow.global_resources.setdefault(
             "gpu", len(groups) * config["gpus_per_model"]
         )
+
+
+def take_run_lock(config):
+    """Refuse a second run on the same output_dir (runs only when jobs will execute)."""
+    try:
+        hold_run_lock(config["output_dir"])
+    except ConfigError as error:
+        print(f"Error: {error}", file=sys.stderr)
+        raise SystemExit(1)
 
 
 def out(*parts):

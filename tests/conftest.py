@@ -38,22 +38,33 @@ class Workflow:
             else:
                 shutil.copy2(source, root / name)
 
-    def run(self, *args, config: dict | None = None, check: bool = True, env: dict | None = None,
-            timeout: int = 900) -> subprocess.CompletedProcess:
+    def command(self, *args, config: dict | None = None, env: dict | None = None):
         cmd = [snakemake_bin(), *args]
         if config is not None:
             path = self.root / "test_config.yaml"
             path.write_text(yaml.safe_dump(config))
             cmd += ["--configfile", str(path)]
         full_env = {**os.environ, "TEACHER_LOGITS_GPU_LOCK_DIR": str(self.lock_dir), **(env or {})}
+        return cmd, full_env
+
+    def run(self, *args, config: dict | None = None, check: bool = True, env: dict | None = None,
+            timeout: int = 900, **popen_kwargs) -> subprocess.CompletedProcess:
+        cmd, full_env = self.command(*args, config=config, env=env)
         result = subprocess.run(cmd, cwd=self.root, env=full_env, capture_output=True, text=True,
-                                timeout=timeout)
+                                timeout=timeout, **popen_kwargs)
         if check and result.returncode != 0:
             raise AssertionError(
                 f"{' '.join(cmd)} failed ({result.returncode}):\n{result.stdout[-4000:]}\n"
                 f"{result.stderr[-8000:]}"
             )
         return result
+
+    def start(self, *args, config: dict | None = None, env: dict | None = None) -> subprocess.Popen:
+        """Run snakemake in the background, in its own process group (kill it with ``killpg``)."""
+        cmd, full_env = self.command(*args, config=config, env=env)
+        log = open(self.root / f"background-{len(list(self.root.glob('background-*')))}.log", "w")
+        return subprocess.Popen(cmd, cwd=self.root, env=full_env, stdout=log,
+                                stderr=subprocess.STDOUT, start_new_session=True)
 
     def path(self, *parts) -> Path:
         return self.root.joinpath(*parts)

@@ -19,6 +19,7 @@ if __name__ == "__main__":  # Snakemake runs a copy of this file: import from th
     sys.path.insert(0, str(Path(snakemake.scriptdir).parent))  # noqa: F821
 
 from workflow_scripts.fingerprints import file_sha256  # noqa: E402
+from workflow_scripts.resume import remove_parts_dirs  # noqa: E402
 from workflow_scripts.shard_format import (  # noqa: E402
     FORMAT_VERSION,
     MASS_BINS,
@@ -146,6 +147,8 @@ def gather(plan_path: str, tokens_path: str, shard_paths: list[str], index_out: 
     temp_manifest = Path(manifest_out).with_suffix(".json.partial")
     temp_manifest.write_text(json.dumps(manifest, indent=1))
     os.replace(temp_manifest, manifest_out)
+    # The store is complete: the copies generate kept for a killed run are not needed.
+    remove_parts_dirs(shard_paths)
     seconds = time.time() - start
     log.info(
         "gathered %d shards, %d samples, %d tokens in %.1f s (%.0f tokens/s); mean top-k mass %.3f",

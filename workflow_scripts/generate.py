@@ -5,14 +5,20 @@ Claims a GPU group first (inside the running job, never at plan time), sets
 """
 
 
+import errno
+import hashlib
 import json
 import logging
 import os
 import platform
+import resource
+import shutil
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
+import h5py
 import numpy as np
 
 if __name__ == "__main__":  # Snakemake runs a copy of this file: import from the repository
@@ -20,7 +26,24 @@ if __name__ == "__main__":  # Snakemake runs a copy of this file: import from th
 
 from workflow_scripts.batching import plan_batches, windows  # noqa: E402
 from workflow_scripts.gpu_groups import gpu_claim, groups_from_config  # noqa: E402
-from workflow_scripts.shard_format import ShardWriter, read_prepared  # noqa: E402
+from workflow_scripts.job import UserError  # noqa: E402
+from workflow_scripts.resume import (  # noqa: E402
+    CommittedParts,
+    claims_from_parts,
+    parts_dir_for,
+    job_lock,
+)
+from workflow_scripts.shard_format import (  # noqa: E402
+    FORMAT_VERSION,
+    PartWriter,
+    ShardError,
+    ShardWriter,
+    iter_part_rows,
+    read_attrs,
+    read_part_attrs,
+    read_prepared,
+    validate_shard,
+)
 
 log = logging.getLogger("generate")
 
@@ -28,6 +51,9 @@ log = logging.getLogger("generate")
 # trades memory (results are held until written) against how well length sorting
 # packs batches.
 WINDOW_BATCHES = 32
+# A part is built in memory before it is written: cap it (~100 MB at k=64) whatever
+# commit_every_s says.
+PART_MAX_ROWS = 1 << 18
 
 
 def library_versions() -> dict:
@@ -56,12 +82,13 @@ class _LogStream:
         pass
 
 
-def progress_bar(total_tokens: int, shard: int, every_s: float = 30.0):
+def progress_bar(total_tokens: int, shard: int, initial: int = 0, every_s: float = 30.0):
     """A tqdm bar over tokens with tokens/s and ETA, as one log line every ``every_s``."""
     from tqdm import tqdm
 
     return tqdm(
         total=total_tokens,
+        initial=initial,
         unit="tok",
         unit_scale=True,
         desc=f"shard {shard}",
@@ -72,18 +99,28 @@ def progress_bar(total_tokens: int, shard: int, every_s: float = 30.0):
     )
 
 
-def compute_window(head, input_ids: np.ndarray, offsets: np.ndarray, batch_tokens: int, pad_id: int):
-    """Top-k rows of the samples in one window, concatenated in sample order."""
+class _SimulatedOutOfMemory:
+    """Test hook: ``TEACHER_LOGITS_SIMULATE_OOM_TOKENS=N`` makes any padded batch of more
+    than N positions fail as CUDA would, so the batch-split path runs on CPU."""
+
+    limit = int(os.environ.get("TEACHER_LOGITS_SIMULATE_OOM_TOKENS", "0") or 0)
+
+    @classmethod
+    def check(cls, positions: int) -> None:
+        if cls.limit and positions > cls.limit:
+            import torch
+
+            raise torch.OutOfMemoryError(f"simulated: {positions} positions > {cls.limit}")
+
+
+def forward_batch(head, batch: np.ndarray, input_ids: np.ndarray, offsets: np.ndarray, pad_id: int):
+    """Top-k of one padded batch; on out-of-memory, retry it as two halves (logged)."""
     import torch
 
-    lengths = np.diff(offsets)
-    num_rows = int(offsets[-1])
-    out_ids = np.empty((num_rows, head.top_k), dtype=np.int32)
-    out_logits = np.empty((num_rows, head.top_k), dtype=np.float32)
-    out_lse = np.empty(num_rows, dtype=np.float32)
-    out_entropy = np.empty(num_rows, dtype=np.float32)
-    for batch in plan_batches(lengths, batch_tokens):
-        width = int(lengths[batch].max())
+    lengths = offsets[batch + 1] - offsets[batch]
+    width = int(lengths.max())
+    try:
+        _SimulatedOutOfMemory.check(len(batch) * width)
         ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
         mask = torch.zeros((len(batch), width), dtype=torch.long)
         for row, sample in enumerate(batch):
@@ -91,24 +128,56 @@ def compute_window(head, input_ids: np.ndarray, offsets: np.ndarray, batch_token
             ids[row, : stop - start] = torch.from_numpy(input_ids[start:stop].astype(np.int64))
             mask[row, : stop - start] = 1
         result = head(ids, mask)
-        # Valid positions come back row-major: sample by sample in batch order.
-        cursor = 0
-        for sample in batch:
-            start, stop = int(offsets[sample]), int(offsets[sample + 1])
-            n = stop - start
-            out_ids[start:stop] = result.ids[cursor : cursor + n].numpy()
-            out_logits[start:stop] = result.logits[cursor : cursor + n].numpy()
-            out_lse[start:stop] = result.logsumexp[cursor : cursor + n].numpy()
-            out_entropy[start:stop] = result.entropy[cursor : cursor + n].numpy()
-            cursor += n
-    return out_ids, out_logits, out_lse, out_entropy
+        return [result]
+    except torch.OutOfMemoryError as exc:
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        if len(batch) == 1:
+            raise UserError(
+                f"out of memory on a single sample of {width} tokens ({exc}); lower "
+                "tokenize.max_length or give each model more GPUs (gpus_per_model)"
+            ) from None
+        half = len(batch) // 2
+        log.warning(
+            "out of memory on a batch of %d samples x %d tokens; retrying it as two halves "
+            "(consider a smaller generation.batch_tokens)", len(batch), width,
+        )
+        return (forward_batch(head, batch[:half], input_ids, offsets, pad_id)
+                + forward_batch(head, batch[half:], input_ids, offsets, pad_id))
+
+
+def compute_window(head, input_ids: np.ndarray, offsets: np.ndarray, batch_tokens: int, pad_id: int):
+    """Top-k rows of the samples in one window, concatenated in sample order."""
+    lengths = np.diff(offsets)
+    num_rows = int(offsets[-1])
+    out = {
+        "topk_ids": np.empty((num_rows, head.top_k), dtype=np.int32),
+        "topk_logits": np.empty((num_rows, head.top_k), dtype=np.float32),
+        "logsumexp": np.empty(num_rows, dtype=np.float32),
+        "entropy": np.empty(num_rows, dtype=np.float32),
+    }
+    for batch in plan_batches(lengths, batch_tokens):
+        results = forward_batch(head, batch, input_ids, offsets, pad_id)
+        samples = iter(batch)
+        for result in results:
+            # Valid positions come back row-major: sample by sample in batch order.
+            cursor = 0
+            while cursor < len(result.logsumexp):
+                sample = next(samples)
+                start, stop = int(offsets[sample]), int(offsets[sample + 1])
+                n = stop - start
+                out["topk_ids"][start:stop] = result.ids[cursor : cursor + n].numpy()
+                out["topk_logits"][start:stop] = result.logits[cursor : cursor + n].numpy()
+                out["logsumexp"][start:stop] = result.logsumexp[cursor : cursor + n].numpy()
+                out["entropy"][start:stop] = result.entropy[cursor : cursor + n].numpy()
+                cursor += n
+    return out
 
 
 def load_head(config: dict, claim, wants_gpu: bool):
     """Load the teacher on the claimed GPUs (or CPU) and wrap it in the top-k head."""
     import torch
 
-    from workflow_scripts.job import UserError
     from workflow_scripts.teacher import TopKHead, load_teacher
     from workflow_scripts.workflow_config import teacher_path
 
@@ -131,38 +200,105 @@ def load_head(config: dict, claim, wants_gpu: bool):
     return TopKHead(model, int(config["generation"]["top_k"]))
 
 
-def write_rows(head, writer, sample_ids, offsets, input_ids, batch_tokens: int, shard: int):
-    """Run every window of the shard through the teacher and write it, in sample order."""
-    # Padded positions are masked out and never stored, so any valid id pads.
-    pad_id = int(head.model.config.pad_token_id or 0)
-    with progress_bar(int(offsets[-1]), shard) as bar:
-        for s0, s1 in windows(np.diff(offsets), WINDOW_BATCHES * batch_tokens):
-            r0, r1 = int(offsets[s0]), int(offsets[s1])
-            ids, logits, lse, entropy = compute_window(
-                head, input_ids[r0:r1], offsets[s0 : s1 + 1] - r0, batch_tokens, pad_id
+DISK_FULL_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+# libhdf5 reports a failed write through h5py with the OS error only in its message.
+DISK_FULL_WORDS = ("No space left", "Disk quota", "File too large", "errno = 28", "errno = 27")
+
+
+def disk_full(path: Path, needed: int | None = None) -> UserError:
+    free = room_under(path.parent) / 2**20
+    need = f"it needs up to {needed / 2**20:.0f} MiB, " if needed else ""
+    return UserError(
+        f"disk full while writing {path}: {need}{free:.0f} MiB free there; free space or move "
+        "output_dir, then rerun the same command (committed parts and finished shards are kept)"
+    )
+
+
+def room_under(directory: Path) -> int:
+    """Bytes one file may still take there: free disk, or a file-size limit (ulimit -f)."""
+    free = shutil.disk_usage(directory).free
+    soft, _ = resource.getrlimit(resource.RLIMIT_FSIZE)
+    return free if soft == resource.RLIM_INFINITY else min(free, soft)
+
+
+@contextmanager
+def disk_full_is_a_user_error(path: Path):
+    """Turn a full disk (or a file-size limit) into one line that says what to do."""
+    try:
+        yield
+    except (OSError, RuntimeError) as exc:
+        full = (isinstance(exc, OSError) and exc.errno in DISK_FULL_ERRNOS) or any(
+            word in str(exc) for word in DISK_FULL_WORDS
+        )
+        if not full:
+            raise
+        raise disk_full(path) from None
+
+
+class PartCommitter:
+    """Writes rows into the current part file and commits it every ``commit_every_s``."""
+
+    def __init__(self, parts: CommittedParts, claim, top_k: int, value_dtype: str,
+                 with_entropy: bool, commit_every_s: float):
+        self.parts, self.claim = parts, claim
+        self.top_k, self.value_dtype, self.with_entropy = top_k, value_dtype, with_entropy
+        self.commit_every_s = commit_every_s
+        self.writer = None
+        self.opened_at = 0.0
+        self.compute_seconds = 0.0
+        self.rows_computed = 0
+
+    def add(self, first_sample: int, first_row: int, num_samples: int, rows: dict, seconds: float):
+        if self.writer is None:
+            self.writer = PartWriter(
+                self.parts.part_path(first_sample), first_sample, first_row, self.top_k,
+                self.value_dtype, self.with_entropy,
             )
-            rows = {"input_ids": input_ids[r0:r1], "topk_ids": ids, "topk_logits": logits,
-                    "logsumexp": lse, "entropy": entropy}  # h5py casts to the stored dtypes
-            writer.write_block(sample_ids[s0:s1], np.diff(offsets[s0 : s1 + 1]), rows)
-            bar.update(r1 - r0)
+            self.opened_at = time.time()
+        with disk_full_is_a_user_error(self.writer.path):
+            self.writer.append(num_samples, rows)
+        self.compute_seconds += seconds
+        self.rows_computed += len(rows["logsumexp"])
+        if (time.time() - self.opened_at >= self.commit_every_s
+                or self.writer.num_rows >= PART_MAX_ROWS):
+            self.commit()
+
+    def commit(self) -> None:
+        if self.writer is None:
+            return
+        attrs = {
+            "claim_cuda_visible_devices": self.claim.cuda_visible_devices,
+            "claim_hostname": self.claim.hostname,
+            "claim_started_at": self.claim.started_at,
+            "committed_at": time.time(),
+            "compute_seconds": self.compute_seconds,
+        }
+        with disk_full_is_a_user_error(self.writer.path):
+            path = self.writer.commit(attrs)
+        self.parts.add(path, read_part_attrs(path))
+        self.writer, self.compute_seconds = None, 0.0
+
+    def abort(self) -> None:
+        if self.writer is not None:
+            self.writer.abort()
+            self.writer = None
 
 
-def generate(config: dict, shard: int, tokens_path: str, plan_path: str, output: str, threads: int):
-    job_started_at = time.time()
-    plan = json.loads(Path(plan_path).read_text())
-    sample_ids, offsets, input_ids = read_prepared(tokens_path).shard_slice(shard)
-    num_tokens = int(offsets[-1])
+def compute_remaining(config: dict, shard: int, parts: CommittedParts, offsets: np.ndarray,
+                      input_ids: np.ndarray, threads: int) -> dict:
+    """Claim a GPU group, run every window not yet committed, commit parts as it goes."""
     gen, storage = config["generation"], config["storage"]
+    batch_tokens = int(gen["batch_tokens"])
     wants_gpu = bool(groups_from_config(config["gpus"], config["gpus_per_model"]))
-    holder = {"workflow": os.getcwd(), "output": str(output), "shard": shard}
-
+    holder = {"workflow": os.getcwd(), "shard": shard}
     with gpu_claim(
         config["gpus"], config["gpus_per_model"], assignment=config["gpu_assignment"],
         holder=holder, first=shard,
     ) as claim:
         log.info(
-            "shard %d: %d samples, %d tokens; CUDA_VISIBLE_DEVICES=%r on %s",
-            shard, len(sample_ids), num_tokens, claim.cuda_visible_devices, claim.hostname,
+            "shard %d: %d samples, %d tokens (%d left); CUDA_VISIBLE_DEVICES=%r on %s",
+            shard, len(offsets) - 1, int(offsets[-1]), int(offsets[-1]) - parts.rows_done,
+            claim.cuda_visible_devices, claim.hostname,
         )
         import torch  # only now: CUDA must see the claimed group, nothing else
 
@@ -171,51 +307,156 @@ def generate(config: dict, shard: int, tokens_path: str, plan_path: str, output:
         head = load_head(config, claim, wants_gpu)
         load_seconds = time.time() - load_start
         log.info("teacher loaded in %.1f s", load_seconds)
+        # Padded positions are masked out and never stored, so any valid id pads.
+        pad_id = int(head.model.config.pad_token_id or 0)
 
-        writer = ShardWriter(
-            output, num_samples=len(sample_ids), num_tokens=num_tokens, top_k=int(gen["top_k"]),
-            value_dtype=storage["value_dtype"], compression=storage["compression"],
-            with_entropy=bool(gen["store_entropy"]),
+        committer = PartCommitter(
+            parts, claim, int(gen["top_k"]), storage["value_dtype"], bool(gen["store_entropy"]),
+            float(gen["commit_every_s"]),
         )
-        gen_start = time.time()
+        first = parts.samples_done
+        lengths = np.diff(offsets)
         try:
-            write_rows(head, writer, sample_ids, offsets, input_ids, int(gen["batch_tokens"]), shard)
-            finished_at = time.time()
-            gen_seconds = finished_at - gen_start
-            log.info(
-                "generated %d tokens in %.1f s (%.0f tokens/s); teacher load took %.1f s "
-                "(%.0f%% of the job)",
-                num_tokens, gen_seconds, num_tokens / max(gen_seconds, 1e-9), load_seconds,
-                100 * load_seconds / max(load_seconds + gen_seconds, 1e-9),
-            )
-            claim_record = {
-                "cuda_visible_devices": claim.cuda_visible_devices,
-                "hostname": claim.hostname,
-                "started_at": claim.started_at,
-                "finished_at": finished_at,
-                "rows": num_tokens,
-            }
-            writer.commit(
-                {
-                    "shard_index": shard,
-                    "num_shards": int(plan["num_shards"]),
-                    "teacher_fingerprint": plan["teacher_fingerprint"],
-                    "tokenizer_fingerprint": plan["tokenizer_fingerprint"],
-                    "config_fingerprint": plan["config_fingerprint"],
-                    "cuda_visible_devices": claim.cuda_visible_devices,
-                    "hostname": claim.hostname,
-                    "started_at": claim.started_at,
-                    "finished_at": finished_at,
-                    "versions": library_versions(),
-                    "claims": [claim_record],
-                    "job_started_at": job_started_at,
-                    "teacher_load_seconds": load_seconds,
-                    "generation_seconds": gen_seconds,
-                }
-            )
+            with progress_bar(int(offsets[-1]), shard, initial=parts.rows_done) as bar:
+                # Windows restart at the first uncommitted sample; the greedy split makes
+                # them the same windows an uninterrupted run computes, so rows are bit-identical.
+                for w0, w1 in windows(lengths[first:], WINDOW_BATCHES * batch_tokens):
+                    s0, s1 = first + w0, first + w1
+                    r0, r1 = int(offsets[s0]), int(offsets[s1])
+                    started = time.time()
+                    rows = compute_window(
+                        head, input_ids[r0:r1], offsets[s0 : s1 + 1] - r0, batch_tokens, pad_id
+                    )
+                    committer.add(s0, r0, s1 - s0, rows, time.time() - started)
+                    bar.update(r1 - r0)
+            committer.commit()
         except BaseException:
-            writer.abort()
+            committer.abort()
             raise
+        return {"teacher_load_seconds": load_seconds, "rows": committer.rows_computed}
+
+
+def assemble(output: Path, parts: CommittedParts, sample_ids, offsets, input_ids, config: dict,
+             attrs: dict) -> None:
+    """Copy the committed parts, in order, into the shard file and commit it atomically."""
+    gen, storage = config["generation"], config["storage"]
+    # libhdf5 can crash on a failed write, so check the room first. The parts hold the
+    # same rows uncompressed (plus input ids): an upper bound on the shard's size.
+    needed = sum(path.stat().st_size for path, _ in parts.parts) + 4 * int(offsets[-1]) + 2**20
+    if needed > room_under(output.parent):
+        raise disk_full(output, needed)
+    writer = ShardWriter(
+        output, num_samples=len(sample_ids), num_tokens=int(offsets[-1]), top_k=int(gen["top_k"]),
+        value_dtype=storage["value_dtype"], compression=storage["compression"],
+        with_entropy=bool(gen["store_entropy"]),
+    )
+    try:
+        with disk_full_is_a_user_error(output):
+            writer.add_samples(sample_ids, np.diff(offsets))
+            for path, part in parts.parts:
+                first_row = int(part["first_row"])
+                for r0, rows in iter_part_rows(path):
+                    start = first_row + r0
+                    rows["input_ids"] = input_ids[start : start + len(rows["logsumexp"])]
+                    writer.write_rows(rows)
+            writer.commit(attrs)
+    except BaseException:
+        writer.abort()
+        raise
+
+
+def finished_by_an_earlier_job(output: Path, plan: dict, shard: int) -> bool:
+    """A job orphaned by a killed Snakemake may have finished this shard while we waited."""
+    if not output.exists():
+        return False
+    try:
+        with h5py.File(output, "r") as handle:
+            attrs = read_attrs(handle)
+    except OSError:
+        return False
+    return attrs.get("shard_index") == shard and all(
+        attrs.get(k) == plan[k] for k in ("config_fingerprint", "teacher_fingerprint")
+    )
+
+
+def part_identity(config: dict, plan: dict, shard: int, sample_ids, offsets, regenerate_token: str):
+    plan_digest = hashlib.sha256(sample_ids.tobytes() + offsets.tobytes()).hexdigest()
+    return {
+        "format_version": FORMAT_VERSION,
+        "teacher_fingerprint": plan["teacher_fingerprint"],
+        "tokenizer_fingerprint": plan["tokenizer_fingerprint"],
+        "config_fingerprint": plan["config_fingerprint"],
+        "top_k": int(config["generation"]["top_k"]),
+        "value_dtype": config["storage"]["value_dtype"],
+        "store_entropy": bool(config["generation"]["store_entropy"]),
+        "shard_plan": f"{shard}/{plan['num_shards']}:{plan_digest}",
+        "regenerate_token": regenerate_token,
+    }
+
+
+def generate(config: dict, shard: int, tokens_path: str, plan_path: str, regenerate_path: str,
+             output: str, threads: int):
+    job_started_at = time.time()
+    output = Path(output)
+    plan = json.loads(Path(plan_path).read_text())
+    sample_ids, offsets, input_ids = read_prepared(tokens_path).shard_slice(shard)
+    num_tokens = int(offsets[-1])
+    identity = part_identity(
+        config, plan, shard, sample_ids, offsets, Path(regenerate_path).read_text().strip()
+    )
+
+    with job_lock(output):
+        if finished_by_an_earlier_job(output, plan, shard):
+            log.info("shard %d was finished by an earlier job while this one waited", shard)
+            return
+        parts = CommittedParts(parts_dir_for(output), identity, num_tokens)
+        expected = {"shard_index": shard, **{k: plan[k] for k in (
+            "num_shards", "top_k", "teacher_fingerprint", "tokenizer_fingerprint",
+            "config_fingerprint")}}
+
+        def is_valid(path):
+            try:
+                validate_shard(path, sample_ids, offsets, input_ids, expected, plan["vocab_size"])
+                return True
+            except ShardError as exc:
+                log.info("%s: %s", path, exc)
+                return False
+
+        if parts.take_assembled(output, is_valid):
+            return
+        this_claim = {"teacher_load_seconds": 0.0, "rows": 0}
+        if parts.rows_done < num_tokens:
+            this_claim = compute_remaining(config, shard, parts, offsets, input_ids, threads)
+        if parts.rows_done != num_tokens:
+            raise RuntimeError(f"shard {shard}: {parts.rows_done} of {num_tokens} rows committed")
+
+        claims = claims_from_parts([attrs for _, attrs in parts.parts])
+        gen_seconds = sum(float(a["compute_seconds"]) for _, a in parts.parts)
+        log.info(
+            "generated %d tokens in %.1f s of compute (%.0f tokens/s) over %d claim(s); teacher "
+            "load took %.1f s in this job", num_tokens, gen_seconds,
+            num_tokens / max(gen_seconds, 1e-9), len(claims), this_claim["teacher_load_seconds"],
+        )
+        last = claims[-1] if claims else {"cuda_visible_devices": "", "hostname": "",
+                                           "started_at": job_started_at, "finished_at": time.time()}
+        assemble(output, parts, sample_ids, offsets, input_ids, config, {
+            "shard_index": shard,
+            "num_shards": int(plan["num_shards"]),
+            "teacher_fingerprint": plan["teacher_fingerprint"],
+            "tokenizer_fingerprint": plan["tokenizer_fingerprint"],
+            "config_fingerprint": plan["config_fingerprint"],
+            # The claim that finished the shard; every claim that worked on it is in `claims`.
+            "cuda_visible_devices": last["cuda_visible_devices"],
+            "hostname": last["hostname"],
+            "started_at": last["started_at"],
+            "finished_at": last["finished_at"],
+            "versions": library_versions(),
+            "claims": claims,
+            "job_started_at": job_started_at,
+            "teacher_load_seconds": this_claim["teacher_load_seconds"],
+            "generation_seconds": gen_seconds,
+        })
+        parts.keep_assembled(output)
 
 
 if __name__ == "__main__":  # pragma: no cover - executed by Snakemake
@@ -229,6 +470,7 @@ if __name__ == "__main__":  # pragma: no cover - executed by Snakemake
         int(snakemake.wildcards.shard),  # noqa: F821
         snakemake.input.tokens,  # noqa: F821
         snakemake.input.plan,  # noqa: F821
+        snakemake.input.regenerate,  # noqa: F821
         snakemake.output.shard,  # noqa: F821
         snakemake.threads,  # noqa: F821
     )

@@ -7,6 +7,7 @@ The one place that knows the HDF5 layout. The generate job writes through
 
 from __future__ import annotations
 
+import io
 import json
 import os
 from dataclasses import dataclass
@@ -25,6 +26,8 @@ FORMAT_VERSION = 1
 # Rows per HDF5 chunk: a random sample read touches one or two chunks, and a
 # chunk of 64-wide top-k still compresses well.
 CHUNK_ROWS = 1024
+# Rows a part is read back in while a shard is assembled.
+PART_READ_BLOCK_ROWS = 1 << 16
 
 REQUIRED_ATTRS = (
     "format_version",
@@ -118,19 +121,31 @@ class ShardWriter:
 
     def write_block(self, sample_ids, lengths, arrays: dict) -> None:
         """Write consecutive samples: ``arrays`` hold their rows concatenated in order."""
+        self.add_samples(sample_ids, lengths)
+        self.write_rows(arrays)
+
+    def add_samples(self, sample_ids, lengths) -> None:
+        """Record the next samples of the shard (their rows come through ``write_rows``)."""
         lengths = np.asarray(lengths, dtype=np.int64)
-        n, rows = len(lengths), int(lengths.sum())
-        s0, r0 = self._samples_done, self._rows_done
-        if s0 + n > self.num_samples or r0 + rows > self.num_tokens:
-            raise ShardError("more rows written than the shard plan holds")
+        n, s0 = len(lengths), self._samples_done
+        r0 = int(self._offsets[s0])
+        if s0 + n > self.num_samples or r0 + int(lengths.sum()) > self.num_tokens:
+            raise ShardError("more samples written than the shard plan holds")
         self._sample_ids[s0 : s0 + n] = sample_ids
         self._offsets[s0 + 1 : s0 + n + 1] = r0 + np.cumsum(lengths)
+        self._samples_done += n
+
+    def write_rows(self, arrays: dict) -> None:
+        """Append the next token rows, in order (any block size)."""
+        r0 = self._rows_done
+        rows = len(next(iter(arrays.values())))
+        if r0 + rows > self.num_tokens:
+            raise ShardError("more rows written than the shard plan holds")
         for name, values in arrays.items():
             if name in self._file:
                 self._file[name][r0 : r0 + rows] = values
             elif name not in OPTIONAL_DATASETS:
                 raise ShardError(f"unknown shard dataset {name!r}")
-        self._samples_done += n
         self._rows_done += rows
 
     def commit(self, attrs: dict) -> Path:
@@ -150,6 +165,7 @@ class ShardWriter:
         with open(self.temp_path, "rb") as handle:
             os.fsync(handle.fileno())
         os.replace(self.temp_path, self.path)
+        fsync_dir(self.path.parent)
         return self.path
 
     def abort(self) -> None:
@@ -157,6 +173,115 @@ class ShardWriter:
             self._file.close()
         finally:
             self.temp_path.unlink(missing_ok=True)
+
+
+def fsync_dir(path: str | os.PathLike) -> None:
+    """Make a rename inside ``path`` durable (a crash after it cannot undo it)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+# --- committed parts: a shard's progress, durable across kills ------------------
+#
+# HDF5 is not crash-safe, so a generation job never resumes writing a half-written
+# file. It writes its rows into small part files instead, each made durable with
+# fsync + rename once about ``commit_every_s`` of work is in it; a resumed job keeps
+# the committed parts and continues after the last one. The finished shard is
+# assembled from the parts. Parts are uncompressed (fast to write, read once) and
+# hold values already in the stored dtype, so assembly is a pure copy.
+
+PART_DATASETS = ("topk_ids", "topk_logits", "logsumexp", "entropy")
+
+
+class PartWriter:
+    """Rows of consecutive whole samples, appended window by window, then committed.
+
+    The part is built in memory and written with plain file I/O: a full disk then
+    raises a clean ``OSError`` instead of failing inside libhdf5, which can crash
+    the process on a failed write.
+    """
+
+    def __init__(self, path, first_sample: int, first_row: int, top_k: int,
+                 value_dtype: str = "float16", with_entropy: bool = True):
+        self.path = Path(path)
+        self.temp_path = temp_path_for(self.path)
+        self.first_sample, self.first_row = first_sample, first_row
+        self.num_samples = self.num_rows = 0
+        self._buffer = io.BytesIO()
+        self._file = h5py.File(self._buffer, "w")
+        dtypes = {"topk_ids": np.int32, "topk_logits": VALUE_DTYPES[value_dtype],
+                  "logsumexp": np.float32, "entropy": np.float16}
+        for name, dtype in dtypes.items():
+            if name == "entropy" and not with_entropy:
+                continue
+            wide = name in ("topk_ids", "topk_logits")
+            self._file.create_dataset(
+                name, shape=(0, top_k) if wide else (0,), maxshape=(None, top_k) if wide else (None,),
+                chunks=(CHUNK_ROWS, top_k) if wide else (CHUNK_ROWS,), dtype=dtype, fletcher32=True,
+            )
+
+    def append(self, num_samples: int, arrays: dict) -> None:
+        rows = len(arrays["logsumexp"])
+        for name in PART_DATASETS:
+            if name in self._file:
+                ds = self._file[name]
+                ds.resize(self.num_rows + rows, axis=0)
+                ds[self.num_rows :] = arrays[name]
+        self.num_samples += num_samples
+        self.num_rows += rows
+
+    def commit(self, attrs: dict) -> Path:
+        f = self._file
+        f.attrs.update({"first_sample": self.first_sample, "num_samples": self.num_samples,
+                        "first_row": self.first_row, "num_rows": self.num_rows})
+        for key, value in attrs.items():
+            f.attrs[key] = json.dumps(value) if isinstance(value, (dict, list)) else value
+        f.close()
+        try:
+            with open(self.temp_path, "wb") as handle:
+                handle.write(self._buffer.getbuffer())
+                handle.flush()
+                os.fsync(handle.fileno())
+        except BaseException:
+            self.temp_path.unlink(missing_ok=True)
+            raise
+        self._buffer = None
+        os.replace(self.temp_path, self.path)
+        fsync_dir(self.path.parent)
+        return self.path
+
+    def abort(self) -> None:
+        try:
+            if self._file:
+                self._file.close()
+        finally:
+            self._buffer = None
+            self.temp_path.unlink(missing_ok=True)
+
+
+def read_part_attrs(path: str | os.PathLike) -> dict:
+    """A committed part's attributes; raises ``ShardError`` if it cannot be read whole."""
+    try:
+        with h5py.File(path, "r") as f:
+            attrs = read_attrs(f)
+            for name in PART_DATASETS:
+                if name in f and f[name].shape[0] != attrs["num_rows"]:
+                    raise ShardError(f"part {path}: dataset {name} has the wrong length")
+            return attrs
+    except (OSError, KeyError) as exc:
+        raise ShardError(f"part {path} is unreadable ({exc})") from None
+
+
+def iter_part_rows(path: str | os.PathLike, block_rows: int = PART_READ_BLOCK_ROWS):
+    """A committed part's rows in blocks: ``(first_row_in_part, {dataset: array})``."""
+    with h5py.File(path, "r") as f:
+        names = [n for n in PART_DATASETS if n in f]
+        total = f["logsumexp"].shape[0]
+        for r0 in range(0, total, block_rows):
+            yield r0, {n: f[n][r0 : r0 + block_rows] for n in names}
 
 
 def read_attrs(handle: h5py.File) -> dict:

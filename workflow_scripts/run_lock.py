@@ -1,0 +1,40 @@
+"""One Snakemake run per ``output_dir`` at a time, without Snakemake's own lock.
+
+Snakemake's lock files outlive a ``kill -9`` and then demand ``--unlock``. This lock
+is an fcntl lock held by the running Snakemake process: the kernel drops it when
+that process dies, however it dies, so the same command simply runs again.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import socket
+from pathlib import Path
+
+from .workflow_config import ConfigError
+
+_held = []  # keeps the lock's file open for the life of the process
+
+
+def hold_run_lock(output_dir: str | os.PathLike) -> Path:
+    """Take the run lock of ``output_dir`` or raise ``ConfigError`` naming who holds it."""
+    path = Path(output_dir) / ".run.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle = open(path, "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "another process"
+        handle.close()
+        raise ConfigError(
+            f"another Snakemake run ({holder}) is working on output_dir {output_dir}; "
+            "wait for it to finish or stop it, or use another output_dir"
+        ) from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+    handle.flush()
+    _held.append(handle)
+    return path
