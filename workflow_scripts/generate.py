@@ -19,6 +19,7 @@ if __name__ == "__main__":  # Snakemake runs a copy of this file: import from th
     sys.path.insert(0, str(Path(snakemake.scriptdir).parent))  # noqa: F821
 
 from workflow_scripts.batching import plan_batches, windows  # noqa: E402
+from workflow_scripts.disk_estimate import check_shard_fits  # noqa: E402
 from workflow_scripts.gpu_groups import gpu_claim, groups_from_config  # noqa: E402
 from workflow_scripts.shard_format import ShardWriter, read_prepared  # noqa: E402
 
@@ -150,6 +151,7 @@ def write_rows(head, writer, sample_ids, offsets, input_ids, batch_tokens: int, 
 def generate(config: dict, shard: int, tokens_path: str, plan_path: str, output: str, threads: int):
     job_started_at = time.time()
     plan = json.loads(Path(plan_path).read_text())
+    check_shard_fits(config, plan, shard, output)
     sample_ids, offsets, input_ids = read_prepared(tokens_path).shard_slice(shard)
     num_tokens = int(offsets[-1])
     gen, storage = config["generation"], config["storage"]
