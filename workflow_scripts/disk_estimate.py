@@ -1,8 +1,7 @@
 """How many bytes the shards will take, and whether they fit on the disk.
 
 Used by the status command (the whole run, once ``prepare`` has written its plan)
-and by every generate job before it claims a GPU (its own shard). Needs only the
-standard library: no HDF5, no torch.
+and by every generate job before it claims a GPU (its own shard). No torch.
 """
 
 from __future__ import annotations
@@ -12,9 +11,13 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+from workflow_scripts.shard_format import CHUNK_ROWS
+
 VALUE_BYTES = {"float16": 2, "float32": 4}
 # Per sample: one int64 sample id and one int64 offset.
 SAMPLE_BYTES = 16
+# HDF5 metadata, attributes (versions, claims) and checksums of one shard file.
+FILE_OVERHEAD_BYTES = 64 * 1024
 
 
 def uncompressed_bytes_per_token(top_k: int, value_dtype: str, store_entropy: bool) -> int:
@@ -57,7 +60,16 @@ class Estimate:
         return "upper bound before compression"
 
     def shard_bytes(self, num_tokens: int, num_samples: int) -> int:
-        return int(num_tokens * self.bytes_per_token + num_samples * SAMPLE_BYTES)
+        if self.measured:
+            return int(num_tokens * self.bytes_per_token + num_samples * SAMPLE_BYTES)
+        return int(allocated_rows(num_tokens) * self.bytes_per_token + num_samples * SAMPLE_BYTES
+                   + FILE_OVERHEAD_BYTES)
+
+
+def allocated_rows(num_tokens: int) -> int:
+    """Token rows HDF5 allocates: whole chunks, so the last one counts in full uncompressed."""
+    chunk = max(1, min(CHUNK_ROWS, num_tokens))
+    return -(-num_tokens // chunk) * chunk
 
 
 def bytes_per_token(plan: dict, shards_dir: Path, value_dtype: str | None = None,
