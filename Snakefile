@@ -6,6 +6,9 @@ min_version("9.0")
 configfile: "config/config.yaml"
 
 
+report: "report/workflow.rst"
+
+
 include: "rules/common.smk"
 
 
@@ -23,11 +26,13 @@ include: "rules/demo.smk"
 include: "rules/prepare.smk"
 include: "rules/generate.smk"
 include: "rules/gather.smk"
+include: "rules/report.smk"
 
 
 rule all:
     default_target: True
     input:
         rules.gather.output,
+        rules.report_figures.output,
         # Listed too, so a deleted shard is regenerated (and gathered again).
         all_shards,

@@ -18,12 +18,15 @@ import numpy as np
 if __name__ == "__main__":  # Snakemake runs a copy of this file: import from the repository
     sys.path.insert(0, str(Path(snakemake.scriptdir).parent))  # noqa: F821
 
+from workflow_scripts.disk_estimate import uncompressed_bytes_per_token  # noqa: E402
 from workflow_scripts.fingerprints import file_sha256  # noqa: E402
 from workflow_scripts.resume import remove_parts_dirs  # noqa: E402
+from workflow_scripts.run_stats import group_summary, overall_rate  # noqa: E402
 from workflow_scripts.shard_format import (  # noqa: E402
     FORMAT_VERSION,
     MASS_BINS,
     ShardError,
+    entropy_bins,
     read_prepared,
     temp_path_for,
     validate_shard,
@@ -34,6 +37,71 @@ log = logging.getLogger("gather")
 
 def regenerate_hint(shard_path: str) -> str:
     return f"snakemake --cores N <your usual --config/--configfile> --forcerun {shard_path}"
+
+
+def shard_entry(index: int, path: str, relative: str, summary) -> dict:
+    """A shard's manifest entry: counts, checksum, size, provenance and fidelity."""
+    attrs = summary.attrs
+    generation_seconds = attrs.get("generation_seconds")
+    return {
+        "index": index,
+        "path": relative,
+        "num_samples": summary.num_samples,
+        "num_tokens": summary.num_tokens,
+        "sha256": file_sha256(path),
+        "bytes": os.path.getsize(path),
+        "cuda_visible_devices": attrs["cuda_visible_devices"],
+        "hostname": attrs["hostname"],
+        "started_at": attrs["started_at"],
+        "finished_at": attrs["finished_at"],
+        "claims": attrs["claims"],
+        "job_started_at": attrs.get("job_started_at"),
+        "teacher_load_seconds": attrs.get("teacher_load_seconds"),
+        "generation_seconds": generation_seconds,
+        "tokens_per_second": summary.num_tokens / generation_seconds if generation_seconds else None,
+        "mean_topk_mass": summary.topk_mass_sum / max(summary.num_tokens, 1),
+        "next_token_in_topk_fraction": summary.next_token_in_topk / max(summary.next_token_rows, 1),
+    }
+
+
+def run_statistics(summaries: list, shards: list[dict], plan: dict, index_path: str) -> dict:
+    """The manifest's ``stats``: teacher fidelity, storage and throughput, from gather's one pass."""
+    total_tokens = sum(s.num_tokens for s in summaries)
+    mass_hist = sum(s.topk_mass_hist for s in summaries)
+    hits = sum(s.next_token_in_topk for s in summaries)
+    next_rows = sum(s.next_token_rows for s in summaries)
+    shard_bytes = sum(entry["bytes"] for entry in shards)
+    with_entropy = [s for s in summaries if len(s.entropy_hist)]
+    dataset_bytes: dict = {}
+    for summary in summaries:
+        for name, size in summary.dataset_bytes.items():
+            dataset_bytes[name] = dataset_bytes.get(name, 0) + size
+    return {
+        "mean_topk_mass": sum(s.topk_mass_sum for s in summaries) / max(total_tokens, 1),
+        "topk_mass_histogram": {"bin_edges": MASS_BINS.tolist(), "counts": mass_hist.tolist()},
+        "mean_entropy_nats": (
+            sum(s.entropy_sum for s in with_entropy) / max(sum(s.num_tokens for s in with_entropy), 1)
+            if with_entropy else None
+        ),
+        # null when no shard stored the entropy dataset (generation.store_entropy=false).
+        "entropy_histogram": {
+            "unit": "nats",
+            "bin_edges": entropy_bins(plan["vocab_size"]).tolist(),
+            "counts": sum(s.entropy_hist for s in with_entropy).tolist(),
+            "num_tokens": sum(s.num_tokens for s in with_entropy),
+        } if with_entropy else None,
+        "next_token_in_topk_fraction": hits / max(next_rows, 1),
+        "next_token_rows": next_rows,
+        "bytes_per_token": shard_bytes / max(total_tokens, 1),
+        "uncompressed_bytes_per_token": uncompressed_bytes_per_token(
+            plan["top_k"], plan["settings"]["storage"]["value_dtype"], bool(with_entropy)
+        ),
+        "total_bytes": shard_bytes,
+        "index_bytes": os.path.getsize(index_path),
+        # Compressed bytes per dataset over all shards: where the storage goes.
+        "dataset_bytes": dataset_bytes,
+        "throughput": {**overall_rate(shards), "groups": group_summary(shards)},
+    }
 
 
 def gather(plan_path: str, tokens_path: str, shard_paths: list[str], index_out: str, manifest_out: str):
@@ -99,10 +167,7 @@ def gather(plan_path: str, tokens_path: str, shard_paths: list[str], index_out: 
     os.replace(temp, index_out)
 
     total_tokens = int(lengths.sum())
-    mass_hist = sum(s.topk_mass_hist for _, _, s in summaries)
-    hits = sum(s.next_token_in_topk for _, _, s in summaries)
-    next_rows = sum(s.next_token_rows for _, _, s in summaries)
-    shard_bytes = sum(os.path.getsize(p) for _, p, _ in summaries)
+    shards = [shard_entry(i, p, rel, s) for (i, p, s), rel in zip(summaries, relative)]
     manifest = {
         "format_version": FORMAT_VERSION,
         "created_at": time.time(),
@@ -114,35 +179,10 @@ def gather(plan_path: str, tokens_path: str, shard_paths: list[str], index_out: 
         "tokenizer_fingerprint": plan["tokenizer_fingerprint"],
         "config_fingerprint": plan["config_fingerprint"],
         "settings": plan["settings"],
-        "shards": [
-            {
-                "index": i,
-                "path": rel,
-                "num_samples": s.num_samples,
-                "num_tokens": s.num_tokens,
-                "sha256": file_sha256(p),
-                "bytes": os.path.getsize(p),
-                "cuda_visible_devices": s.attrs["cuda_visible_devices"],
-                "hostname": s.attrs["hostname"],
-                "started_at": s.attrs["started_at"],
-                "finished_at": s.attrs["finished_at"],
-                "claims": s.attrs["claims"],
-            }
-            for (i, p, s), rel in zip(summaries, relative)
-        ],
+        "shards": shards,
         "dropped": plan["dropped"],
         "truncated_samples": plan["truncated_samples"],
-        "stats": {
-            "mean_topk_mass": sum(s.topk_mass_sum for _, _, s in summaries) / max(total_tokens, 1),
-            "topk_mass_histogram": {
-                "bin_edges": MASS_BINS.tolist(),
-                "counts": mass_hist.tolist(),
-            },
-            "mean_entropy_nats": sum(s.entropy_sum for _, _, s in summaries) / max(total_tokens, 1),
-            "next_token_in_topk_fraction": hits / max(next_rows, 1),
-            "bytes_per_token": shard_bytes / max(total_tokens, 1),
-            "total_bytes": shard_bytes,
-        },
+        "stats": run_statistics([s for _, _, s in summaries], shards, plan, index_out),
     }
     temp_manifest = Path(manifest_out).with_suffix(".json.partial")
     temp_manifest.write_text(json.dumps(manifest, indent=1))

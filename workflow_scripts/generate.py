@@ -25,6 +25,7 @@ if __name__ == "__main__":  # Snakemake runs a copy of this file: import from th
     sys.path.insert(0, str(Path(snakemake.scriptdir).parent))  # noqa: F821
 
 from workflow_scripts.batching import plan_batches, windows  # noqa: E402
+from workflow_scripts.disk_estimate import check_shard_fits  # noqa: E402
 from workflow_scripts.gpu_groups import gpu_claim, groups_from_config  # noqa: E402
 from workflow_scripts.job import UserError  # noqa: E402
 from workflow_scripts.resume import (  # noqa: E402
@@ -399,6 +400,7 @@ def generate(config: dict, shard: int, tokens_path: str, plan_path: str, regener
     job_started_at = time.time()
     output = Path(output)
     plan = json.loads(Path(plan_path).read_text())
+    check_shard_fits(config, plan, shard, output)
     sample_ids, offsets, input_ids = read_prepared(tokens_path).shard_slice(shard)
     num_tokens = int(offsets[-1])
     identity = part_identity(

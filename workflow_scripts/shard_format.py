@@ -10,7 +10,7 @@ from __future__ import annotations
 import io
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import h5py
@@ -327,9 +327,18 @@ class ShardSummary:
     entropy_sum: float
     next_token_in_topk: int
     next_token_rows: int
+    # Report statistics: empty histogram when the shard has no entropy dataset.
+    entropy_hist: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    dataset_bytes: dict = field(default_factory=dict)
 
 
 MASS_BINS = np.linspace(0.0, 1.0, 21)
+ENTROPY_NUM_BINS = 40
+
+
+def entropy_bins(vocab_size: int) -> np.ndarray:
+    """Histogram edges in nats: 0 up to ln(vocab), the entropy of a uniform distribution."""
+    return np.linspace(0.0, float(np.log(max(vocab_size, 2))), ENTROPY_NUM_BINS + 1)
 VALIDATE_BLOCK_ROWS = 1 << 16
 
 
@@ -408,6 +417,8 @@ def _validate_open_shard(handle, exp_ids, exp_offsets, exp_input_ids, exp_attrs,
         raise ShardError("offsets differ from the shard plan (sample lengths changed)")
 
     mass_hist = np.zeros(len(MASS_BINS) - 1, dtype=np.int64)
+    ent_bins = entropy_bins(vocab_size)
+    entropy_hist = np.zeros(len(ent_bins) - 1 if has_entropy else 0, dtype=np.int64)
     mass_sum = entropy_sum = 0.0
     hits = rows_with_next = 0
     # Which rows have a next token inside their own sample: all but each sample's last.
@@ -437,7 +448,10 @@ def _validate_open_shard(handle, exp_ids, exp_offsets, exp_input_ids, exp_attrs,
         mass_sum += float(mass.sum())
         mass_hist += np.histogram(np.clip(mass, 0.0, 1.0), bins=MASS_BINS)[0]
         if has_entropy:
-            entropy_sum += float(handle["entropy"][r0:r1].astype(np.float64).sum())
+            entropy = handle["entropy"][r0:r1].astype(np.float64)
+            entropy_sum += float(entropy.sum())
+            # float16 rounding can step just past ln(vocab): clip into the last bin.
+            entropy_hist += np.histogram(np.clip(entropy, 0.0, ent_bins[-1]), bins=ent_bins)[0]
         rows = np.arange(r0, r1)
         has_next = ~np.isin(rows, last_rows)
         next_ids = exp_input_ids[np.minimum(rows + 1, num_tokens - 1)]
@@ -455,6 +469,13 @@ def _validate_open_shard(handle, exp_ids, exp_offsets, exp_input_ids, exp_attrs,
         entropy_sum=entropy_sum,
         next_token_in_topk=hits,
         next_token_rows=rows_with_next,
+        entropy_hist=entropy_hist,
+        # Bytes each dataset occupies on disk, after compression (the storage figure).
+        dataset_bytes={
+            name: int(ds.id.get_storage_size())
+            for name, ds in handle.items()
+            if isinstance(ds, h5py.Dataset)
+        },
     )
 
 

@@ -1,0 +1,231 @@
+"""The status command at every stage of a real run, and the disk-fit checks."""
+
+import fcntl
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO
+from workflow_scripts.disk_estimate import (
+    FILE_OVERHEAD_BYTES,
+    bytes_per_token,
+    check_shard_fits,
+    uncompressed_bytes_per_token,
+)
+from workflow_scripts.job import UserError
+from workflow_scripts.run_stats import busy_seconds
+from workflow_scripts.status import lock_held, log_error
+
+RUN = {"num_shards": 3, "dataset": {"max_samples": 60}, "generation": {"threads": 1, "batch_tokens": 2048}}
+OUT = "results/demo"
+
+
+def status(wf, *args, check=True):
+    result = subprocess.run([sys.executable, "-m", "workflow_scripts.status", OUT, *args],
+                            cwd=wf.root, capture_output=True, text=True, timeout=120)
+    if check:
+        assert result.returncode == 0, result.stderr
+    return result
+
+
+def status_json(wf) -> dict:
+    return json.loads(status(wf, "--json").stdout)
+
+
+def by_index(state: dict) -> dict:
+    return {s["index"]: s for s in state["shards"]}
+
+
+def test_status_through_a_run(workflow):
+    # Nothing has run yet.
+    missing = status(workflow, check=False)
+    assert missing.returncode == 1 and "does not exist yet" in missing.stderr
+
+    # prepare fails for real: the status names its error.
+    bad = workflow.run("--cores", "1", f"{OUT}/prepared/plan.json",
+                       config={**RUN, "generation": {**RUN["generation"], "top_k": 100000}}, check=False)
+    assert bad.returncode != 0
+    text = status(workflow).stdout
+    assert "prepare has not finished yet" in text
+    assert "prepare failed: generation.top_k=100000 is larger than the teacher's vocabulary" in text
+
+    # After prepare: counts and the disk estimate, before any shard runs.
+    workflow.run("--cores", "1", f"{OUT}/prepared/plan.json", config=RUN)
+    plan = json.loads(workflow.path(OUT, "prepared/plan.json").read_text())
+    state = status_json(workflow)
+    assert state["counts"] == {"done": 0, "in progress": 0, "pending": 3, "failed": 0}
+    assert state["planned_tokens"] == plan["num_tokens"] and state["done_tokens"] == 0
+    raw = uncompressed_bytes_per_token(64, "float16", True)
+    disk = state["disk"]
+    assert disk["basis"] == "upper bound before compression" and disk["bytes_per_token"] == raw
+    assert disk["total_bytes"] > sum(s["num_tokens"] * raw for s in plan["shards"])
+    upper_bound = disk["total_bytes"]
+    assert disk["fits"] and disk["free_bytes"] > 0
+    text = status(workflow).stdout
+    assert "pending 3" in text and "upper bound before compression" in text and "free" in text
+
+    # Shard 0 done for real; shard 2 fails for real (GPUs named, no CUDA, no allow_cpu).
+    workflow.run("--cores", "1", f"{OUT}/shards/shard_00000.h5", config=RUN)
+    failed = workflow.run("--cores", "1", f"{OUT}/shards/shard_00002.h5", "--config", "gpus=0",
+                          config=RUN, check=False)
+    assert failed.returncode != 0
+
+    # Shard 1 in progress: a job holds its lock and has committed half its rows.
+    shards_dir = workflow.path(OUT, "shards")
+    half = plan["shards"][1]["num_tokens"] // 2
+    parts = shards_dir / "shard_00001.parts"
+    parts.mkdir()
+    (parts / "progress.json").write_text(json.dumps(
+        {"rows_done": half, "rows_total": plan["shards"][1]["num_tokens"], "updated_at": time.time() - 5}))
+    log = workflow.path(OUT, "logs/generate/shard_00001.log")
+    started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(time.time() - 20))
+    log.write_text(f"{started} INFO shard 1: a job that is working\n")
+    lock = os.open(shards_dir / "shard_00001.lock", os.O_RDWR | os.O_CREAT)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        state = status_json(workflow)
+        text = status(workflow).stdout
+    finally:
+        os.close(lock)
+    shards = by_index(state)
+    assert state["counts"] == {"done": 1, "in progress": 1, "pending": 0, "failed": 1}
+    assert shards[0]["state"] == "done" and shards[0]["rows_done"] == plan["shards"][0]["num_tokens"]
+    assert shards[1]["state"] == "in progress" and shards[1]["rows_done"] == half
+    assert shards[2]["state"] == "failed"
+    assert "CUDA sees no GPU" in shards[2]["error"] and "allow_cpu=true" in shards[2]["error"]
+    assert state["done_tokens"] == plan["shards"][0]["num_tokens"] + half
+    assert state["tokens_per_second"] > 0 and state["eta_seconds"] > 0
+    assert state["disk"]["basis"] == "measured on the finished shards"
+    assert "in progress 1" in text and "failed 1" in text and "ETA" in text
+    assert "CUDA sees no GPU" in text and "progress saved" in text
+    pct = f"{100 * half / plan['shards'][1]['num_tokens']:.1f}%"
+    assert re.search(r"^\s+1\s+in progress\s+[\d,]+\s+" + re.escape(pct), text, re.M), text
+    print(text)  # shown with -s: what a user sees mid-run
+
+    # The job died (lock released by the kernel): shard 1 is pending, partly done.
+    shards = by_index(status_json(workflow))
+    assert shards[1]["state"] == "pending" and "interrupted" in shards[1]["note"]
+    assert "1 partly done" in status(workflow).stdout
+
+    # Let the real run finish everything; the hand-made in-progress traces go first.
+    for path in parts.iterdir():
+        path.unlink()
+    parts.rmdir()
+    (shards_dir / "shard_00001.lock").unlink()
+    workflow.run("--cores", "2", config=RUN)
+    state = status_json(workflow)
+    assert state["counts"] == {"done": 3, "in progress": 0, "pending": 0, "failed": 0}
+    assert state["done_tokens"] == state["planned_tokens"] and state["gathered"]
+    # The estimate before any shard existed was an upper bound of what was written.
+    assert sum(p.stat().st_size for p in shards_dir.glob("shard_*.h5")) <= upper_bound
+    text = status(workflow, "--all").stdout
+    assert "all shards done and gathered" in text
+    assert len(re.findall(r"^\s+\d+\s+done\s+[\d,]+\s+100\.0%", text, re.M)) == 3
+    assert "finished shards by GPU group" in text
+
+
+def _can_mount_tmpfs(path: Path) -> bool:
+    path.mkdir(parents=True, exist_ok=True)
+    result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(path)],
+                            capture_output=True)
+    return result.returncode == 0
+
+
+def test_generate_refuses_a_shard_that_cannot_fit(workflow, tmp_path):
+    workflow.run("--cores", "1", f"{OUT}/prepared/plan.json", config=RUN)
+    shards_dir = workflow.path(OUT, "shards")
+    # A real small filesystem under shards/ (needs root, as in CI); else skipped.
+    if os.geteuid() != 0 or not _can_mount_tmpfs(shards_dir):
+        pytest.skip("mounting a small tmpfs needs root with CAP_SYS_ADMIN")
+    try:
+        result = workflow.run("--cores", "1", f"{OUT}/shards/shard_00000.h5", config=RUN, check=False)
+        assert result.returncode != 0
+        assert "disk full: shard 0 needs about" in result.stderr
+        assert "free some space or point output_dir at a bigger disk" in result.stderr
+        log = workflow.path(OUT, "logs/generate/shard_00000.log").read_text()
+        assert "teacher loaded" not in log  # refused before claiming a GPU or loading anything
+        text = status(workflow).stdout
+        assert "failed 1" in text and "disk full: shard 0" in text
+        assert "WARNING: not enough disk" in text
+    finally:
+        subprocess.run(["umount", str(shards_dir)], check=True)
+
+
+# --- the pieces, on real files and locks ------------------------------------------
+
+
+def test_busy_seconds_leaves_out_gaps_and_counts_overlaps_once():
+    assert busy_seconds([]) == 0
+    assert busy_seconds([(0, 10), (5, 15), (100, 110), (None, 3)]) == 25
+
+
+def test_lock_held_sees_another_holder_and_releases_its_probe(tmp_path):
+    path = tmp_path / "shard_00000.lock"
+    assert not lock_held(path)  # no file: no job
+    holder = os.open(path, os.O_RDWR | os.O_CREAT)
+    try:
+        assert not lock_held(path)
+        fcntl.flock(holder, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        assert lock_held(path)
+        fcntl.flock(holder, fcntl.LOCK_UN)
+        assert not lock_held(path)
+        # The probe released its own lock: an exclusive lock is free to take again.
+        fcntl.flock(holder, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    finally:
+        os.close(holder)
+
+
+@pytest.mark.parametrize("body, expected", [
+    ("raise UserError('dataset.path: no rows; give a dataset with text in it')",
+     "dataset.path: no rows; give a dataset with text in it"),
+    ("raise ValueError('something unexpected')", "ValueError: something unexpected"),
+    ("log.info('all fine')", None),
+])
+def test_log_error_reads_what_run_job_writes(tmp_path, body, expected):
+    log_path = tmp_path / "job.log"
+    script = (
+        "import logging\n"
+        "from workflow_scripts.job import run_job, UserError\n"
+        "log = logging.getLogger('x')\n"
+        f"def main():\n    log.info('working')\n    {body}\n"
+        f"run_job('x', {str(log_path)!r}, main)\n"
+    )
+    subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, timeout=120)
+    assert log_error(log_path) == expected
+
+
+def _plan(num_tokens: int, num_samples: int = 10) -> dict:
+    return {"top_k": 64, "settings": {"storage": {"value_dtype": "float16"}, "generation": {"store_entropy": True}},
+            "shards": [{"index": 0, "num_tokens": num_tokens, "num_samples": num_samples},
+                       {"index": 1, "num_tokens": 1000, "num_samples": 10}]}
+
+
+CONFIG = {"storage": {"value_dtype": "float16"}, "generation": {"store_entropy": True}}
+
+
+def test_bytes_per_token_is_measured_once_a_shard_exists(tmp_path):
+    plan = _plan(2000)
+    estimate = bytes_per_token(plan, tmp_path)
+    assert not estimate.measured and estimate.bytes_per_token == 4 + 64 * 4 + 64 * 2 + 4 + 2
+    # HDF5 allocates whole chunks of 1024 rows: 2000 tokens take 2048 rows uncompressed.
+    assert estimate.shard_bytes(2000, 10) == 2048 * estimate.bytes_per_token + 160 + FILE_OVERHEAD_BYTES
+    (tmp_path / "shard_00001.h5").write_bytes(b"\0" * 150_000)  # 1000 tokens
+    estimate = bytes_per_token(plan, tmp_path)
+    assert estimate.measured and estimate.bytes_per_token == 150
+
+
+def test_check_shard_fits_against_the_real_free_space(tmp_path):
+    output = tmp_path / "shards" / "shard_00000.h5"
+    check_shard_fits(CONFIG, _plan(1000), 0, output)  # a few hundred KB fits anywhere
+    with pytest.raises(UserError) as error:
+        check_shard_fits(CONFIG, _plan(10**16), 0, output)  # petabytes fit nowhere
+    message = str(error.value)
+    assert message.startswith("disk full: shard 0 needs about")
+    assert "upper bound before compression" in message and "bytes) are free under" in message
+    assert "\n" not in message
