@@ -104,6 +104,14 @@ def compute_window(head, input_ids: np.ndarray, offsets: np.ndarray, batch_token
     return out_ids, out_logits, out_lse, out_entropy
 
 
+def scheduler_job_id() -> str | None:
+    """The cluster's id for this job (SLURM's, or another scheduler's), for provenance."""
+    for name in ("SLURM_JOB_ID", "PBS_JOBID", "LSB_JOBID"):
+        if os.environ.get(name):
+            return os.environ[name]
+    return None
+
+
 def load_head(config: dict, claim, wants_gpu: bool):
     """Load the teacher on the claimed GPUs (or CPU) and wrap it in the top-k head."""
     import torch
@@ -153,7 +161,8 @@ def generate(config: dict, shard: int, tokens_path: str, plan_path: str, output:
     sample_ids, offsets, input_ids = read_prepared(tokens_path).shard_slice(shard)
     num_tokens = int(offsets[-1])
     gen, storage = config["generation"], config["storage"]
-    wants_gpu = bool(groups_from_config(config["gpus"], config["gpus_per_model"]))
+    scheduler = config["gpu_assignment"] == "scheduler"
+    wants_gpu = scheduler or bool(groups_from_config(config["gpus"], config["gpus_per_model"]))
     holder = {"workflow": os.getcwd(), "output": str(output), "shard": shard}
 
     with gpu_claim(
@@ -161,8 +170,9 @@ def generate(config: dict, shard: int, tokens_path: str, plan_path: str, output:
         holder=holder, first=shard,
     ) as claim:
         log.info(
-            "shard %d: %d samples, %d tokens; CUDA_VISIBLE_DEVICES=%r on %s",
+            "shard %d: %d samples, %d tokens; CUDA_VISIBLE_DEVICES=%r on %s%s",
             shard, len(sample_ids), num_tokens, claim.cuda_visible_devices, claim.hostname,
+            f" (set by the scheduler, job {scheduler_job_id()})" if scheduler else "",
         )
         import torch  # only now: CUDA must see the claimed group, nothing else
 
@@ -195,6 +205,8 @@ def generate(config: dict, shard: int, tokens_path: str, plan_path: str, output:
                 "finished_at": finished_at,
                 "rows": num_tokens,
             }
+            if scheduler:
+                claim_record["scheduler_job_id"] = scheduler_job_id()
             writer.commit(
                 {
                     "shard_index": shard,
