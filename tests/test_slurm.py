@@ -144,7 +144,9 @@ def test_slurm_run_matches_local_run(cluster, workflow, local_store):
         assert job in assigned, f"{name}: SLURM job {job} unknown to the cluster"
         assert claim["cuda_visible_devices"] == assigned[job], name
         assert len(claim["cuda_visible_devices"].split(",")) == 2
-    # Jobs running at the same time never shared a GPU.
+    # Two shards ran at once (SLURM started the first two side by side on the four
+    # GPUs), and jobs running at the same time never shared a GPU.
+    assert {c["cuda_visible_devices"] for c in claims.values()} == {"0,1", "2,3"}
     items = list(claims.values())
     for i, a in enumerate(items):
         for b in items[i + 1:]:
