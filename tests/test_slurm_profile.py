@@ -129,3 +129,15 @@ def test_scheduler_assignment_keeps_what_slurm_set_whatever_gpus_says(tmp_path, 
     with pytest.raises(gpu_groups.GpuConfigError, match="local"):
         with gpu_groups.gpu_claim(gpus, 1, assignment="auto", environ={}):
             pass
+
+
+def test_scheduler_job_without_a_gpu_fails_in_one_line(workflow):
+    # As a cluster job on a CPU-only partition would: the scheduler set no usable GPU.
+    result = workflow.run("--cores", "1", "--config", "gpu_assignment=scheduler", "num_shards=1",
+                          config={"dataset": {"max_samples": 20}}, check=False,
+                          env={"CUDA_VISIBLE_DEVICES": "0,1"})
+    assert result.returncode != 0
+    message = ("the scheduler gave this job CUDA_VISIBLE_DEVICES='0,1' but CUDA sees no GPU; "
+               "run generate on a GPU partition")
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr

@@ -120,7 +120,15 @@ def load_head(config: dict, claim, wants_gpu: bool):
     from workflow_scripts.teacher import TopKHead, load_teacher
     from workflow_scripts.workflow_config import teacher_path
 
-    on_gpu = torch.cuda.is_available() and claim.cuda_visible_devices != ""
+    scheduler = config["gpu_assignment"] == "scheduler"
+    # A scheduler that sets no mask (whole-node allocations) leaves every GPU visible.
+    on_gpu = torch.cuda.is_available() and (claim.cuda_visible_devices != "" or scheduler)
+    if wants_gpu and not on_gpu and not config["allow_cpu"] and scheduler:
+        raise UserError(
+            f"the scheduler gave this job CUDA_VISIBLE_DEVICES={claim.cuda_visible_devices!r} "
+            "but CUDA sees no GPU; run generate on a GPU partition (it asks for "
+            "gpus_per_model GPUs), or set allow_cpu=true to run on CPU"
+        )
     if wants_gpu and not on_gpu and not config["allow_cpu"]:
         raise UserError(
             f"CUDA_VISIBLE_DEVICES={claim.cuda_visible_devices!r} but CUDA sees no GPU; "
