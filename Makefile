@@ -6,7 +6,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 CORES ?= 2
 
-.PHONY: demo test test-all lint install clean
+.PHONY: demo test test-all test-slurm slurm-deps lint install clean
 
 $(BIN)/.installed: requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +25,18 @@ test: install
 
 test-all: install
 	HF_HUB_OFFLINE=1 PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/python -m pytest -q -m ""
+
+# The SLURM tests start a throwaway single-node cluster (Debian's slurm-wlm and
+# munge, run as root). Without root or apt-get they skip with one line saying why.
+slurm-deps:
+	@if [ -x /usr/sbin/slurmctld ] && [ -x /usr/sbin/slurmd ] && [ -x /usr/sbin/munged ]; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		DEBIAN_FRONTEND=noninteractive apt-get update -q && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -q slurm-wlm munge; \
+	else echo "slurm-deps: not root or no apt-get: the SLURM tests will skip"; fi
+
+test-slurm: install slurm-deps
+	HF_HUB_OFFLINE=1 PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/python -m pytest -q -m slurm
 
 lint: install
 	$(BIN)/snakemake --lint --cores 1

@@ -19,6 +19,7 @@ from workflow_scripts.workflow_config import (
     dataset_path,
     demo_dir,
     meaning_settings_json,
+    resolve_gpu_assignment,
     shard_names,
     teacher_path,
 )
@@ -42,6 +43,16 @@ def check_config_values(config, schema_path):
         exit_with_config_error(error)
 
 
+def under_cluster_executor():
+    """True in the head of a cluster run (--executor slurm) and in the jobs it submits.
+
+    The executor itself is not known while the Snakefile is parsed, but a cluster
+    head needs --jobs, which Snakemake keeps as `nodes` (a local run turns --jobs
+    into cores), and the jobs it submits run Snakemake in remote mode.
+    """
+    return workflow.remote_exec or workflow.resource_settings.nodes is not None
+
+
 def check_config(config):
     """Everything that can be checked without torch, before any job runs."""
     try:
@@ -49,6 +60,17 @@ def check_config(config):
         check_paths(config)
     except ConfigError as error:
         exit_with_config_error(error)
+    # Resolved here, so every job script sees local or scheduler.
+    config["gpu_assignment"] = resolve_gpu_assignment(
+        config["gpu_assignment"], under_cluster_executor()
+    )
+    if config["gpu_assignment"] == "scheduler" and groups and workflow.is_main_process:
+        print(
+            f"Note: gpus={config['gpus']} is not used with gpu_assignment=scheduler: the "
+            f"scheduler gives each generate job gpus_per_model={config['gpus_per_model']} "
+            "GPUs of its choosing",
+            file=sys.stderr,
+        )
     if groups and config["gpu_assignment"] == "local":
         # Cap concurrent generate jobs at the number of groups without a --resources flag.
         workflow.global_resources.setdefault(
@@ -70,8 +92,14 @@ def out(*parts):
 
 
 def gpus_per_job():
-    """The `gpu` resource of one generate job: none in CPU mode."""
-    return int(config["gpus_per_model"]) if check_gpus(config) else 0
+    """The `gpu` resource of one generate job: none in local CPU mode.
+
+    A scheduler is always asked for gpus_per_model GPUs per job (SLURM turns the
+    standard `gpu` resource into --gpus); `gpus` only lists local GPUs.
+    """
+    if config["gpu_assignment"] == "scheduler" or check_gpus(config):
+        return int(config["gpus_per_model"])
+    return 0
 
 
 def regenerate_token():

@@ -1,6 +1,11 @@
 # One job per shard: claim a GPU group, run the teacher, write the shard atomically.
 
 
+# Writing a token is no work for a cluster job: the head does it.
+localrules:
+    regenerate_request,
+
+
 rule regenerate_request:
     output:
         token=out("prepared", "regenerate.token"),
@@ -32,5 +37,8 @@ rule generate:
     threads: config["generation"]["threads"]
     resources:
         gpu=gpus_per_job(),
+        # Under SLURM: --cpus-per-task=threads (the plugin's default for GPU jobs
+        # would ask threads CPUs per GPU). No effect on a local run.
+        cpus_per_task=config["generation"]["threads"],
     script:
         "../workflow_scripts/generate.py"

@@ -175,6 +175,14 @@ def compute_window(head, input_ids: np.ndarray, offsets: np.ndarray, batch_token
     return out
 
 
+def scheduler_job_id() -> str | None:
+    """The cluster's id for this job (SLURM's, or another scheduler's), for provenance."""
+    for name in ("SLURM_JOB_ID", "PBS_JOBID", "LSB_JOBID"):
+        if os.environ.get(name):
+            return os.environ[name]
+    return None
+
+
 def load_head(config: dict, claim, wants_gpu: bool):
     """Load the teacher on the claimed GPUs (or CPU) and wrap it in the top-k head."""
     import torch
@@ -182,7 +190,15 @@ def load_head(config: dict, claim, wants_gpu: bool):
     from workflow_scripts.teacher import TopKHead, load_teacher
     from workflow_scripts.workflow_config import teacher_path
 
-    on_gpu = torch.cuda.is_available() and claim.cuda_visible_devices != ""
+    scheduler = config["gpu_assignment"] == "scheduler"
+    # A scheduler that sets no mask (whole-node allocations) leaves every GPU visible.
+    on_gpu = torch.cuda.is_available() and (claim.cuda_visible_devices != "" or scheduler)
+    if wants_gpu and not on_gpu and not config["allow_cpu"] and scheduler:
+        raise UserError(
+            f"the scheduler gave this job CUDA_VISIBLE_DEVICES={claim.cuda_visible_devices!r} "
+            "but CUDA sees no GPU; run generate on a GPU partition (it asks for "
+            "gpus_per_model GPUs), or set allow_cpu=true to run on CPU"
+        )
     if wants_gpu and not on_gpu and not config["allow_cpu"]:
         raise UserError(
             f"CUDA_VISIBLE_DEVICES={claim.cuda_visible_devices!r} but CUDA sees no GPU; "
@@ -271,6 +287,7 @@ class PartCommitter:
             "claim_cuda_visible_devices": self.claim.cuda_visible_devices,
             "claim_hostname": self.claim.hostname,
             "claim_started_at": self.claim.started_at,
+            "claim_scheduler_job_id": scheduler_job_id() or "",
             "committed_at": time.time(),
             "compute_seconds": self.compute_seconds,
         }
@@ -290,16 +307,18 @@ def compute_remaining(config: dict, shard: int, parts: CommittedParts, offsets: 
     """Claim a GPU group, run every window not yet committed, commit parts as it goes."""
     gen, storage = config["generation"], config["storage"]
     batch_tokens = int(gen["batch_tokens"])
-    wants_gpu = bool(groups_from_config(config["gpus"], config["gpus_per_model"]))
+    scheduler = config["gpu_assignment"] == "scheduler"
+    wants_gpu = scheduler or bool(groups_from_config(config["gpus"], config["gpus_per_model"]))
     holder = {"workflow": os.getcwd(), "shard": shard}
     with gpu_claim(
         config["gpus"], config["gpus_per_model"], assignment=config["gpu_assignment"],
         holder=holder, first=shard,
     ) as claim:
         log.info(
-            "shard %d: %d samples, %d tokens (%d left); CUDA_VISIBLE_DEVICES=%r on %s",
+            "shard %d: %d samples, %d tokens (%d left); CUDA_VISIBLE_DEVICES=%r on %s%s",
             shard, len(offsets) - 1, int(offsets[-1]), int(offsets[-1]) - parts.rows_done,
             claim.cuda_visible_devices, claim.hostname,
+            f" (set by the scheduler, job {scheduler_job_id()})" if scheduler else "",
         )
         import torch  # only now: CUDA must see the claimed group, nothing else
 

@@ -264,22 +264,23 @@ def gpu_claim(
 ) -> Iterator[Claim]:
     """Claim a group for the duration of the block and set ``CUDA_VISIBLE_DEVICES``.
 
+    - ``assignment="scheduler"``: keep what the cluster set (whatever ``gpus``
+      says: the scheduler picked this job's GPUs), no lock.
     - CPU mode (no gpus): ``CUDA_VISIBLE_DEVICES`` is set empty, no lock.
-    - ``assignment="scheduler"``: keep what the cluster set, no lock.
     - otherwise: lock a free group and narrow ``CUDA_VISIBLE_DEVICES`` to it.
     """
     env = os.environ if environ is None else environ
-    groups = groups_from_config(gpus, gpus_per_model)
+    if assignment not in ("local", "scheduler"):
+        raise GpuConfigError(f"gpu_assignment={assignment!r}: use 'local' or 'scheduler'")
     inherited = env.get("CUDA_VISIBLE_DEVICES")
+    if assignment == "scheduler":
+        yield Claim(inherited or "", None)
+        return
+    groups = groups_from_config(gpus, gpus_per_model)
     if not groups:
         env["CUDA_VISIBLE_DEVICES"] = ""
         yield Claim("", None)
         return
-    if assignment == "scheduler":
-        yield Claim(inherited or "", None)
-        return
-    if assignment != "local":
-        raise GpuConfigError(f"gpu_assignment={assignment!r}: use 'local' or 'scheduler'")
     claim = claim_group(
         groups,
         inherited,

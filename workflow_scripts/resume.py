@@ -243,6 +243,8 @@ def claims_from_parts(parts: list[dict]) -> list[dict]:
             "finished_at": float(attrs["committed_at"]),
             "rows": int(attrs["num_rows"]),
         })
+        if attrs.get("claim_scheduler_job_id"):
+            claims[-1]["scheduler_job_id"] = attrs["claim_scheduler_job_id"]
     for claim in claims:
         del claim["_key"]
     return claims

@@ -127,6 +127,17 @@ def check_gpus(config: dict) -> list[tuple[int, ...]]:
         raise ConfigError(str(exc)) from None
 
 
+def resolve_gpu_assignment(value: str, under_cluster_executor: bool) -> str:
+    """``auto`` is ``scheduler`` under a cluster executor, else ``local``.
+
+    A plain local run inside one big ``sbatch`` allocation stays ``local``: it
+    splits the allocation's GPUs into groups itself.
+    """
+    if value == "auto":
+        return "scheduler" if under_cluster_executor else "local"
+    return value
+
+
 def shard_names(config: dict) -> list[str]:
     return [f"{i:05d}" for i in range(int(config["num_shards"]))]
 
