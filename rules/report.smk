@@ -1,6 +1,11 @@
 # Figures for `snakemake --report report.html`, drawn from gather's manifest.
 
 
+# A few seconds of plotting: on a cluster it runs on the head node, not as a job.
+localrules:
+    report_figures,
+
+
 rule report_figures:
     input:
         manifest=rules.gather.output.manifest,
