@@ -19,6 +19,7 @@ if __name__ == "__main__":  # Snakemake runs a copy of this file: import from th
     sys.path.insert(0, str(Path(snakemake.scriptdir).parent))  # noqa: F821
 
 from workflow_scripts.fingerprints import file_sha256  # noqa: E402
+from workflow_scripts.shard_check import check_isolated, default_workers  # noqa: E402
 from workflow_scripts.shard_format import (  # noqa: E402
     FORMAT_VERSION,
     MASS_BINS,
@@ -35,7 +36,8 @@ def regenerate_hint(shard_path: str) -> str:
     return f"snakemake --cores N <your usual --config/--configfile> --forcerun {shard_path}"
 
 
-def gather(plan_path: str, tokens_path: str, shard_paths: list[str], index_out: str, manifest_out: str):
+def gather(plan_path: str, tokens_path: str, shard_paths: list[str], index_out: str, manifest_out: str,
+           workers: int | None = None):
     start = time.time()
     plan = json.loads(Path(plan_path).read_text())
     prepared = read_prepared(tokens_path)
@@ -48,25 +50,33 @@ def gather(plan_path: str, tokens_path: str, shard_paths: list[str], index_out: 
         "config_fingerprint": plan["config_fingerprint"],
     }
 
-    summaries, problems = [], []
-    for index, shard_path in enumerate(shard_paths):
+    def check(index: int, progress):
+        # Runs in a worker process: a libhdf5 crash on a corrupt file kills only the worker.
         sample_ids, offsets, input_ids = prepared.shard_slice(index)
-        # Logged first: should libhdf5 itself crash on a corrupt file, the log names the shard.
-        log.info("validating shard %d: %s", index, shard_path)
-        try:
-            summary = validate_shard(
-                shard_path, sample_ids, offsets, input_ids,
-                {**expected_common, "shard_index": index}, plan["vocab_size"],
-            )
-        except ShardError as exc:
-            problems.append((index, shard_path, str(exc)))
-            continue
-        summaries.append((index, shard_path, summary))
+        return validate_shard(
+            shard_paths[index], sample_ids, offsets, input_ids,
+            {**expected_common, "shard_index": index}, plan["vocab_size"], progress=progress,
+        )
+
+    workers = default_workers(workers)
+    log.info("validating %d shards in %d worker process(es)", len(shard_paths), workers)
+    summaries, problems = [], []
+    for result in check_isolated(check, range(len(shard_paths)), workers):
+        index = result.item
+        if result.error is None:
+            log.info("shard %d is valid: %s", index, shard_paths[index])
+            summaries.append((index, shard_paths[index], result.value))
+        else:
+            log.info("shard %d is bad: %s: %s", index, shard_paths[index], result.error)
+            problems.append((index, shard_paths[index], result.error))
+    summaries.sort(key=lambda entry: entry[0])
+    problems.sort(key=lambda entry: entry[0])
     if problems:
         lines = [f"shard {i} ({path}): {why}" for i, path, why in problems]
         forced = " ".join(path for _, path, _ in problems)
         raise ShardError(
-            f"{len(problems)} shard(s) failed validation:\n  " + "\n  ".join(lines)
+            f"{len(problems)} shard(s) failed validation; finished shards were not touched:\n  "
+            + "\n  ".join(lines)
             + f"\nRegenerate them with: {regenerate_hint(forced)}"
         )
 
@@ -166,4 +176,5 @@ if __name__ == "__main__":  # pragma: no cover - executed by Snakemake
         list(snakemake.input.shards),  # noqa: F821
         snakemake.output.index,  # noqa: F821
         snakemake.output.manifest,  # noqa: F821
+        workers=snakemake.threads,  # noqa: F821
     )
