@@ -8,6 +8,8 @@ command that regenerates it; nothing already finished is touched.
 import json
 import logging
 import os
+import shlex
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -32,8 +34,55 @@ from workflow_scripts.shard_format import (  # noqa: E402
 log = logging.getLogger("gather")
 
 
-def regenerate_hint(shard_path: str) -> str:
-    return f"snakemake --cores N <your usual --config/--configfile> --forcerun {shard_path}"
+# Snakemake options that must not be repeated in the printed command.
+_DROP_WITH_VALUE = {"--forcerun", "-R", "--until", "-U", "--omit-from", "-O"}
+_DROP_FLAGS = {"-n", "--dry-run", "--dryrun", "-F", "--forceall", "-f", "--force"}
+
+
+def _snakemake_argv() -> list[str] | None:
+    """The command line of the ``snakemake`` process running this job, if it is local."""
+    pid = os.getppid()
+    for _ in range(8):
+        if pid <= 1:
+            return None
+        try:
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[:-1]
+            status = Path(f"/proc/{pid}/stat").read_text()
+        except OSError:
+            return None
+        args = [a.decode(errors="replace") for a in argv]
+        if len(args) > 1 and Path(args[0]).name.startswith("python"):
+            if args[1:3] == ["-m", "snakemake"]:
+                args = ["snakemake", *args[3:]]
+            elif Path(args[1]).name == "snakemake":  # the entry point, run through its #!
+                args = args[1:]
+        if args and Path(args[0]).name == "snakemake":
+            on_path = shutil.which("snakemake")
+            if on_path and Path(on_path).resolve() == Path(args[0]).resolve():
+                args[0] = "snakemake"
+            # A job that a cluster executor started runs under an inner snakemake.
+            return None if "--target-jobs" in args or "--mode" in args else args
+        pid = int(status.rsplit(")", 1)[1].split()[1])
+    return None
+
+
+def regenerate_hint(shard_paths: list[str]) -> str:
+    """The user's own command with ``--forcerun`` for the bad shards, or a template."""
+    argv = _snakemake_argv()
+    if argv is None:
+        return (
+            "snakemake --cores N <your usual --config/--configfile> --forcerun "
+            + " ".join(shlex.quote(p) for p in shard_paths)
+        )
+    kept, dropping = [], False
+    for arg in argv:
+        if dropping and not arg.startswith("-"):
+            continue  # a value of the dropped option (--forcerun takes several)
+        dropping = arg in _DROP_WITH_VALUE
+        if dropping or arg in _DROP_FLAGS or arg.split("=", 1)[0] in _DROP_WITH_VALUE:
+            continue
+        kept.append(arg)
+    return shlex.join([*kept, "--forcerun", *shard_paths])
 
 
 def gather(plan_path: str, tokens_path: str, shard_paths: list[str], index_out: str, manifest_out: str,
@@ -73,11 +122,10 @@ def gather(plan_path: str, tokens_path: str, shard_paths: list[str], index_out: 
     problems.sort(key=lambda entry: entry[0])
     if problems:
         lines = [f"shard {i} ({path}): {why}" for i, path, why in problems]
-        forced = " ".join(path for _, path, _ in problems)
         raise ShardError(
             f"{len(problems)} shard(s) failed validation; finished shards were not touched:\n  "
             + "\n  ".join(lines)
-            + f"\nRegenerate them with: {regenerate_hint(forced)}"
+            + f"\nRegenerate them with: {regenerate_hint([path for _, path, _ in problems])}"
         )
 
     all_ids = np.concatenate([s.sample_ids for _, _, s in summaries])

@@ -12,6 +12,7 @@ Needs only the standard library: the check function itself brings h5py.
 
 from __future__ import annotations
 
+import faulthandler
 import multiprocessing
 import os
 import signal
@@ -49,6 +50,9 @@ def _serve(check: Callable[[Any, Callable[[], None]], Any], conn) -> None:
 
     def progress():
         conn.send(("progress", None))
+
+    # The parent reports a crash as one line; a Python stack dump would only add noise.
+    faulthandler.disable()
 
     while True:
         try:

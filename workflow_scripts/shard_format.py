@@ -270,7 +270,10 @@ def _validate_open_shard(handle, exp_ids, exp_offsets, exp_input_ids, exp_attrs,
     for name, (shape, dtype) in shapes.items():
         if name not in handle:
             raise ShardError(f"dataset {name!r} is missing")
-        ds = handle[name]
+        try:
+            ds = handle[name]
+        except Exception as exc:  # corrupt object header
+            raise ShardError(f"dataset {name!r} is unreadable ({type(exc).__name__}: {exc})") from None
         if not isinstance(ds, h5py.Dataset):
             raise ShardError(f"{name!r} is not a dataset")
         if ds.shape != shape:
