@@ -8,6 +8,7 @@ way a disk, a copy or a person would, and reruns the user's command.
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 import shlex
 import shutil
@@ -274,3 +275,132 @@ def test_two_bad_shards_are_reported_together(store, tmp_path):
         result.stderr, re.M,
     )
     assert all(f"shard {i} (" in result.stderr for i in (0, 2))
+
+
+# --- python -m workflow_scripts.verify on a copied store -------------------------------
+
+
+def copy_store(wf: Workflow, target):
+    """What a user copies: the shards, index.h5 and manifest.json (not prepared/ or logs/)."""
+    source = wf.path("results/demo")
+    target.mkdir(parents=True)
+    shutil.copytree(source / "shards", target / "shards")
+    for name in ("index.h5", "manifest.json"):
+        shutil.copy2(source / name, target / name)
+    return target
+
+
+def run_verify(store, *args, tmp_path):
+    """The CLI from another folder, with torch and snakemake made unimportable."""
+    from conftest import REPO
+
+    poison = tmp_path / "poison"
+    for name in ("torch", "snakemake"):
+        (poison / name).mkdir(parents=True, exist_ok=True)
+        (poison / name / "__init__.py").write_text(f"raise ImportError('verify imported {name}')\n")
+    env = {**os.environ, "PYTHONPATH": f"{poison}{os.pathsep}{REPO}"}
+    return subprocess.run([sys.executable, "-m", "workflow_scripts.verify", str(store), *args],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+
+
+def unused_btree_byte(path) -> int:
+    """A byte in the unused tail of a chunk B-tree node: no reader ever looks at it."""
+    raw = path.read_bytes()
+    position = raw.find(b"TREE")
+    while position >= 0 and raw[position + 4] != 1:  # node type 1: raw-data chunks
+        position = raw.find(b"TREE", position + 4)
+    assert position >= 0, "no chunk B-tree node: the shard layout changed"
+    (used,) = struct.unpack_from("<H", raw, position + 6)
+    # Header 24 bytes, then keys (at most 32 bytes here) and 8-byte child addresses.
+    offset = position + 24 + (used + 1) * 32 + used * 8 + 64
+    assert raw[offset] == 0
+    return offset
+
+
+def test_a_copied_store_verifies(store, tmp_path):
+    base, _ = store
+    copy = copy_store(base, tmp_path / "elsewhere" / "store")
+    for args in ((), ("--deep",)):
+        result = run_verify(copy, *args, tmp_path=tmp_path)
+        assert result.returncode == 0, result.stdout + result.stderr
+        (line,) = result.stdout.splitlines()
+        assert line.startswith(f"OK: {copy}: 3 shards and index.h5 match manifest.json")
+        assert "Traceback" not in result.stderr
+
+
+def _flip_unused(root):
+    path = root / "shards" / "shard_00001.h5"
+    flip(path, unused_btree_byte(path))
+    return "shards/shard_00001.h5: sha256 differs"
+
+
+def _flip_attribute_bit(root):
+    path = root / "shards" / "shard_00001.h5"
+    raw = bytearray(path.read_bytes())
+    position = bytes(raw).find(b'"numpy": "') + len(b'"numpy": "')
+    raw[position] ^= 0x01  # one digit of a version string: still valid text
+    path.write_bytes(bytes(raw))
+    return "shards/shard_00001.h5: sha256 differs"
+
+
+def _flip_data(root):
+    flip_data(root / "shards" / "shard_00001.h5", None)
+    return "shards/shard_00001.h5: sha256 differs"
+
+
+def _flip_index(root):
+    path = root / "index.h5"
+    flip(path, path.stat().st_size // 2)
+    return "index.h5: sha256 differs"
+
+
+def _truncate(root):
+    truncate(root / "shards" / "shard_00002.h5", None)
+    return "shards/shard_00002.h5: "
+
+
+def _delete(root):
+    (root / "shards" / "shard_00000.h5").unlink()
+    return "shards/shard_00000.h5: missing"
+
+
+def _damage_manifest(root):
+    path = root / "manifest.json"
+    path.write_text(path.read_text()[:-40])
+    return "manifest.json: unreadable"
+
+
+@pytest.mark.parametrize("damage", [_flip_unused, _flip_attribute_bit, _flip_data, _flip_index,
+                                    _truncate, _delete, _damage_manifest])
+def test_verify_catches_any_changed_byte(store, tmp_path, damage):
+    base, _ = store
+    copy = copy_store(base, tmp_path / "store")
+    expected = damage(copy)
+    result = run_verify(copy, tmp_path=tmp_path)
+    assert result.returncode == 1, result.stdout
+    assert expected in result.stdout, result.stdout
+    assert "Traceback" not in result.stderr
+    lines = result.stdout.splitlines()
+    assert len(lines) == (1 if damage is _damage_manifest else 2)  # the problem (+ a count)
+
+
+def test_unused_space_flip_is_invisible_to_validation_but_not_to_verify(store, tmp_path):
+    base, _ = store
+    copy = copy_store(base, tmp_path / "store")
+    _flip_unused(copy)
+    deep = run_verify(copy, "--deep", tmp_path=tmp_path)
+    # Only the checksum sees it: the deep check adds no second line for this shard.
+    assert deep.returncode == 1
+    assert [line.split(":")[0] for line in deep.stdout.splitlines()[:-1]] == ["shards/shard_00001.h5"]
+
+
+def test_deep_verify_says_what_is_wrong_inside(store, tmp_path):
+    base, _ = store
+    copy = copy_store(base, tmp_path / "store")
+    _flip_data(copy)
+    result = run_verify(copy, "--deep", tmp_path=tmp_path)
+    assert result.returncode == 1
+    lines = result.stdout.splitlines()
+    assert any("sha256 differs" in line for line in lines)
+    assert any(line.startswith("shards/shard_00001.h5: corrupt or unreadable") for line in lines)
+    assert "--forcerun <output_dir>/shards/shard_00001.h5" in lines[0]

@@ -201,6 +201,12 @@ def gather(plan_path: str, tokens_path: str, shard_paths: list[str], index_out: 
             "total_bytes": shard_bytes,
         },
     }
+    # `python -m workflow_scripts.verify` checks a copied store against these.
+    manifest["index"] = {
+        "path": os.path.relpath(Path(index_out).resolve(), store_dir.resolve()),
+        "sha256": file_sha256(index_out),
+        "bytes": os.path.getsize(index_out),
+    }
     temp_manifest = Path(manifest_out).with_suffix(".json.partial")
     temp_manifest.write_text(json.dumps(manifest, indent=1))
     os.replace(temp_manifest, manifest_out)
