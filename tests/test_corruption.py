@@ -404,3 +404,19 @@ def test_deep_verify_says_what_is_wrong_inside(store, tmp_path):
     assert any("sha256 differs" in line for line in lines)
     assert any(line.startswith("shards/shard_00001.h5: corrupt or unreadable") for line in lines)
     assert "--forcerun <output_dir>/shards/shard_00001.h5" in lines[0]
+
+
+@pytest.mark.parametrize("argv,expected", [
+    (["snakemake", "--cores", "8", "--configfile", "my.yaml"],
+     "snakemake --cores 8 --configfile my.yaml --forcerun S"),
+    (["snakemake", "--cores", "8", "--forcerun", "gather", "prepare", "--config", "gpus=0,1"],
+     "snakemake --cores 8 --config gpus=0,1 --forcerun S"),
+    (["snakemake", "-n", "--config", "force_regenerate=true", "--cores", "2"],
+     "snakemake --cores 2 --forcerun S"),
+    (None, "snakemake --cores N <your usual --config/--configfile> --forcerun S"),
+])
+def test_regenerate_hint_is_the_users_command_with_forcerun(monkeypatch, argv, expected):
+    from workflow_scripts import gather
+
+    monkeypatch.setattr(gather, "_snakemake_argv", lambda: argv)
+    assert gather.regenerate_hint(["S"]) == expected

@@ -81,7 +81,14 @@ def regenerate_hint(shard_paths: list[str]) -> str:
         dropping = arg in _DROP_WITH_VALUE
         if dropping or arg in _DROP_FLAGS or arg.split("=", 1)[0] in _DROP_WITH_VALUE:
             continue
+        if arg.startswith("force_regenerate="):
+            continue  # repeating it would regenerate every shard, not just the bad ones
         kept.append(arg)
+    # A --config left without values would be a usage error.
+    kept = [
+        arg for i, arg in enumerate(kept)
+        if arg not in ("--config", "-C") or (i + 1 < len(kept) and not kept[i + 1].startswith("-"))
+    ]
     return shlex.join([*kept, "--forcerun", *shard_paths])
 
 
