@@ -13,5 +13,7 @@ rule gather:
         out("logs", "gather.log"),
     conda:
         "../environment.yml"
+    # Shards are validated in this many worker processes (scaled down to --cores).
+    threads: 4
     script:
         "../workflow_scripts/gather.py"

@@ -32,8 +32,10 @@ SLURM_FLAGS = ("--workflow-profile", "profiles/slurm", "--slurm-status-command",
                "--slurm-no-account", "--slurm-init-seconds-before-status-checks", "1")
 # Nested keys go through a config file; gpus_per_model on the command line, as the
 # README shows (a --config replaces the profile's config block: auto must still work).
+# Windows of 32 x 512 tokens, each committed: a shard is a few parts, so a cancel
+# lands mid-shard.
 CONFIG = {"num_shards": 4, "allow_cpu": True,
-          "generation": {"threads": 1, "batch_tokens": 2048}}
+          "generation": {"threads": 1, "batch_tokens": 512, "commit_every_s": 0}}
 COMMAND_LINE = ("--config", "gpus_per_model=2")
 DATASETS = ("sample_ids", "offsets", "input_ids", "topk_ids", "topk_logits", "logsumexp",
             "entropy")
@@ -182,15 +184,15 @@ def test_scancel_mid_shard_then_rerun_resumes(cluster, workflow, local_store):
         head = subprocess.Popen(command, cwd=workflow.root, env=env, stdout=head_log,
                                 stderr=subprocess.STDOUT)
         try:
-            # A .partial file exists from the moment the teacher is loaded until the
-            # shard commits: a job seen with one is mid-shard.
+            # A shard with a committed part and no shard file yet is mid-shard.
             deadline = time.monotonic() + 900
-            partial = None
-            while partial is None and head.poll() is None and time.monotonic() < deadline:
-                partial = next(iter(sorted(shards.glob("shard_*.h5.partial"))), None)
-                time.sleep(0.2)
-            assert partial is not None, workflow.path("head.log").read_text()[-4000:]
-            victim = partial.name.removesuffix(".partial")
+            victim = None
+            while victim is None and head.poll() is None and time.monotonic() < deadline:
+                victim = next((p.name.replace(".parts", ".h5") for p in sorted(
+                    shards.glob("shard_*.parts")) if list(p.glob("part_*.h5"))
+                    and not (shards / p.name.replace(".parts", ".h5")).exists()), None)
+                time.sleep(0.05)
+            assert victim is not None, workflow.path("head.log").read_text()[-4000:]
             job = job_of_shard(workflow, victim)
             cluster.client("scancel", job)
             head.wait(timeout=900)
@@ -215,10 +217,15 @@ def test_scancel_mid_shard_then_rerun_resumes(cluster, workflow, local_store):
     for name, mtime in done.items():
         assert (shards / name).stat().st_mtime_ns == mtime, f"{name} was regenerated"
     assert not list(shards.glob("*.partial"))
-    # A new SLURM job finished the shard, on the GPUs SLURM gave that job.
-    final = shard_claims(workflow)[victim][-1]
-    assert final["scheduler_job_id"] != job
-    assert final["cuda_visible_devices"] == cluster.gpu_assignments()[final["scheduler_job_id"]]
+    # Mid-shard resume: the cancelled job's committed rows were kept, and every claim
+    # that computed rows ran on the GPUs SLURM gave its job.
+    claims = shard_claims(workflow)[victim]
+    assert claims[0]["scheduler_job_id"] == job and claims[0]["rows"] > 0
+    for claim in claims:
+        assert claim["cuda_visible_devices"] == cluster.gpu_assignments()[claim["scheduler_job_id"]]
+    index = victim.removeprefix("shard_").removesuffix(".h5")
+    resumed_log = workflow.path("results/demo", "logs", "generate", f"shard_{index}.log").read_text()
+    assert "resuming" in resumed_log, resumed_log
     assert_same_store(store_contents(workflow), local_store)
 
 

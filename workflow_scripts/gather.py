@@ -8,6 +8,8 @@ command that regenerates it; nothing already finished is touched.
 import json
 import logging
 import os
+import shlex
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -22,6 +24,7 @@ from workflow_scripts.disk_estimate import uncompressed_bytes_per_token  # noqa:
 from workflow_scripts.fingerprints import file_sha256  # noqa: E402
 from workflow_scripts.resume import remove_parts_dirs  # noqa: E402
 from workflow_scripts.run_stats import group_summary, overall_rate  # noqa: E402
+from workflow_scripts.shard_check import check_isolated, default_workers  # noqa: E402
 from workflow_scripts.shard_format import (  # noqa: E402
     FORMAT_VERSION,
     MASS_BINS,
@@ -35,8 +38,9 @@ from workflow_scripts.shard_format import (  # noqa: E402
 log = logging.getLogger("gather")
 
 
-def regenerate_hint(shard_path: str) -> str:
-    return f"snakemake --cores N <your usual --config/--configfile> --forcerun {shard_path}"
+# Snakemake options that must not be repeated in the printed command.
+_DROP_WITH_VALUE = {"--forcerun", "-R", "--until", "-U", "--omit-from", "-O"}
+_DROP_FLAGS = {"-n", "--dry-run", "--dryrun", "-F", "--forceall", "-f", "--force"}
 
 
 def shard_entry(index: int, path: str, relative: str, summary) -> dict:
@@ -104,7 +108,61 @@ def run_statistics(summaries: list, shards: list[dict], plan: dict, index_path: 
     }
 
 
-def gather(plan_path: str, tokens_path: str, shard_paths: list[str], index_out: str, manifest_out: str):
+def _snakemake_argv() -> list[str] | None:
+    """The command line of the ``snakemake`` process running this job, if it is local."""
+    pid = os.getppid()
+    for _ in range(8):
+        if pid <= 1:
+            return None
+        try:
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[:-1]
+            status = Path(f"/proc/{pid}/stat").read_text()
+        except OSError:
+            return None
+        args = [a.decode(errors="replace") for a in argv]
+        if len(args) > 1 and Path(args[0]).name.startswith("python"):
+            if args[1:3] == ["-m", "snakemake"]:
+                args = ["snakemake", *args[3:]]
+            elif Path(args[1]).name == "snakemake":  # the entry point, run through its #!
+                args = args[1:]
+        if args and Path(args[0]).name == "snakemake":
+            on_path = shutil.which("snakemake")
+            if on_path and Path(on_path).resolve() == Path(args[0]).resolve():
+                args[0] = "snakemake"
+            # A job that a cluster executor started runs under an inner snakemake.
+            return None if "--target-jobs" in args or "--mode" in args else args
+        pid = int(status.rsplit(")", 1)[1].split()[1])
+    return None
+
+
+def regenerate_hint(shard_paths: list[str]) -> str:
+    """The user's own command with ``--forcerun`` for the bad shards, or a template."""
+    argv = _snakemake_argv()
+    if argv is None:
+        return (
+            "snakemake --cores N <your usual --config/--configfile> --forcerun "
+            + " ".join(shlex.quote(p) for p in shard_paths)
+        )
+    kept, dropping = [], False
+    for arg in argv:
+        if dropping and not arg.startswith("-"):
+            continue  # a value of the dropped option (--forcerun takes several)
+        dropping = arg in _DROP_WITH_VALUE
+        if dropping or arg in _DROP_FLAGS or arg.split("=", 1)[0] in _DROP_WITH_VALUE:
+            continue
+        if arg.startswith("force_regenerate="):
+            continue  # repeating it would regenerate every shard, not just the bad ones
+        kept.append(arg)
+    # A --config left without values would be a usage error.
+    kept = [
+        arg for i, arg in enumerate(kept)
+        if arg not in ("--config", "-C") or (i + 1 < len(kept) and not kept[i + 1].startswith("-"))
+    ]
+    return shlex.join([*kept, "--forcerun", *shard_paths])
+
+
+def gather(plan_path: str, tokens_path: str, shard_paths: list[str], index_out: str, manifest_out: str,
+           workers: int | None = None):
     start = time.time()
     plan = json.loads(Path(plan_path).read_text())
     prepared = read_prepared(tokens_path)
@@ -117,26 +175,33 @@ def gather(plan_path: str, tokens_path: str, shard_paths: list[str], index_out: 
         "config_fingerprint": plan["config_fingerprint"],
     }
 
-    summaries, problems = [], []
-    for index, shard_path in enumerate(shard_paths):
+    def check(index: int, progress):
+        # Runs in a worker process: a libhdf5 crash on a corrupt file kills only the worker.
         sample_ids, offsets, input_ids = prepared.shard_slice(index)
-        # Logged first: should libhdf5 itself crash on a corrupt file, the log names the shard.
-        log.info("validating shard %d: %s", index, shard_path)
-        try:
-            summary = validate_shard(
-                shard_path, sample_ids, offsets, input_ids,
-                {**expected_common, "shard_index": index}, plan["vocab_size"],
-            )
-        except ShardError as exc:
-            problems.append((index, shard_path, str(exc)))
-            continue
-        summaries.append((index, shard_path, summary))
+        return validate_shard(
+            shard_paths[index], sample_ids, offsets, input_ids,
+            {**expected_common, "shard_index": index}, plan["vocab_size"], progress=progress,
+        )
+
+    workers = default_workers(workers)
+    log.info("validating %d shards in %d worker process(es)", len(shard_paths), workers)
+    summaries, problems = [], []
+    for result in check_isolated(check, range(len(shard_paths)), workers):
+        index = result.item
+        if result.error is None:
+            log.info("shard %d is valid: %s", index, shard_paths[index])
+            summaries.append((index, shard_paths[index], result.value))
+        else:
+            log.info("shard %d is bad: %s: %s", index, shard_paths[index], result.error)
+            problems.append((index, shard_paths[index], result.error))
+    summaries.sort(key=lambda entry: entry[0])
+    problems.sort(key=lambda entry: entry[0])
     if problems:
         lines = [f"shard {i} ({path}): {why}" for i, path, why in problems]
-        forced = " ".join(path for _, path, _ in problems)
         raise ShardError(
-            f"{len(problems)} shard(s) failed validation:\n  " + "\n  ".join(lines)
-            + f"\nRegenerate them with: {regenerate_hint(forced)}"
+            f"{len(problems)} shard(s) failed validation; finished shards were not touched:\n  "
+            + "\n  ".join(lines)
+            + f"\nRegenerate them with: {regenerate_hint([path for _, path, _ in problems])}"
         )
 
     all_ids = np.concatenate([s.sample_ids for _, _, s in summaries])
@@ -184,6 +249,12 @@ def gather(plan_path: str, tokens_path: str, shard_paths: list[str], index_out: 
         "truncated_samples": plan["truncated_samples"],
         "stats": run_statistics([s for _, _, s in summaries], shards, plan, index_out),
     }
+    # `python -m workflow_scripts.verify` checks a copied store against these.
+    manifest["index"] = {
+        "path": os.path.relpath(Path(index_out).resolve(), store_dir.resolve()),
+        "sha256": file_sha256(index_out),
+        "bytes": os.path.getsize(index_out),
+    }
     temp_manifest = Path(manifest_out).with_suffix(".json.partial")
     temp_manifest.write_text(json.dumps(manifest, indent=1))
     os.replace(temp_manifest, manifest_out)
@@ -209,4 +280,5 @@ if __name__ == "__main__":  # pragma: no cover - executed by Snakemake
         list(snakemake.input.shards),  # noqa: F821
         snakemake.output.index,  # noqa: F821
         snakemake.output.manifest,  # noqa: F821
+        workers=snakemake.threads,  # noqa: F821
     )

@@ -31,11 +31,19 @@ log = logging.getLogger("prepare")
 TOKENIZE_BATCH = 1000
 
 
+def _brief(exc: Exception, limit: int = 300) -> str:
+    """A library's exception as one short line: the user needs the gist, not a wall."""
+    text = " ".join(f"{type(exc).__name__}: {exc}".split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def load_texts(path: Path, split: str, text_field: str, max_samples: int | None) -> list:
     """The ``text_field`` column of the dataset, row order preserved."""
     import datasets
 
     datasets.disable_progress_bars()
+    # datasets logs a read error itself before raising it: the UserError below says it once.
+    datasets.logging.set_verbosity(logging.CRITICAL)
     try:
         if path.is_dir():
             loaded = datasets.load_from_disk(str(path))
@@ -55,7 +63,7 @@ def load_texts(path: Path, split: str, text_field: str, max_samples: int | None)
         raise
     except Exception as exc:
         raise UserError(
-            f"dataset.path: could not read {path} ({type(exc).__name__}: {exc}); "
+            f"dataset.path: could not read {path} ({_brief(exc)}); "
             "check that it is valid JSON Lines / JSON / Parquet / Arrow or a save_to_disk folder"
         ) from None
     if text_field not in loaded.column_names:
@@ -78,7 +86,10 @@ def check_teacher(teacher_path: Path, top_k: int, trust_remote_code: bool):
     try:
         model_config = AutoConfig.from_pretrained(teacher_path, trust_remote_code=trust_remote_code)
     except Exception as exc:
-        raise UserError(f"teacher.path: cannot read the model config in {teacher_path} ({exc})") from None
+        raise UserError(
+            f"teacher.path: cannot read the model config in {teacher_path} ({_brief(exc)}); "
+            "give a folder that save_pretrained wrote"
+        ) from None
     remote_causal = "AutoModelForCausalLM" in (getattr(model_config, "auto_map", None) or {})
     if model_config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and not remote_causal:
         raise UserError(
@@ -94,7 +105,7 @@ def check_teacher(teacher_path: Path, top_k: int, trust_remote_code: bool):
         tokenizer = AutoTokenizer.from_pretrained(teacher_path, trust_remote_code=trust_remote_code)
     except Exception as exc:
         raise UserError(
-            f"teacher.path: no usable tokenizer in {teacher_path} ({type(exc).__name__}: {exc}); "
+            f"teacher.path: no usable tokenizer in {teacher_path} ({_brief(exc)}); "
             "save the tokenizer beside the model with tokenizer.save_pretrained"
         ) from None
     text_config = model_config.get_text_config()
@@ -118,6 +129,9 @@ def tokenize(tokenizer, texts: list, max_length: int):
         rows, strings = [], []
         for offset, text in enumerate(batch):
             row = start + offset
+            if text is None:  # a null cell: as empty as an empty string
+                dropped.append({"sample_id": row, "reason": "text is missing (null)"})
+                continue
             if not isinstance(text, str):
                 raise UserError(
                     f"dataset row {row}: text field holds {type(text).__name__}, not a string; "
@@ -188,7 +202,10 @@ def prepare(config: dict, teacher_path: str, dataset_path: str, tokens_out: str,
         log.warning("dropped sample %d: %s", entry["sample_id"], entry["reason"])
     num_shards = int(config["num_shards"])
     if not kept_rows:
-        raise UserError(f"dataset.path: all {len(texts)} rows of {dataset_path} are empty")
+        raise UserError(
+            f"dataset.path: all {len(texts)} rows of {dataset_path} have empty text; check that "
+            "dataset.text_field names the column that holds the text"
+        )
     if num_shards > len(kept_rows):
         raise UserError(
             f"num_shards={num_shards} is more than the {len(kept_rows)} samples kept; "

@@ -349,8 +349,14 @@ def validate_shard(
     expected_input_ids: np.ndarray,
     expected_attrs: dict,
     vocab_size: int,
+    progress=None,
 ) -> ShardSummary:
-    """Check one shard completely; raise ``ShardError`` naming the first problem found."""
+    """Check one shard completely; raise ``ShardError`` naming the first problem found.
+
+    ``progress()``, if given, is called after each step that reads the file, so a
+    watchdog can tell a slow check from libhdf5 spinning on corrupt metadata.
+    """
+    progress = progress or (lambda: None)
     path = Path(path)
     if not path.exists():
         raise ShardError("file is missing")
@@ -360,9 +366,10 @@ def validate_shard(
         raise ShardError(f"not a readable HDF5 file ({exc})") from None
     try:
         with handle:
+            progress()
             return _validate_open_shard(
                 handle, expected_sample_ids, expected_offsets, expected_input_ids,
-                expected_attrs, vocab_size,
+                expected_attrs, vocab_size, progress,
             )
     except ShardError:
         raise
@@ -370,11 +377,12 @@ def validate_shard(
         raise ShardError(f"corrupt or unreadable ({type(exc).__name__}: {exc})") from None
 
 
-def _validate_open_shard(handle, exp_ids, exp_offsets, exp_input_ids, exp_attrs, vocab_size):
+def _validate_open_shard(handle, exp_ids, exp_offsets, exp_input_ids, exp_attrs, vocab_size, progress):
     missing = [a for a in REQUIRED_ATTRS if a not in handle.attrs]
     if missing:
         raise ShardError(f"missing attributes {missing}")
     attrs = read_attrs(handle)
+    progress()
     if attrs["format_version"] != FORMAT_VERSION:
         raise ShardError(
             f"format_version {attrs['format_version']}, this workflow reads {FORMAT_VERSION}"
@@ -396,7 +404,10 @@ def _validate_open_shard(handle, exp_ids, exp_offsets, exp_input_ids, exp_attrs,
     for name, (shape, dtype) in shapes.items():
         if name not in handle:
             raise ShardError(f"dataset {name!r} is missing")
-        ds = handle[name]
+        try:
+            ds = handle[name]
+        except Exception as exc:  # corrupt object header
+            raise ShardError(f"dataset {name!r} is unreadable ({type(exc).__name__}: {exc})") from None
         if not isinstance(ds, h5py.Dataset):
             raise ShardError(f"{name!r} is not a dataset")
         if ds.shape != shape:
@@ -412,7 +423,7 @@ def _validate_open_shard(handle, exp_ids, exp_offsets, exp_input_ids, exp_attrs,
     sample_ids = handle["sample_ids"][:]
     offsets = handle["offsets"][:]
     if not np.array_equal(sample_ids, exp_ids):
-        raise ShardError("sample_ids differ from the shard plan written by prepare")
+        raise ShardError(_sample_ids_problem(sample_ids, exp_ids))
     if not np.array_equal(offsets, exp_offsets):
         raise ShardError("offsets differ from the shard plan (sample lengths changed)")
 
@@ -424,6 +435,7 @@ def _validate_open_shard(handle, exp_ids, exp_offsets, exp_input_ids, exp_attrs,
     # Which rows have a next token inside their own sample: all but each sample's last.
     last_rows = offsets[1:] - 1
     for r0 in range(0, num_tokens, VALIDATE_BLOCK_ROWS):
+        progress()
         r1 = min(num_tokens, r0 + VALIDATE_BLOCK_ROWS)
         input_ids = handle["input_ids"][r0:r1]
         if not np.array_equal(input_ids, exp_input_ids[r0:r1]):
@@ -449,6 +461,8 @@ def _validate_open_shard(handle, exp_ids, exp_offsets, exp_input_ids, exp_attrs,
         mass_hist += np.histogram(np.clip(mass, 0.0, 1.0), bins=MASS_BINS)[0]
         if has_entropy:
             entropy = handle["entropy"][r0:r1].astype(np.float64)
+            if not (np.isfinite(entropy).all() and (entropy >= -1e-2).all()):
+                raise ShardError(f"entropy negative or not finite in rows {r0}..{r1 - 1}")
             entropy_sum += float(entropy.sum())
             # float16 rounding can step just past ln(vocab): clip into the last bin.
             entropy_hist += np.histogram(np.clip(entropy, 0.0, ent_bins[-1]), bins=ent_bins)[0]
@@ -458,6 +472,7 @@ def _validate_open_shard(handle, exp_ids, exp_offsets, exp_input_ids, exp_attrs,
         hits += int(((ids == next_ids[:, None]).any(axis=1) & has_next).sum())
         rows_with_next += int(has_next.sum())
 
+    progress()
     return ShardSummary(
         num_samples=num_samples,
         num_tokens=num_tokens,
@@ -477,6 +492,24 @@ def _validate_open_shard(handle, exp_ids, exp_offsets, exp_input_ids, exp_attrs,
             if isinstance(ds, h5py.Dataset)
         },
     )
+
+
+def _sample_ids_problem(found: np.ndarray, expected: np.ndarray) -> str:
+    """Why a shard's sample ids are not the planned ones, as specifically as possible."""
+    values, counts = np.unique(found, return_counts=True)
+    if (counts > 1).any():
+        repeated = values[counts > 1]
+        return (
+            f"sample_ids differ from the shard plan: {len(repeated)} id(s) appear more than "
+            f"once (e.g. {int(repeated[0])}), so samples are duplicated"
+        )
+    foreign = np.setdiff1d(found, expected)
+    if len(foreign):
+        return (
+            f"sample_ids differ from the shard plan: {len(foreign)} id(s) belong to another shard "
+            f"or to no shard (e.g. {int(foreign[0])}), so samples overlap or the file was swapped"
+        )
+    return "sample_ids differ from the shard plan written by prepare (order or count)"
 
 
 # --- prepare's output: every kept sample's tokens plus the shard plan --------------

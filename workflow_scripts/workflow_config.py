@@ -11,7 +11,7 @@ import json
 import os
 from pathlib import Path
 
-from .gpu_groups import GpuConfigError, groups_from_config
+from .gpu_groups import GpuConfigError, groups_from_config, physical_devices
 
 DEMO = "demo"
 DATASET_SUFFIXES = (".jsonl", ".json", ".parquet", ".arrow")
@@ -63,15 +63,50 @@ def coerce_command_line_values(config: dict, schema: dict) -> None:
             coerce_command_line_values(value, sub)
 
 
+TYPE_WORDS = {
+    "integer": "a whole number",
+    "number": "a number",
+    "string": "a string",
+    "boolean": "true or false",
+    "array": "a list",
+    "object": "a section of keys",
+    "null": "empty",
+}
+
+
+def _schema_fix(error, where: str) -> str:
+    """How to fix one schema violation, in words a user acts on."""
+    kind, allowed, value = error.validator, error.validator_value, error.instance
+    if kind == "type":
+        types = allowed if isinstance(allowed, list) else [allowed]
+        if "object" in types:
+            if "path" in error.schema.get("properties", {}) and isinstance(value, str):
+                return f"{where} is a section: write it as '{where}: {{path: {value}}}'"
+            return f"{where} is a section: put its keys under it (see config/README.md)"
+        want = " or ".join(TYPE_WORDS.get(t, t) for t in types)
+        about = error.schema.get("description")
+        return f"set {where} to {want}" + (f" ({about})" if about else "")
+    if kind == "enum":
+        return f"use one of: {', '.join(str(v) for v in allowed)}"
+    if kind in ("minimum", "exclusiveMinimum"):
+        return f"use a value of at least {allowed}{' (exclusive)' if kind != 'minimum' else ''}"
+    if kind in ("maximum", "exclusiveMaximum"):
+        return f"use a value of at most {allowed}"
+    if kind == "minLength":
+        return f"give {where} a non-empty value"
+    return "see config/README.md for the allowed values"
+
+
 def check_schema(config: dict, schema: dict) -> None:
-    """The first schema violation as ``key.path: problem``."""
+    """The first schema violation as ``key.path: problem; fix``."""
     import jsonschema
 
     validator = jsonschema.Draft202012Validator(schema)
     error = jsonschema.exceptions.best_match(validator.iter_errors(config))
     if error is not None:
         where = ".".join(str(p) for p in error.absolute_path) or "config"
-        raise ConfigError(f"{where}: {error.message}")
+        problem = f"{where} is empty" if error.instance is None else f"{where}: {error.message}"
+        raise ConfigError(f"{problem}; {_schema_fix(error, where)}")
 
 
 def demo_dir(config: dict) -> Path:
@@ -88,10 +123,78 @@ def dataset_path(config: dict) -> Path:
     return demo_dir(config) / "corpus.jsonl" if path == DEMO else Path(path)
 
 
+PARQUET_MAGIC = b"PAR1"
+
+
+def _check_output_dir(output_dir: str) -> None:
+    out = Path(output_dir)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(
+            f"output_dir: {out} is a file, not a folder; choose another output_dir"
+        )
+    existing = out
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ConfigError(
+            f"output_dir: {out} cannot be created because {existing} is a file, not a folder; "
+            "choose another output_dir"
+        )
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(
+            f"output_dir: {out} cannot be written ({existing} is not writable for this user); "
+            "choose a writable output_dir or fix the folder's permissions"
+        )
+
+
+def _check_dataset_file(data: Path) -> None:
+    """Cheap looks at the dataset itself: empty files, broken Parquet, folders that are no dataset."""
+    fix = "give a .jsonl/.json/.parquet/.arrow file or a folder written by save_to_disk"
+    if data.is_dir():
+        markers = ("dataset_dict.json", "state.json")
+        if not any((data / m).is_file() for m in markers):
+            raise ConfigError(
+                f"dataset.path: {data} is a folder but not a save_to_disk dataset (it has no "
+                f"dataset_dict.json or state.json); {fix}"
+            )
+        return
+    size = data.stat().st_size
+    if size == 0:
+        raise ConfigError(f"dataset.path: {data} is empty (0 bytes); {fix} with rows in it")
+    if data.suffix == ".parquet":
+        with open(data, "rb") as handle:
+            head = handle.read(4)
+            handle.seek(max(0, size - 4))
+            tail = handle.read(4)
+        if head != PARQUET_MAGIC or tail != PARQUET_MAGIC:
+            raise ConfigError(
+                f"dataset.path: {data} is not a valid Parquet file (no PAR1 marker at its "
+                "start and end: truncated or damaged); copy it again or re-export it"
+            )
+
+
+def teacher_vocab_size(teacher: Path) -> int | None:
+    """vocab_size from the teacher's config.json (of its text model), if it states one."""
+    try:
+        config = json.loads((teacher / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    for section in (config, config.get("text_config") or {}):
+        if isinstance(section.get("vocab_size"), int):
+            return section["vocab_size"]
+    return None
+
+
 def check_paths(config: dict) -> None:
-    """File checks that need no torch: the teacher folder and the dataset exist."""
+    """File checks that need no torch: output_dir, the teacher folder and the dataset."""
+    _check_output_dir(config["output_dir"])
     if config["teacher"]["path"] != DEMO:
         teacher = Path(config["teacher"]["path"])
+        if teacher.is_file():
+            raise ConfigError(
+                f"teacher.path: {teacher} is a file; give the model's folder (the one holding "
+                "config.json, the weights and the tokenizer)"
+            )
         if not teacher.is_dir():
             raise ConfigError(
                 f"teacher.path: folder {teacher} does not exist; give a local Hugging Face model "
@@ -116,13 +219,28 @@ def check_paths(config: dict) -> None:
             )
         if data.is_file() and not os.access(data, os.R_OK):
             raise ConfigError(f"dataset.path: {data} is not readable; fix its permissions")
+        _check_dataset_file(data)
     if config["dataset"]["max_samples"] == 0:
         raise ConfigError("dataset.max_samples=0 keeps no sample; use null for all, or a count")
+    # prepare checks this again with transformers; here it fails in a second, before any job.
+    vocab = teacher_vocab_size(teacher_path(config))
+    top_k = config["generation"]["top_k"]
+    if vocab is not None and top_k > vocab:
+        raise ConfigError(
+            f"generation.top_k={top_k} is larger than the teacher's vocabulary ({vocab}); "
+            f"use a top_k of at most {vocab}"
+        )
 
 
-def check_gpus(config: dict) -> list[tuple[int, ...]]:
+def check_gpus(config: dict, environ=os.environ) -> list[tuple[int, ...]]:
     try:
-        return groups_from_config(config["gpus"], config["gpus_per_model"])
+        groups = groups_from_config(config["gpus"], config["gpus_per_model"])
+        if groups and config.get("gpu_assignment", "local") == "local":
+            # gpus index into the shell's CUDA_VISIBLE_DEVICES: check the ids exist now,
+            # not when the first generate job tries to claim them.
+            for group in groups:
+                physical_devices(group, environ.get("CUDA_VISIBLE_DEVICES"))
+        return groups
     except GpuConfigError as exc:
         raise ConfigError(str(exc)) from None
 

@@ -1,0 +1,214 @@
+"""Check a gathered store (possibly copied or moved) against its ``manifest.json``.
+
+    python -m workflow_scripts.verify OUTPUT_DIR [--deep] [--workers N]
+
+Compares the sha256 of every shard and of ``index.h5`` with the checksums gather
+wrote into ``manifest.json``, so any changed byte is found, even in unused space
+or an attribute. ``--deep`` also re-validates every shard's contents (schema,
+shapes, values, fingerprints, samples against ``index.h5``) in worker processes.
+Prints one line per problem and exits 1, or prints one summary line and exits 0.
+Needs numpy, h5py and hdf5plugin only: no Snakemake, no torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+from workflow_scripts.fingerprints import file_sha256
+from workflow_scripts.shard_check import check_isolated, default_workers
+from workflow_scripts.shard_format import ShardError, validate_shard
+
+INDEX_NAME = "index.h5"
+MANIFEST_NAME = "manifest.json"
+
+
+class StoreError(Exception):
+    """The store cannot be checked at all (no or unreadable manifest)."""
+
+
+def store_dir(path: str | Path) -> Path:
+    path = Path(path)
+    return path.parent if path.name in (INDEX_NAME, MANIFEST_NAME) else path
+
+
+def load_manifest(root: Path) -> dict:
+    path = root / MANIFEST_NAME
+    if not path.is_file():
+        raise StoreError(
+            f"{path}: missing; point verify at the output_dir of a finished run (the folder "
+            "holding index.h5 and manifest.json), or run the workflow to gather it"
+        )
+    try:
+        manifest = json.loads(path.read_text())
+        for entry in manifest["shards"]:
+            entry["path"], entry["sha256"]  # noqa: B018 - the keys verify needs
+    except (ValueError, KeyError, TypeError) as exc:
+        raise StoreError(
+            f"{path}: unreadable or incomplete ({type(exc).__name__}: {exc}); copy it again "
+            "from the original store, or rerun gather there to rewrite it"
+        ) from None
+    return manifest
+
+
+def _regenerate(shard_path: str) -> str:
+    return (
+        "copy it again from the original store, or regenerate it where it was made with "
+        "`snakemake --cores N <your usual --config/--configfile> --forcerun "
+        f"<output_dir>/{shard_path}`"
+    )
+
+
+def checksum_problems(root: Path, manifest: dict, workers: int) -> list[str]:
+    """One line per file that is missing, has another size, or another sha256."""
+    files = [(entry["path"], entry["sha256"], entry.get("bytes"), True) for entry in manifest["shards"]]
+    index = manifest.get("index")
+    if index:
+        files.append((index["path"], index["sha256"], index.get("bytes"), False))
+
+    def check(item):
+        relative, expected, size, is_shard = item
+        path = root / relative
+        fix = _regenerate(relative) if is_shard else (
+            "copy it again from the original store, or rerun gather there "
+            "(snakemake --cores N <your usual --config/--configfile> --forcerun gather)"
+        )
+        if not path.is_file():
+            return f"{relative}: missing; {fix}"
+        if size is not None and path.stat().st_size != size:
+            return (
+                f"{relative}: {path.stat().st_size} bytes, manifest.json says {size} "
+                f"(truncated or replaced); {fix}"
+            )
+        if file_sha256(path) != expected:
+            return f"{relative}: sha256 differs from manifest.json (changed or damaged); {fix}"
+        return None
+
+    # hashlib releases the GIL on large blocks: threads hash files in parallel.
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        return [line for line in pool.map(check, files) if line]
+
+
+def _expected_from_index(root: Path, manifest: dict) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+    """Per shard: its sample ids and offsets, as index.h5 records them."""
+    import h5py
+
+    with h5py.File(root / INDEX_NAME, "r") as index:
+        ids = index["sample_ids"][:]
+        shard = index["sample_shard"][:]
+        position = index["sample_position"][:]
+        length = index["sample_length"][:]
+    expected = {}
+    for entry in manifest["shards"]:
+        mine = np.flatnonzero(shard == entry["index"])
+        order = mine[np.argsort(position[mine], kind="stable")]
+        offsets = np.concatenate([[0], np.cumsum(length[order])]).astype(np.int64)
+        expected[entry["index"]] = (ids[order], offsets)
+    return expected
+
+
+def deep_problems(root: Path, manifest: dict, workers: int) -> list[str]:
+    """Re-validate every shard's contents in worker processes (a libhdf5 crash names the shard)."""
+    try:
+        expected = _expected_from_index(root, manifest)
+    except Exception as exc:  # noqa: BLE001 - a damaged index is one more problem line
+        return [f"{INDEX_NAME}: unreadable ({type(exc).__name__}: {exc}); copy it again or rerun gather"]
+    entries = {entry["index"]: entry for entry in manifest["shards"]}
+    num_shards = manifest.get("num_shards", len(manifest["shards"]))
+    common = {
+        key: manifest[key]
+        for key in ("top_k", "teacher_fingerprint", "tokenizer_fingerprint", "config_fingerprint")
+        if key in manifest
+    }
+
+    def check(index: int, progress):
+        import h5py
+
+        entry = entries[index]
+        path = root / entry["path"]
+        sample_ids, offsets = expected[index]
+        try:
+            # No prepared tokens in a copied store: the shard's own ids are the reference,
+            # and fletcher32 checksums vouch for them.
+            with h5py.File(path, "r") as handle:
+                input_ids = handle["input_ids"][:]
+        except Exception as exc:  # noqa: BLE001
+            raise ShardError(f"input_ids unreadable ({type(exc).__name__}: {exc})") from None
+        summary = validate_shard(
+            path, sample_ids, offsets, input_ids,
+            {**common, "shard_index": index, "num_shards": num_shards},
+            manifest["vocab_size"], progress=progress,
+        )
+        if summary.num_tokens != entry["num_tokens"] or summary.num_samples != entry["num_samples"]:
+            raise ShardError(
+                f"{summary.num_samples} samples / {summary.num_tokens} tokens, manifest.json says "
+                f"{entry['num_samples']} / {entry['num_tokens']}"
+            )
+        return None
+
+    problems = []
+    for result in check_isolated(check, sorted(entries), workers):
+        if result.error:
+            relative = entries[result.item]["path"]
+            problems.append(f"{relative}: {result.error}; {_regenerate(relative)}")
+    return sorted(problems)
+
+
+def verify(path: str | Path, deep: bool = False, workers: int | None = None) -> list[str]:
+    """Every problem as one line; empty when the store is intact."""
+    root = store_dir(path)
+    workers = default_workers(workers)
+    manifest = load_manifest(root)
+    problems = checksum_problems(root, manifest, workers)
+    if "index" not in manifest:
+        print(
+            f"note: {root / MANIFEST_NAME} has no checksum of {INDEX_NAME} (gathered by an older "
+            "version); rerun gather to add it",
+            file=sys.stderr,
+        )
+    if deep:
+        missing = {line.split(":", 1)[0] for line in problems if ": missing;" in line}
+        present = {**manifest, "shards": [e for e in manifest["shards"] if e["path"] not in missing]}
+        problems += deep_problems(root, present, workers)
+    return problems
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m workflow_scripts.verify",
+        description="Check a gathered store against the sha256 checksums in its manifest.json.",
+    )
+    parser.add_argument("output_dir", help="the store: the folder with index.h5 and manifest.json")
+    parser.add_argument("--deep", action="store_true",
+                        help="also re-validate every shard's contents (slower: reads all data)")
+    parser.add_argument("--workers", type=int, default=None,
+                        help="processes/threads to use (default: the CPUs available, at most 8)")
+    args = parser.parse_args(argv)
+    root = store_dir(args.output_dir)
+    try:
+        problems = verify(root, deep=args.deep, workers=args.workers)
+    except StoreError as exc:
+        print(exc)
+        return 1
+    for line in problems:
+        print(line)
+    if problems:
+        print(f"{len(problems)} problem(s) in {root}")
+        return 1
+    manifest = load_manifest(root)
+    print(
+        f"OK: {root}: {len(manifest['shards'])} shards"
+        f"{' and ' + INDEX_NAME if 'index' in manifest else ''} match manifest.json "
+        f"(sha256){', contents valid' if args.deep else ''}; {manifest.get('num_samples')} samples, "
+        f"{manifest.get('num_tokens')} tokens"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
