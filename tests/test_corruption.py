@@ -246,7 +246,7 @@ def test_gather_names_the_bad_shard_and_the_command(store, tmp_path, damage, mes
     command = re.search(r"Regenerate them with: (.*)$", err, re.M).group(1)
     assert command.endswith(f"--forcerun {BAD_PATH}")
     # Only gather ran, and it touched nothing: the damaged shard stays for inspection.
-    assert set(job_counts(result.stdout + err)) <= {"gather", "all", "total"}
+    assert set(job_counts(result.stdout + err)) <= {"gather", "report_figures", "all", "total"}
     assert {p: _sha(p) for p in before} == before
 
     if damage is flip_crashing_metadata:
