@@ -55,15 +55,15 @@ def under_cluster_executor():
 
 def check_config(config):
     """Everything that can be checked without torch, before any job runs."""
+    # Resolved first: the GPU checks differ, and every job script sees local or scheduler.
+    config["gpu_assignment"] = resolve_gpu_assignment(
+        config["gpu_assignment"], under_cluster_executor()
+    )
     try:
         groups = check_gpus(config)
         check_paths(config)
     except ConfigError as error:
         exit_with_config_error(error)
-    # Resolved here, so every job script sees local or scheduler.
-    config["gpu_assignment"] = resolve_gpu_assignment(
-        config["gpu_assignment"], under_cluster_executor()
-    )
     if config["gpu_assignment"] == "scheduler" and groups and workflow.is_main_process:
         print(
             f"Note: gpus={config['gpus']} is not used with gpu_assignment=scheduler: the "

@@ -90,7 +90,7 @@ PLAN_TIME = [
     ("gpus_per_model_too_big", _args("gpus=0", "gpus_per_model=2", cause="do not divide into groups",
                                      fix="list a multiple of 2 GPUs")),
     ("gpu_assignment_unknown", _args("gpu_assignment=slurm", cause="gpu_assignment: 'slurm'",
-                                     fix="use one of: local, scheduler")),
+                                     fix="use one of: auto, local, scheduler")),
     ("num_shards_word", _args("num_shards=many", cause="num_shards: 'many' is not of type",
                               fix="set num_shards to a whole number")),
     ("force_regenerate_word", _args("force_regenerate=sometimes", cause="force_regenerate:",

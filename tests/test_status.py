@@ -47,13 +47,17 @@ def test_status_through_a_run(workflow):
     missing = status(workflow, check=False)
     assert missing.returncode == 1 and "does not exist yet" in missing.stderr
 
-    # prepare fails for real: the status names its error.
+    # prepare fails for real (a number where text belongs is only seen when reading
+    # the rows): the status names its error.
+    bad_data = workflow.path("numbers.jsonl")
+    bad_data.write_text('{"text": 5}\n{"text": "fine"}\n')
     bad = workflow.run("--cores", "1", f"{OUT}/prepared/plan.json",
-                       config={**RUN, "generation": {**RUN["generation"], "top_k": 100000}}, check=False)
+                       config={**RUN, "dataset": {**RUN.get("dataset", {}), "path": str(bad_data)}},
+                       check=False)
     assert bad.returncode != 0
     text = status(workflow).stdout
     assert "prepare has not finished yet" in text
-    assert "prepare failed: generation.top_k=100000 is larger than the teacher's vocabulary" in text
+    assert "prepare failed: " in text and "text field holds int, not a string" in text
 
     # After prepare: counts and the disk estimate, before any shard runs.
     workflow.run("--cores", "1", f"{OUT}/prepared/plan.json", config=RUN)
