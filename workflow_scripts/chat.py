@@ -138,7 +138,9 @@ class ChatRenderer:
                 f"{lead}{_OPEN}{i}{_SEP}{core}{_CLOSE}{i}{_SEP}{trail}"
             )})
         rendered, spans = _strip_markers(self._render(row, marked), messages, self.train_roles)
-        if rendered != text:  # the template rewrites content: find each message's text instead
+        if rendered is None or rendered != text:
+            # The template rewrites content (cut a marker off, changed the text): find each
+            # message's text in the real rendering instead.
             spans = _search_spans(row, text, messages, self.train_roles)
         return text, spans
 
@@ -175,9 +177,13 @@ class ChatRenderer:
         return out
 
 
-def _strip_markers(marked: str, messages: list[dict], train_roles) -> tuple[str, list]:
-    """Remove the markers; return the plain text and the spans they enclosed."""
+def _strip_markers(marked: str, messages: list[dict], train_roles) -> tuple[str | None, list]:
+    """Remove the markers; return the plain text and the spans they enclosed.
+
+    The text is ``None`` when a marker lost its partner: the template cut into content.
+    """
     pieces, spans, opened = [], [], {}
+    paired = True
     position = cursor = 0
     for match in _MARK.finditer(marked):
         pieces.append(marked[cursor : match.start()])
@@ -189,7 +195,11 @@ def _strip_markers(marked: str, messages: list[dict], train_roles) -> tuple[str,
         elif index in opened and index < len(messages):
             trained = messages[index]["role"] in train_roles
             spans.append((opened.pop(index), position, trained))
+        else:
+            paired = False
     pieces.append(marked[cursor:])
+    if opened or not paired:
+        return None, []
     return "".join(pieces), sorted(spans)
 
 
