@@ -149,11 +149,11 @@ class Tokenization:
         encoded = self._encode(rows, items) if items else []
         kept, id_parts, mask_parts, lengths = [], [], [], []
         truncated = split = 0
-        for row, (ids, mask) in zip(rows, encoded):
+        for row, (ids, mask, full_length) in zip(rows, encoded):
             if len(ids) == 0:
                 dropped.append({"sample_id": row, "reason": "no tokens after tokenization"})
                 continue
-            if len(ids) > self.max_length:
+            if full_length > self.max_length:
                 if self.overflow == "split":
                     split += 1
                 else:
@@ -188,10 +188,12 @@ class Tokenization:
         return None if value.strip() else "empty or whitespace-only text"
 
     def _encode(self, rows: list, items: list) -> list:
+        """(input_ids, loss_mask or None, untruncated length) per item."""
         if self.chat is not None:
-            return self.chat.encode(rows, items)
+            return [(ids, mask, len(ids)) for ids, mask in self.chat.encode(rows, items)]
         encoded = self.tokenizer(items, add_special_tokens=True)["input_ids"]
-        too_long = [i for i, ids in enumerate(encoded) if len(ids) > self.max_length]
+        full_lengths = [len(ids) for ids in encoded]
+        too_long = [i for i, n in enumerate(full_lengths) if n > self.max_length]
         if too_long and self.overflow == "truncate":
             # The tokenizer's own truncation: post-processors (BOS/EOS) stay in place.
             again = self.tokenizer(
@@ -200,7 +202,7 @@ class Tokenization:
             )["input_ids"]
             for i, ids in zip(too_long, again):
                 encoded[i] = ids
-        return [(np.asarray(ids, dtype=np.int32), None) for ids in encoded]
+        return [(np.asarray(ids, dtype=np.int32), None, n) for ids, n in zip(encoded, full_lengths)]
 
 
 _WORKER: Tokenization | None = None

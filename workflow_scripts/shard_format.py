@@ -116,13 +116,17 @@ class ShardWriter:
         self._stored = self._init_masked_storage(with_loss_mask, stored_rows, rows, opts)
         num_rows = num_tokens if self._stored is None else int(self._stored.sum())
         rows = max(1, min(CHUNK_ROWS, num_rows))
+        # HDF5 refuses a chunk larger than an empty dataset unless it may grow.
+        wide, flat = ({}, {}) if num_rows else ({"maxshape": (None, top_k)}, {"maxshape": (None,)})
         for name, dtype in (("topk_ids", np.int32), ("topk_logits", VALUE_DTYPES[value_dtype])):
             f.create_dataset(
-                name, shape=(num_rows, top_k), dtype=dtype, chunks=(rows, top_k), **opts
+                name, shape=(num_rows, top_k), dtype=dtype, chunks=(rows, top_k), **wide, **opts
             )
-        f.create_dataset("logsumexp", shape=(num_rows,), dtype=np.float32, chunks=(rows,), **opts)
+        f.create_dataset("logsumexp", shape=(num_rows,), dtype=np.float32, chunks=(rows,), **flat,
+                         **opts)
         if with_entropy:
-            f.create_dataset("entropy", shape=(num_rows,), dtype=np.float16, chunks=(rows,), **opts)
+            f.create_dataset("entropy", shape=(num_rows,), dtype=np.float16, chunks=(rows,),
+                             **flat, **opts)
         self._sample_ids = np.zeros(num_samples, dtype=np.int64)
         self._offsets = np.zeros(num_samples + 1, dtype=np.int64)
         self._samples_done = 0
