@@ -17,6 +17,7 @@ import yaml
 
 from conftest import REPO
 from workflow_scripts import prepare as prepare_module
+from workflow_scripts.job import UserError
 
 
 def base_config(dataset: Path, **dataset_keys) -> dict:
@@ -67,55 +68,53 @@ def test_several_processes_give_the_same_result_as_one(demo_dir, tmp_path, monke
     assert one["plan"]["truncated_samples"] > 0
 
 
-def anonymous_rss_of_tree(pid: int) -> int:
-    """Bytes of private memory (not file-backed pages) held by a process and its children."""
+def test_a_bad_row_in_a_tokenizer_process_is_one_clear_error(demo_dir, tmp_path, monkeypatch):
+    rows = [{"messages": [{"role": "user", "content": f"hi {i}"},
+                          {"role": "assistant", "content": "hello"}]} for i in range(200)]
+    rows[150]["messages"][1]["role"] = "bot"
+    path = tmp_path / "chat.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    template = tmp_path / "t.jinja"
+    template.write_text("{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %}")
+    config = base_config(path, messages_field="messages", chat_template=str(template))
+    monkeypatch.setattr(prepare_module, "READ_BATCH_ROWS", 16)
+    monkeypatch.setattr(prepare_module, "ROWS_PER_PROCESS", 50)
+    with pytest.raises(UserError, match="dataset row 150, message 1: unknown role 'bot'"):
+        run_prepare(config, demo_dir, tmp_path / "out", threads=2)
+    assert list((tmp_path / "out").iterdir()) == []  # no half-written tokens file
+
+
+def private_memory_of_tree(pid: int) -> int:
+    """Bytes of private memory of a process and its children: anonymous pages (not the
+    memory-mapped dataset, which the kernel may drop), pages shared after fork counted once."""
     total, stack = 0, [pid]
     while stack:
         current = stack.pop()
         try:
-            status = Path(f"/proc/{current}/status").read_text()
+            rollup = Path(f"/proc/{current}/smaps_rollup").read_text()
             children = Path(f"/proc/{current}/task/{current}/children").read_text().split()
         except OSError:
             continue
-        for line in status.splitlines():
-            if line.startswith("RssAnon:"):
+        for line in rollup.splitlines():
+            if line.startswith("Pss_Anon:"):
                 total += int(line.split()[1]) * 1024
         stack += [int(c) for c in children]
     return total
 
 
-@pytest.mark.slow
-def test_a_million_samples_prepare_in_bounded_memory(demo_dir, tmp_path):
-    """1M rows: the texts alone would take ~0.5 GB as Python strings (and their token lists
-    several GB); prepare's processes together stay well below that."""
-    rng = np.random.default_rng(0)
-    words = np.array(" ".join(
-        json.loads(line)["text"] for line in (demo_dir / "corpus.jsonl").open()).split())
-    path = tmp_path / "million.jsonl"
-    text_bytes = 0
-    with path.open("w") as handle:
-        for _ in range(100):  # in blocks: the test process stays small too
-            lengths = rng.integers(20, 80, 10_000)
-            picks = words[rng.integers(0, len(words), int(lengths.sum()))]
-            cuts = np.cumsum(lengths)[:-1]
-            for chunk in np.split(picks, cuts):
-                text = " ".join(chunk)
-                text_bytes += len(text)
-                handle.write(json.dumps({"text": text}) + "\n")
-    # What the old prepare held at once: every text as a Python str.
-    in_memory = text_bytes + 1_000_000 * sys.getsizeof("")
-
-    out = tmp_path / "out"
+def peak_memory_of_prepare(tmp_path, demo_dir, dataset: Path, max_samples: int, name: str) -> int:
+    """Run prepare in a child process (2 tokenizer processes); its peak private memory."""
+    out = tmp_path / name
     out.mkdir()
     script = textwrap.dedent(f"""
         import sys, yaml
         sys.path.insert(0, {str(REPO)!r})
         from workflow_scripts.prepare import prepare
         config = yaml.safe_load(open({str(REPO / "config" / "config.yaml")!r}))
-        config["dataset"]["path"] = {str(path)!r}
+        config["dataset"].update(path={str(dataset)!r}, max_samples={max_samples})
         config["tokenize"]["max_length"] = 128
         config["num_shards"] = 4
-        prepare(config, {str(demo_dir / "teacher")!r}, {str(path)!r},
+        prepare(config, {str(demo_dir / "teacher")!r}, {str(dataset)!r},
                 {str(out / "tokens.h5")!r}, {str(out / "plan.json")!r}, threads=2)
     """)
     env = {**os.environ, "HF_DATASETS_CACHE": str(tmp_path / "hf_cache")}
@@ -125,7 +124,7 @@ def test_a_million_samples_prepare_in_bounded_memory(demo_dir, tmp_path):
     def watch():
         nonlocal peak
         while proc.poll() is None:
-            peak = max(peak, anonymous_rss_of_tree(proc.pid))
+            peak = max(peak, private_memory_of_tree(proc.pid))
             time.sleep(0.05)
 
     watcher = threading.Thread(target=watch)
@@ -133,9 +132,37 @@ def test_a_million_samples_prepare_in_bounded_memory(demo_dir, tmp_path):
     assert proc.wait(timeout=3600) == 0
     watcher.join()
     plan = json.loads((out / "plan.json").read_text())
-    assert plan["num_samples"] == 1_000_000
+    assert plan["num_samples"] == max_samples
     with h5py.File(out / "tokens.h5") as f:
         assert f["offsets"][-1] == plan["num_tokens"] == f["input_ids"].shape[0]
-    print(f"peak private memory of prepare's processes: {peak / 2**20:.0f} MiB; the texts as "
+    return peak, plan["num_tokens"]
+
+
+@pytest.mark.slow
+def test_a_million_samples_prepare_in_bounded_memory(demo_dir, tmp_path):
+    """1M rows take no more memory than 50k: nothing in prepare grows with the data but
+    two int64 numbers per sample (16 MB here), while the texts alone would take ~0.3 GB as
+    Python strings, and their token ids ~0.2 GB even as int32 (several GB as lists)."""
+    rng = np.random.default_rng(0)
+    words = np.array(" ".join(
+        json.loads(line)["text"] for line in (demo_dir / "corpus.jsonl").open()).split())
+    path = tmp_path / "million.jsonl"
+    text_bytes = 0
+    with path.open("w") as handle:
+        for _ in range(100):  # in blocks: the test process stays small too
+            lengths = rng.integers(10, 50, 10_000)
+            picks = words[rng.integers(0, len(words), int(lengths.sum()))]
+            for chunk in np.split(picks, np.cumsum(lengths)[:-1]):
+                text = " ".join(chunk)
+                text_bytes += len(text)
+                handle.write(json.dumps({"text": text}) + "\n")
+    in_memory = text_bytes + 1_000_000 * sys.getsizeof("")
+
+    small, _ = peak_memory_of_prepare(tmp_path, demo_dir, path, 50_000, "small")
+    large, tokens = peak_memory_of_prepare(tmp_path, demo_dir, path, 1_000_000, "large")
+    growth = large - small
+    print(f"\npeak private memory of prepare and its tokenizer processes: {small / 2**20:.0f} MiB "
+          f"at 50k rows, {large / 2**20:.0f} MiB at 1M rows ({tokens:,} tokens); the texts as "
           f"Python strings: {in_memory / 2**20:.0f} MiB")
-    assert peak < in_memory / 2
+    assert growth < 64 * 2**20
+    assert growth < in_memory / 5
