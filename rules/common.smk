@@ -11,6 +11,7 @@ sys.path.insert(0, str(Path(workflow.main_snakefile).parent))
 from workflow_scripts.run_lock import hold_run_lock
 from workflow_scripts.workflow_config import (
     ConfigError,
+    check_chat_and_overflow,
     check_gpus,
     check_paths,
     check_schema,
@@ -62,6 +63,7 @@ def check_config(config):
     try:
         groups = check_gpus(config)
         check_paths(config)
+        check_chat_and_overflow(config)
     except ConfigError as error:
         exit_with_config_error(error)
     if config["gpu_assignment"] == "scheduler" and groups and workflow.is_main_process:

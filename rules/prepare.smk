@@ -12,6 +12,7 @@ rule prepare:
         out("logs", "prepare.log"),
     conda:
         "../environment.yml"
+    threads: config["tokenize"]["num_proc"]
     params:
         # Only what changes the stored numbers: editing GPUs or batch sizes reruns nothing.
         settings=meaning_settings_json(config),

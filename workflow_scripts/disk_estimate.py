@@ -88,6 +88,8 @@ def bytes_per_token(plan: dict, shards_dir: Path, value_dtype: str | None = None
     if store_entropy is None:
         store_entropy = settings.get("generation", {}).get("store_entropy", True)
     raw = uncompressed_bytes_per_token(int(plan["top_k"]), value_dtype, bool(store_entropy))
+    if "loss_mask" in plan:  # chat data: one uint8 per token more
+        raw += 1
     return Estimate(float(raw), measured=False)
 
 

@@ -30,7 +30,7 @@ from workflow_scripts.shard_format import (  # noqa: E402
     MASS_BINS,
     ShardError,
     entropy_bins,
-    read_prepared,
+    read_prepared_shard,
     temp_path_for,
     validate_shard,
 )
@@ -63,14 +63,28 @@ def shard_entry(index: int, path: str, relative: str, summary) -> dict:
         "teacher_load_seconds": attrs.get("teacher_load_seconds"),
         "generation_seconds": generation_seconds,
         "tokens_per_second": summary.num_tokens / generation_seconds if generation_seconds else None,
-        "mean_topk_mass": summary.topk_mass_sum / max(summary.num_tokens, 1),
+        "mean_topk_mass": summary.topk_mass_sum / max(summary.num_rows, 1),
         "next_token_in_topk_fraction": summary.next_token_in_topk / max(summary.next_token_rows, 1),
+        **loss_mask_counts([summary]),
+    }
+
+
+def loss_mask_counts(summaries: list) -> dict:
+    """Chat data: tokens trained on (loss_mask 1) and not, and the top-k rows stored."""
+    if any(s.loss_mask_ones is None for s in summaries):
+        return {}
+    ones = sum(s.loss_mask_ones for s in summaries)
+    return {
+        "loss_mask": {"ones": ones, "zeros": sum(s.num_tokens for s in summaries) - ones},
+        "stored_rows": sum(s.num_rows for s in summaries),
     }
 
 
 def run_statistics(summaries: list, shards: list[dict], plan: dict, index_path: str) -> dict:
     """The manifest's ``stats``: teacher fidelity, storage and throughput, from gather's one pass."""
     total_tokens = sum(s.num_tokens for s in summaries)
+    # Means over the rows stored: every token, or fewer with store_masked_only.
+    total_rows = sum(s.num_rows for s in summaries)
     mass_hist = sum(s.topk_mass_hist for s in summaries)
     hits = sum(s.next_token_in_topk for s in summaries)
     next_rows = sum(s.next_token_rows for s in summaries)
@@ -81,10 +95,10 @@ def run_statistics(summaries: list, shards: list[dict], plan: dict, index_path: 
         for name, size in summary.dataset_bytes.items():
             dataset_bytes[name] = dataset_bytes.get(name, 0) + size
     return {
-        "mean_topk_mass": sum(s.topk_mass_sum for s in summaries) / max(total_tokens, 1),
+        "mean_topk_mass": sum(s.topk_mass_sum for s in summaries) / max(total_rows, 1),
         "topk_mass_histogram": {"bin_edges": MASS_BINS.tolist(), "counts": mass_hist.tolist()},
         "mean_entropy_nats": (
-            sum(s.entropy_sum for s in with_entropy) / max(sum(s.num_tokens for s in with_entropy), 1)
+            sum(s.entropy_sum for s in with_entropy) / max(sum(s.num_rows for s in with_entropy), 1)
             if with_entropy else None
         ),
         # null when no shard stored the entropy dataset (generation.store_entropy=false).
@@ -92,7 +106,7 @@ def run_statistics(summaries: list, shards: list[dict], plan: dict, index_path: 
             "unit": "nats",
             "bin_edges": entropy_bins(plan["vocab_size"]).tolist(),
             "counts": sum(s.entropy_hist for s in with_entropy).tolist(),
-            "num_tokens": sum(s.num_tokens for s in with_entropy),
+            "num_tokens": sum(s.num_rows for s in with_entropy),
         } if with_entropy else None,
         "next_token_in_topk_fraction": hits / max(next_rows, 1),
         "next_token_rows": next_rows,
@@ -165,7 +179,8 @@ def gather(plan_path: str, tokens_path: str, shard_paths: list[str], index_out: 
            workers: int | None = None):
     start = time.time()
     plan = json.loads(Path(plan_path).read_text())
-    prepared = read_prepared(tokens_path)
+    masked_only = bool(plan["settings"]["generation"].get("store_masked_only", False))
+    planned_ids = []
     store_dir = Path(index_out).parent
     expected_common = {
         "num_shards": plan["num_shards"],
@@ -177,12 +192,17 @@ def gather(plan_path: str, tokens_path: str, shard_paths: list[str], index_out: 
 
     def check(index: int, progress):
         # Runs in a worker process: a libhdf5 crash on a corrupt file kills only the worker.
-        sample_ids, offsets, input_ids = prepared.shard_slice(index)
+        # One shard's tokens at a time: gather's memory does not grow with the dataset.
+        prepared = read_prepared_shard(tokens_path, index)
+        sample_ids, offsets, input_ids = prepared.shard_slice(0)
         return validate_shard(
             shard_paths[index], sample_ids, offsets, input_ids,
-            {**expected_common, "shard_index": index}, plan["vocab_size"], progress=progress,
+            {**expected_common, "shard_index": index}, plan["vocab_size"],
+            prepared.loss_mask, masked_only, progress=progress,
         )
 
+    with h5py.File(tokens_path, "r") as tokens:
+        planned_ids.append(tokens["sample_ids"][:])
     workers = default_workers(workers)
     log.info("validating %d shards in %d worker process(es)", len(shard_paths), workers)
     summaries, problems = [], []
@@ -207,7 +227,7 @@ def gather(plan_path: str, tokens_path: str, shard_paths: list[str], index_out: 
     all_ids = np.concatenate([s.sample_ids for _, _, s in summaries])
     if len(np.unique(all_ids)) != len(all_ids):
         raise ShardError("a sample id appears in more than one shard; rerun prepare and all shards")
-    if not np.array_equal(np.sort(all_ids), np.sort(prepared.sample_ids)):
+    if not np.array_equal(np.sort(all_ids), np.sort(np.concatenate(planned_ids))):
         raise ShardError("the shards do not hold exactly the samples prepare planned")
 
     # Per-sample index in sample-id order: which shard, which position inside it.
@@ -224,6 +244,8 @@ def gather(plan_path: str, tokens_path: str, shard_paths: list[str], index_out: 
             f.attrs[key] = value
         f.attrs["num_samples"] = len(all_ids)
         f.attrs["num_tokens"] = int(lengths.sum())
+        f.attrs["has_loss_mask"] = all(s.loss_mask_ones is not None for _, _, s in summaries)
+        f.attrs["masked_only"] = masked_only
         f.create_dataset("shard_paths", data=np.array(relative, dtype=object), dtype=h5py.string_dtype())
         f.create_dataset("sample_ids", data=all_ids[order])
         f.create_dataset("sample_shard", data=shard_of[order])
@@ -247,6 +269,8 @@ def gather(plan_path: str, tokens_path: str, shard_paths: list[str], index_out: 
         "shards": shards,
         "dropped": plan["dropped"],
         "truncated_samples": plan["truncated_samples"],
+        "split_samples": plan.get("split_samples", 0),
+        **loss_mask_counts([s for _, _, s in summaries]),
         "stats": run_statistics([s for _, _, s in summaries], shards, plan, index_out),
     }
     # `python -m workflow_scripts.verify` checks a copied store against these.

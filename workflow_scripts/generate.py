@@ -24,7 +24,7 @@ import numpy as np
 if __name__ == "__main__":  # Snakemake runs a copy of this file: import from the repository
     sys.path.insert(0, str(Path(snakemake.scriptdir).parent))  # noqa: F821
 
-from workflow_scripts.batching import plan_batches, windows  # noqa: E402
+from workflow_scripts.batching import long_document_windows, plan_batches, windows  # noqa: E402
 from workflow_scripts.disk_estimate import check_shard_fits  # noqa: E402
 from workflow_scripts.gpu_groups import gpu_claim, groups_from_config  # noqa: E402
 from workflow_scripts.job import UserError  # noqa: E402
@@ -40,9 +40,10 @@ from workflow_scripts.shard_format import (  # noqa: E402
     ShardError,
     ShardWriter,
     iter_part_rows,
+    needed_rows,
     read_attrs,
     read_part_attrs,
-    read_prepared,
+    read_prepared_shard,
     validate_shard,
 )
 
@@ -173,6 +174,30 @@ def compute_window(head, input_ids: np.ndarray, offsets: np.ndarray, batch_token
                 out["entropy"][start:stop] = result.entropy[cursor : cursor + n].numpy()
                 cursor += n
     return out
+
+
+def compute_window_split(head, input_ids: np.ndarray, offsets: np.ndarray, batch_tokens: int,
+                         pad_id: int, max_length: int, stride: int):
+    """``compute_window`` where documents may be longer than ``max_length`` (overflow: split).
+
+    Each long document is read in overlapping windows of at most ``max_length`` tokens
+    (``long_document_windows``); the windows are batched like short samples, and each
+    row is taken from the one window that keeps it. Windows that fit change nothing.
+    """
+    lengths = np.diff(offsets)
+    if not len(lengths) or int(lengths.max()) <= max_length:
+        return compute_window(head, input_ids, offsets, batch_tokens, pad_id)
+    cut = long_document_windows(lengths, max_length, stride)
+    starts = offsets[cut["sample"]] + cut["start"]
+    stops = offsets[cut["sample"]] + cut["stop"]
+    window_ids = np.concatenate([input_ids[a:b] for a, b in zip(starts, stops)])
+    window_offsets = np.concatenate([[0], np.cumsum(stops - starts)]).astype(np.int64)
+    rows = compute_window(head, window_ids, window_offsets, batch_tokens, pad_id)
+    # Kept rows tile each document in order, and windows come in document order, so
+    # the kept rows, concatenated, are the window's rows in token order.
+    first = window_offsets[:-1] + (cut["keep_start"] - cut["start"])
+    keep = np.concatenate([np.arange(a, b) for a, b in zip(first, window_offsets[1:])])
+    return {name: values[keep] for name, values in rows.items()}
 
 
 def scheduler_job_id() -> str | None:
@@ -307,6 +332,7 @@ def compute_remaining(config: dict, shard: int, parts: CommittedParts, offsets: 
     """Claim a GPU group, run every window not yet committed, commit parts as it goes."""
     gen, storage = config["generation"], config["storage"]
     batch_tokens = int(gen["batch_tokens"])
+    max_length, stride = int(config["tokenize"]["max_length"]), int(config["tokenize"]["stride"])
     scheduler = config["gpu_assignment"] == "scheduler"
     wants_gpu = scheduler or bool(groups_from_config(config["gpus"], config["gpus_per_model"]))
     holder = {"workflow": os.getcwd(), "shard": shard}
@@ -344,8 +370,9 @@ def compute_remaining(config: dict, shard: int, parts: CommittedParts, offsets: 
                     s0, s1 = first + w0, first + w1
                     r0, r1 = int(offsets[s0]), int(offsets[s1])
                     started = time.time()
-                    rows = compute_window(
-                        head, input_ids[r0:r1], offsets[s0 : s1 + 1] - r0, batch_tokens, pad_id
+                    rows = compute_window_split(
+                        head, input_ids[r0:r1], offsets[s0 : s1 + 1] - r0, batch_tokens, pad_id,
+                        max_length, stride,
                     )
                     committer.add(s0, r0, s1 - s0, rows, time.time() - started)
                     bar.update(r1 - r0)
@@ -357,7 +384,7 @@ def compute_remaining(config: dict, shard: int, parts: CommittedParts, offsets: 
 
 
 def assemble(output: Path, parts: CommittedParts, sample_ids, offsets, input_ids, config: dict,
-             attrs: dict) -> None:
+             attrs: dict, loss_mask: np.ndarray | None = None) -> None:
     """Copy the committed parts, in order, into the shard file and commit it atomically."""
     gen, storage = config["generation"], config["storage"]
     # libhdf5 can crash on a failed write, so check the room first. The parts hold the
@@ -369,6 +396,8 @@ def assemble(output: Path, parts: CommittedParts, sample_ids, offsets, input_ids
         output, num_samples=len(sample_ids), num_tokens=int(offsets[-1]), top_k=int(gen["top_k"]),
         value_dtype=storage["value_dtype"], compression=storage["compression"],
         with_entropy=bool(gen["store_entropy"]),
+        with_loss_mask=loss_mask is not None,
+        stored_rows=needed_rows(loss_mask, offsets) if gen["store_masked_only"] else None,
     )
     try:
         with disk_full_is_a_user_error(output):
@@ -378,6 +407,8 @@ def assemble(output: Path, parts: CommittedParts, sample_ids, offsets, input_ids
                 for r0, rows in iter_part_rows(path):
                     start = first_row + r0
                     rows["input_ids"] = input_ids[start : start + len(rows["logsumexp"])]
+                    if loss_mask is not None:
+                        rows["loss_mask"] = loss_mask[start : start + len(rows["logsumexp"])]
                     writer.write_rows(rows)
             writer.commit(attrs)
     except BaseException:
@@ -420,7 +451,9 @@ def generate(config: dict, shard: int, tokens_path: str, plan_path: str, regener
     output = Path(output)
     plan = json.loads(Path(plan_path).read_text())
     check_shard_fits(config, plan, shard, output)
-    sample_ids, offsets, input_ids = read_prepared(tokens_path).shard_slice(shard)
+    prepared = read_prepared_shard(tokens_path, shard)
+    sample_ids, offsets, input_ids = prepared.shard_slice(0)
+    loss_mask = prepared.loss_mask
     num_tokens = int(offsets[-1])
     identity = part_identity(
         config, plan, shard, sample_ids, offsets, Path(regenerate_path).read_text().strip()
@@ -437,7 +470,8 @@ def generate(config: dict, shard: int, tokens_path: str, plan_path: str, regener
 
         def is_valid(path):
             try:
-                validate_shard(path, sample_ids, offsets, input_ids, expected, plan["vocab_size"])
+                validate_shard(path, sample_ids, offsets, input_ids, expected, plan["vocab_size"],
+                               loss_mask, bool(config["generation"]["store_masked_only"]))
                 return True
             except ShardError as exc:
                 log.info("%s: %s", path, exc)
@@ -476,7 +510,7 @@ def generate(config: dict, shard: int, tokens_path: str, plan_path: str, regener
             "job_started_at": job_started_at,
             "teacher_load_seconds": this_claim["teacher_load_seconds"],
             "generation_seconds": gen_seconds,
-        })
+        }, loss_mask)
         parts.keep_assembled(output)
 
 

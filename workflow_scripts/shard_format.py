@@ -45,8 +45,12 @@ REQUIRED_ATTRS = (
     "claims",
 )
 
-# Datasets a shard may leave out (entropy when store_entropy is off).
-OPTIONAL_DATASETS = ("entropy",)
+# Datasets a shard may leave out (entropy when store_entropy is off, loss_mask for
+# plain-text data).
+OPTIONAL_DATASETS = ("entropy", "loss_mask")
+# Datasets with one entry per top-k row: all T rows, or with generation.store_masked_only
+# only the rows a trainer uses (``needed_rows``).
+ROW_DATASETS = ("topk_ids", "topk_logits", "logsumexp", "entropy")
 
 VALUE_DTYPES = {"float16": np.float16, "float32": np.float32}
 COMPRESSIONS = ("default", "zstd", "gzip", "lzf", "none")
@@ -93,6 +97,8 @@ class ShardWriter:
         value_dtype: str = "float16",
         compression: str = "default",
         with_entropy: bool = True,
+        with_loss_mask: bool = False,
+        stored_rows: np.ndarray | None = None,
     ):
         self.path = Path(path)
         self.temp_path = temp_path_for(self.path)
@@ -107,17 +113,38 @@ class ShardWriter:
         f.create_dataset("sample_ids", shape=(num_samples,), dtype=np.int64)
         f.create_dataset("offsets", shape=(num_samples + 1,), dtype=np.int64)
         f.create_dataset("input_ids", shape=(num_tokens,), dtype=np.int32, chunks=(rows,), **opts)
+        self._stored = self._init_masked_storage(with_loss_mask, stored_rows, rows, opts)
+        num_rows = num_tokens if self._stored is None else int(self._stored.sum())
+        rows = max(1, min(CHUNK_ROWS, num_rows))
+        # HDF5 refuses a chunk larger than an empty dataset unless it may grow.
+        wide, flat = ({}, {}) if num_rows else ({"maxshape": (None, top_k)}, {"maxshape": (None,)})
         for name, dtype in (("topk_ids", np.int32), ("topk_logits", VALUE_DTYPES[value_dtype])):
             f.create_dataset(
-                name, shape=(num_tokens, top_k), dtype=dtype, chunks=(rows, top_k), **opts
+                name, shape=(num_rows, top_k), dtype=dtype, chunks=(rows, top_k), **wide, **opts
             )
-        f.create_dataset("logsumexp", shape=(num_tokens,), dtype=np.float32, chunks=(rows,), **opts)
+        f.create_dataset("logsumexp", shape=(num_rows,), dtype=np.float32, chunks=(rows,), **flat,
+                         **opts)
         if with_entropy:
-            f.create_dataset("entropy", shape=(num_tokens,), dtype=np.float16, chunks=(rows,), **opts)
+            f.create_dataset("entropy", shape=(num_rows,), dtype=np.float16, chunks=(rows,),
+                             **flat, **opts)
         self._sample_ids = np.zeros(num_samples, dtype=np.int64)
         self._offsets = np.zeros(num_samples + 1, dtype=np.int64)
         self._samples_done = 0
         self._rows_done = 0
+        self._stored_done = 0
+
+    def _init_masked_storage(self, with_loss_mask, stored_rows, chunk_rows, opts):
+        """The loss_mask dataset, and which top-k rows are kept (``None``: all of them)."""
+        if with_loss_mask or stored_rows is not None:
+            self._file.create_dataset(
+                "loss_mask", shape=(self.num_tokens,), dtype=np.uint8, chunks=(chunk_rows,), **opts
+            )
+        if stored_rows is None:
+            return None
+        stored = np.asarray(stored_rows, dtype=bool)
+        if stored.shape != (self.num_tokens,):
+            raise ShardError("stored_rows must hold one flag per token")
+        return stored
 
     def write_block(self, sample_ids, lengths, arrays: dict) -> None:
         """Write consecutive samples: ``arrays`` hold their rows concatenated in order."""
@@ -141,12 +168,21 @@ class ShardWriter:
         rows = len(next(iter(arrays.values())))
         if r0 + rows > self.num_tokens:
             raise ShardError("more rows written than the shard plan holds")
+        keep = None if self._stored is None else self._stored[r0 : r0 + rows]
+        c0 = self._stored_done
+        c1 = c0 + (rows if keep is None else int(keep.sum()))
         for name, values in arrays.items():
             if name in self._file:
-                self._file[name][r0 : r0 + rows] = values
+                if name in ROW_DATASETS and keep is not None:
+                    self._file[name][c0:c1] = np.asarray(values)[keep]
+                elif name in ROW_DATASETS:
+                    self._file[name][c0:c1] = values
+                else:
+                    self._file[name][r0 : r0 + rows] = values
             elif name not in OPTIONAL_DATASETS:
                 raise ShardError(f"unknown shard dataset {name!r}")
         self._rows_done += rows
+        self._stored_done = c1
 
     def commit(self, attrs: dict) -> Path:
         if self._samples_done != self.num_samples or self._rows_done != self.num_tokens:
@@ -157,6 +193,9 @@ class ShardWriter:
         f = self._file
         f["sample_ids"][:] = self._sample_ids
         f["offsets"][:] = self._offsets
+        if self._stored is not None:
+            f.attrs["masked_only"] = True
+            f.create_dataset("row_offsets", data=stored_row_offsets(self._stored, self._offsets))
         f.attrs["format_version"] = FORMAT_VERSION
         f.attrs["top_k"] = self.top_k
         for key, value in attrs.items():
@@ -182,6 +221,35 @@ def fsync_dir(path: str | os.PathLike) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+# --- loss masks and masked-only storage ----------------------------------------------
+#
+# Row t predicts token t+1, so a trainer weights row t by loss_mask[t+1]; a sample's
+# last row predicts nothing inside it. With ``generation.store_masked_only`` a shard
+# keeps only the rows some trainer weight is non-zero for, packed in order;
+# ``row_offsets`` [S+1] says where each sample's kept rows start. Which rows were kept
+# follows from loss_mask and offsets alone (``needed_rows``), so it is not stored.
+
+# What the reader returns for a row that was not stored: the same zeros the collate
+# function pads with. Its trainer weight (loss_mask of the next token) is always 0.
+ABSENT_ROW_FILL = 0
+
+
+def needed_rows(loss_mask: np.ndarray, offsets: np.ndarray) -> np.ndarray:
+    """bool [T]: row t is used by a trainer (the next token, inside its sample, is trained on)."""
+    loss_mask = np.asarray(loss_mask)
+    needed = np.zeros(len(loss_mask), dtype=bool)
+    needed[:-1] = loss_mask[1:] != 0
+    ends = np.asarray(offsets)[1:]
+    needed[ends[ends > 0] - 1] = False
+    return needed
+
+
+def stored_row_offsets(stored: np.ndarray, offsets: np.ndarray) -> np.ndarray:
+    """int64 [S+1]: sample s's kept rows are ``row_offsets[s]:row_offsets[s+1]``."""
+    cumulative = np.concatenate([[0], np.cumsum(stored, dtype=np.int64)])
+    return cumulative[np.asarray(offsets, dtype=np.int64)]
 
 
 # --- committed parts: a shard's progress, durable across kills ------------------
@@ -307,9 +375,27 @@ def read_sample(handle: h5py.File, position: int, offsets=None) -> dict:
     else:
         start, stop = offsets[position], offsets[position + 1]
     record = {"sample_id": int(handle["sample_ids"][position])}
+    if "row_offsets" in handle:
+        return _read_masked_only_sample(handle, position, start, stop, record)
     for name in SAMPLE_FIELDS:
         if name in handle:
             record[name] = handle[name][start:stop]
+    return record
+
+
+def _read_masked_only_sample(handle, position: int, start: int, stop: int, record: dict) -> dict:
+    """Scatter the kept rows back to their tokens; absent rows read as ``ABSENT_ROW_FILL``."""
+    c0, c1 = handle["row_offsets"][position : position + 2]
+    record["input_ids"] = handle["input_ids"][start:stop]
+    record["loss_mask"] = handle["loss_mask"][start:stop]
+    stored = needed_rows(record["loss_mask"], np.array([0, stop - start]))
+    for name in ROW_DATASETS:
+        if name in handle:
+            ds = handle[name]
+            full = np.full((stop - start, *ds.shape[1:]), ABSENT_ROW_FILL, dtype=ds.dtype)
+            full[stored] = ds[c0:c1]
+            record[name] = full
+    record["row_stored"] = stored.astype(np.uint8)
     return record
 
 
@@ -330,6 +416,10 @@ class ShardSummary:
     # Report statistics: empty histogram when the shard has no entropy dataset.
     entropy_hist: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
     dataset_bytes: dict = field(default_factory=dict)
+    # Top-k rows stored: num_tokens, or fewer with store_masked_only.
+    num_rows: int = -1
+    # Tokens with loss_mask 1 (None: the shard has no loss mask).
+    loss_mask_ones: int | None = None
 
 
 MASS_BINS = np.linspace(0.0, 1.0, 21)
@@ -342,6 +432,37 @@ def entropy_bins(vocab_size: int) -> np.ndarray:
 VALIDATE_BLOCK_ROWS = 1 << 16
 
 
+def _expected_stored_rows(handle, exp_loss_mask, exp_offsets, masked_only):
+    """Which top-k rows the shard must hold (``None``: all); refuses a mismatched layout."""
+    if masked_only and exp_loss_mask is None:
+        raise ShardError("masked-only storage needs the expected loss mask")
+    if bool(handle.attrs.get("masked_only", False)) != bool(masked_only):
+        want = "only the rows the loss mask trains on" if masked_only else "every row"
+        raise ShardError(f"stores the wrong rows: expected {want} (store_masked_only changed?)")
+    return needed_rows(exp_loss_mask, exp_offsets) if masked_only else None
+
+
+def _check_loss_mask(handle, exp_loss_mask, stored, offsets) -> int | None:
+    """The stored mask equals prepare's; returns its count of ones."""
+    if exp_loss_mask is None:
+        if "loss_mask" in handle:
+            raise ShardError("has a loss_mask but prepare made none (the data is not chat?)")
+        return None
+    ones = 0
+    for r0 in range(0, len(exp_loss_mask), VALIDATE_BLOCK_ROWS):
+        block = handle["loss_mask"][r0 : r0 + VALIDATE_BLOCK_ROWS]
+        expected = exp_loss_mask[r0 : r0 + VALIDATE_BLOCK_ROWS]
+        if not np.array_equal(block, expected):
+            bad = r0 + int(np.flatnonzero(block != expected)[0])
+            raise ShardError(f"loss_mask differs from prepare's at row {bad}")
+        ones += int(np.count_nonzero(block))
+    if stored is not None and not np.array_equal(
+        handle["row_offsets"][:], stored_row_offsets(stored, offsets)
+    ):
+        raise ShardError("row_offsets do not match the rows the loss mask keeps")
+    return ones
+
+
 def validate_shard(
     path: str | os.PathLike,
     expected_sample_ids: np.ndarray,
@@ -349,10 +470,14 @@ def validate_shard(
     expected_input_ids: np.ndarray,
     expected_attrs: dict,
     vocab_size: int,
+    expected_loss_mask: np.ndarray | None = None,
+    masked_only: bool = False,
     progress=None,
 ) -> ShardSummary:
     """Check one shard completely; raise ``ShardError`` naming the first problem found.
 
+    ``expected_loss_mask``: the shard must hold exactly this ``loss_mask`` (chat data).
+    ``masked_only``: it keeps only the rows ``needed_rows`` selects (store_masked_only).
     ``progress()``, if given, is called after each step that reads the file, so a
     watchdog can tell a slow check from libhdf5 spinning on corrupt metadata.
     """
@@ -369,7 +494,7 @@ def validate_shard(
             progress()
             return _validate_open_shard(
                 handle, expected_sample_ids, expected_offsets, expected_input_ids,
-                expected_attrs, vocab_size, progress,
+                expected_attrs, vocab_size, progress, expected_loss_mask, masked_only,
             )
     except ShardError:
         raise
@@ -377,7 +502,8 @@ def validate_shard(
         raise ShardError(f"corrupt or unreadable ({type(exc).__name__}: {exc})") from None
 
 
-def _validate_open_shard(handle, exp_ids, exp_offsets, exp_input_ids, exp_attrs, vocab_size, progress):
+def _validate_open_shard(handle, exp_ids, exp_offsets, exp_input_ids, exp_attrs, vocab_size,
+                         progress, exp_loss_mask=None, masked_only=False):
     missing = [a for a in REQUIRED_ATTRS if a not in handle.attrs]
     if missing:
         raise ShardError(f"missing attributes {missing}")
@@ -393,14 +519,20 @@ def _validate_open_shard(handle, exp_ids, exp_offsets, exp_input_ids, exp_attrs,
 
     top_k = int(attrs["top_k"])
     num_samples, num_tokens = len(exp_ids), int(exp_offsets[-1])
+    stored = _expected_stored_rows(handle, exp_loss_mask, exp_offsets, masked_only)
+    num_rows = num_tokens if stored is None else int(stored.sum())
     shapes = {
         "sample_ids": ((num_samples,), np.int64),
         "offsets": ((num_samples + 1,), np.int64),
         "input_ids": ((num_tokens,), np.int32),
-        "topk_ids": ((num_tokens, top_k), np.int32),
-        "topk_logits": ((num_tokens, top_k), None),
-        "logsumexp": ((num_tokens,), np.float32),
+        "topk_ids": ((num_rows, top_k), np.int32),
+        "topk_logits": ((num_rows, top_k), None),
+        "logsumexp": ((num_rows,), np.float32),
     }
+    if exp_loss_mask is not None:
+        shapes["loss_mask"] = ((num_tokens,), np.uint8)
+    if stored is not None:
+        shapes["row_offsets"] = ((num_samples + 1,), np.int64)
     for name, (shape, dtype) in shapes.items():
         if name not in handle:
             raise ShardError(f"dataset {name!r} is missing")
@@ -417,7 +549,7 @@ def _validate_open_shard(handle, exp_ids, exp_offsets, exp_input_ids, exp_attrs,
     if handle["topk_logits"].dtype not in (np.float16, np.float32):
         raise ShardError(f"topk_logits has dtype {handle['topk_logits'].dtype}")
     has_entropy = "entropy" in handle
-    if has_entropy and handle["entropy"].shape != (num_tokens,):
+    if has_entropy and handle["entropy"].shape != (num_rows,):
         raise ShardError(f"dataset 'entropy' has shape {handle['entropy'].shape}")
 
     sample_ids = handle["sample_ids"][:]
@@ -426,6 +558,7 @@ def _validate_open_shard(handle, exp_ids, exp_offsets, exp_input_ids, exp_attrs,
         raise ShardError(_sample_ids_problem(sample_ids, exp_ids))
     if not np.array_equal(offsets, exp_offsets):
         raise ShardError("offsets differ from the shard plan (sample lengths changed)")
+    loss_mask_ones = _check_loss_mask(handle, exp_loss_mask, stored, offsets)
 
     mass_hist = np.zeros(len(MASS_BINS) - 1, dtype=np.int64)
     ent_bins = entropy_bins(vocab_size)
@@ -434,6 +567,7 @@ def _validate_open_shard(handle, exp_ids, exp_offsets, exp_input_ids, exp_attrs,
     hits = rows_with_next = 0
     # Which rows have a next token inside their own sample: all but each sample's last.
     last_rows = offsets[1:] - 1
+    c1 = 0  # kept rows read so far (all rows unless masked-only)
     for r0 in range(0, num_tokens, VALIDATE_BLOCK_ROWS):
         progress()
         r1 = min(num_tokens, r0 + VALIDATE_BLOCK_ROWS)
@@ -441,15 +575,20 @@ def _validate_open_shard(handle, exp_ids, exp_offsets, exp_input_ids, exp_attrs,
         if not np.array_equal(input_ids, exp_input_ids[r0:r1]):
             bad = r0 + int(np.flatnonzero(input_ids != exp_input_ids[r0:r1])[0])
             raise ShardError(f"input_ids differ from prepare's tokens at row {bad}")
-        ids = handle["topk_ids"][r0:r1]
-        logits = handle["topk_logits"][r0:r1].astype(np.float32)
-        lse = handle["logsumexp"][r0:r1]
+        # The token rows whose top-k this block holds, and where they are stored.
+        rows = np.arange(r0, r1) if stored is None else r0 + np.flatnonzero(stored[r0:r1])
+        c0, c1 = c1, c1 + len(rows)
+        if not len(rows):
+            continue
+        ids = handle["topk_ids"][c0:c1]
+        logits = handle["topk_logits"][c0:c1].astype(np.float32)
+        lse = handle["logsumexp"][c0:c1]
         if ids.size and (ids.min() < 0 or ids.max() >= vocab_size):
             raise ShardError(f"topk_ids outside the vocabulary [0, {vocab_size})")
         if not (np.isfinite(logits).all() and np.isfinite(lse).all()):
             raise ShardError(f"non-finite values in rows {r0}..{r1 - 1}")
         if top_k > 1 and (np.diff(logits, axis=1) > 0).any():
-            row = r0 + int(np.flatnonzero((np.diff(logits, axis=1) > 0).any(axis=1))[0])
+            row = int(rows[np.flatnonzero((np.diff(logits, axis=1) > 0).any(axis=1))[0]])
             raise ShardError(f"topk_logits not sorted most likely first at row {row}")
         if top_k > 1 and (np.diff(np.sort(ids, axis=1), axis=1) == 0).any():
             raise ShardError(f"repeated token ids inside a top-k row in rows {r0}..{r1 - 1}")
@@ -460,13 +599,12 @@ def _validate_open_shard(handle, exp_ids, exp_offsets, exp_input_ids, exp_attrs,
         mass_sum += float(mass.sum())
         mass_hist += np.histogram(np.clip(mass, 0.0, 1.0), bins=MASS_BINS)[0]
         if has_entropy:
-            entropy = handle["entropy"][r0:r1].astype(np.float64)
+            entropy = handle["entropy"][c0:c1].astype(np.float64)
             if not (np.isfinite(entropy).all() and (entropy >= -1e-2).all()):
-                raise ShardError(f"entropy negative or not finite in rows {r0}..{r1 - 1}")
+                raise ShardError(f"entropy negative or not finite in rows {c0}..{c1 - 1}")
             entropy_sum += float(entropy.sum())
             # float16 rounding can step just past ln(vocab): clip into the last bin.
             entropy_hist += np.histogram(np.clip(entropy, 0.0, ent_bins[-1]), bins=ent_bins)[0]
-        rows = np.arange(r0, r1)
         has_next = ~np.isin(rows, last_rows)
         next_ids = exp_input_ids[np.minimum(rows + 1, num_tokens - 1)]
         hits += int(((ids == next_ids[:, None]).any(axis=1) & has_next).sum())
@@ -476,6 +614,8 @@ def _validate_open_shard(handle, exp_ids, exp_offsets, exp_input_ids, exp_attrs,
     return ShardSummary(
         num_samples=num_samples,
         num_tokens=num_tokens,
+        num_rows=num_rows,
+        loss_mask_ones=loss_mask_ones,
         sample_ids=sample_ids,
         offsets=offsets,
         attrs=attrs,
@@ -521,6 +661,7 @@ class PreparedTokens:
     offsets: np.ndarray  # int64 [S+1]
     input_ids: np.ndarray  # int32 [T]
     shard_bounds: np.ndarray  # int64 [num_shards+1]: shard i owns samples bounds[i]:bounds[i+1]
+    loss_mask: np.ndarray | None = None  # uint8 [T], chat data only
 
     @property
     def num_shards(self) -> int:
@@ -532,17 +673,67 @@ class PreparedTokens:
         r0, r1 = int(self.offsets[s0]), int(self.offsets[s1])
         return self.sample_ids[s0:s1], self.offsets[s0 : s1 + 1] - r0, self.input_ids[r0:r1]
 
+    def shard_loss_mask(self, shard: int) -> np.ndarray | None:
+        """The loss mask of one shard's tokens (``None`` for plain-text data)."""
+        if self.loss_mask is None:
+            return None
+        s0, s1 = int(self.shard_bounds[shard]), int(self.shard_bounds[shard + 1])
+        return self.loss_mask[int(self.offsets[s0]) : int(self.offsets[s1])]
+
+
+PREPARED_CHUNK = 1 << 16
+
+
+class PreparedWriter:
+    """prepare's output written as it streams: tokens appended batch by batch, the small
+    per-sample arrays and the shard plan at ``commit`` (temp file + rename)."""
+
+    def __init__(self, path: str | os.PathLike, with_loss_mask: bool):
+        self.path = Path(path)
+        self.temp_path = temp_path_for(self.path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._file = h5py.File(self.temp_path, "w")
+        self.num_tokens = 0
+        names = [("input_ids", np.int32)] + ([("loss_mask", np.uint8)] if with_loss_mask else [])
+        for name, dtype in names:
+            self._file.create_dataset(name, shape=(0,), maxshape=(None,), dtype=dtype,
+                                      chunks=(PREPARED_CHUNK,), fletcher32=True)
+
+    def append(self, input_ids: np.ndarray, loss_mask: np.ndarray | None = None) -> None:
+        n = len(input_ids)
+        for name, values in (("input_ids", input_ids), ("loss_mask", loss_mask)):
+            if name in self._file:
+                ds = self._file[name]
+                ds.resize(self.num_tokens + n, axis=0)
+                ds[self.num_tokens :] = values
+        self.num_tokens += n
+
+    def commit(self, sample_ids: np.ndarray, offsets: np.ndarray, shard_bounds: np.ndarray) -> None:
+        if int(offsets[-1]) != self.num_tokens:
+            raise ShardError(f"offsets end at {offsets[-1]}, but {self.num_tokens} tokens written")
+        f = self._file
+        f.attrs["format_version"] = FORMAT_VERSION
+        f.create_dataset("sample_ids", data=np.asarray(sample_ids, dtype=np.int64))
+        f.create_dataset("offsets", data=np.asarray(offsets, dtype=np.int64))
+        f.create_dataset("shard_bounds", data=np.asarray(shard_bounds, dtype=np.int64))
+        f.close()
+        os.replace(self.temp_path, self.path)
+
+    def abort(self) -> None:
+        try:
+            self._file.close()
+        finally:
+            self.temp_path.unlink(missing_ok=True)
+
 
 def write_prepared(path: str | os.PathLike, prepared: PreparedTokens) -> None:
-    path = Path(path)
-    temp = temp_path_for(path)
-    with h5py.File(temp, "w") as f:
-        f.attrs["format_version"] = FORMAT_VERSION
-        f.create_dataset("sample_ids", data=prepared.sample_ids.astype(np.int64))
-        f.create_dataset("offsets", data=prepared.offsets.astype(np.int64))
-        f.create_dataset("input_ids", data=prepared.input_ids.astype(np.int32), fletcher32=True)
-        f.create_dataset("shard_bounds", data=prepared.shard_bounds.astype(np.int64))
-    os.replace(temp, path)
+    writer = PreparedWriter(path, prepared.loss_mask is not None)
+    try:
+        writer.append(prepared.input_ids.astype(np.int32), prepared.loss_mask)
+        writer.commit(prepared.sample_ids, prepared.offsets, prepared.shard_bounds)
+    except BaseException:
+        writer.abort()
+        raise
 
 
 def read_prepared(path: str | os.PathLike) -> PreparedTokens:
@@ -552,4 +743,24 @@ def read_prepared(path: str | os.PathLike) -> PreparedTokens:
             offsets=f["offsets"][:],
             input_ids=f["input_ids"][:],
             shard_bounds=f["shard_bounds"][:],
+            loss_mask=f["loss_mask"][:] if "loss_mask" in f else None,
+        )
+
+
+def read_prepared_shard(path: str | os.PathLike, shard: int) -> PreparedTokens:
+    """One shard's part of prepare's output, reading only its own tokens.
+
+    The result is a one-shard ``PreparedTokens``: its ``shard_slice(0)`` is the shard.
+    """
+    with h5py.File(path, "r") as f:
+        bounds = f["shard_bounds"][:]
+        s0, s1 = int(bounds[shard]), int(bounds[shard + 1])
+        offsets = f["offsets"][s0 : s1 + 1]
+        r0, r1 = int(offsets[0]), int(offsets[-1])
+        return PreparedTokens(
+            sample_ids=f["sample_ids"][s0:s1],
+            offsets=offsets - r0,
+            input_ids=f["input_ids"][r0:r1],
+            shard_bounds=np.array([0, s1 - s0], dtype=np.int64),
+            loss_mask=f["loss_mask"][r0:r1] if "loss_mask" in f else None,
         )

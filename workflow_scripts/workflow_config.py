@@ -7,6 +7,7 @@ reported before any job starts. Job scripts use the same helpers to find files.
 from __future__ import annotations
 
 import difflib
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -25,6 +26,16 @@ MEANING_KEYS = {
     "generation": ("top_k", "store_entropy"),
     "storage": ("value_dtype",),
 }
+
+# Meaning keys added after format version 1 shipped (chat data, loss masks, long
+# documents). Each enters the fingerprint only when it differs from the behaviour
+# that existed before it, so upgrading the workflow keeps finished shards.
+# (section, key): the value that reproduces the old behaviour.
+ADDED_MEANING_DEFAULTS = {
+    ("tokenize", "overflow"): "truncate",
+    ("generation", "store_masked_only"): False,
+}
+KNOWN_ROLES = ("system", "developer", "user", "assistant", "tool", "function", "ipython")
 
 
 class ConfigError(ValueError):
@@ -232,6 +243,34 @@ def check_paths(config: dict) -> None:
         )
 
 
+def check_chat_and_overflow(config: dict) -> None:
+    """Chat, loss-mask and long-document settings that contradict each other or the disk."""
+    ds, tok = config["dataset"], config["tokenize"]
+    chat = bool(ds.get("messages_field"))
+    template = ds.get("chat_template")
+    if template and not chat:
+        raise ConfigError(
+            "dataset.chat_template is set but dataset.messages_field is null; name the column "
+            "holding the conversations in dataset.messages_field, or drop chat_template"
+        )
+    if template and not Path(template).is_file():
+        raise ConfigError(
+            f"dataset.chat_template: file {template} does not exist; give a Jinja chat template "
+            "file, or null to use the teacher tokenizer's own template"
+        )
+    if config["generation"].get("store_masked_only") and not chat:
+        raise ConfigError(
+            "generation.store_masked_only needs a loss mask, which only chat data has; set "
+            "dataset.messages_field or set store_masked_only: false"
+        )
+    if tok.get("overflow") == "split" and int(tok["stride"]) >= int(tok["max_length"]):
+        raise ConfigError(
+            f"tokenize.stride={tok['stride']} must be smaller than tokenize.max_length="
+            f"{tok['max_length']} with overflow: split (each window must move forward); "
+            f"use a stride of at most {int(tok['max_length']) // 2}"
+        )
+
+
 def check_gpus(config: dict, environ=os.environ) -> list[tuple[int, ...]]:
     try:
         groups = groups_from_config(config["gpus"], config["gpus_per_model"])
@@ -262,10 +301,34 @@ def shard_names(config: dict) -> list[str]:
 
 def meaning_settings(config: dict) -> dict:
     """The config values that go into ``config_fingerprint`` (no paths)."""
-    return {
+    settings = {
         section: {key: config[section].get(key) for key in keys}
         for section, keys in MEANING_KEYS.items()
     }
+    _add_meaning_settings(config, settings)
+    return settings
+
+
+def _add_meaning_settings(config: dict, settings: dict) -> None:
+    """Chat, loss-mask and long-document settings, only where they change the numbers."""
+    for (section, key), old in ADDED_MEANING_DEFAULTS.items():
+        value = config[section].get(key, old)
+        if value != old:
+            settings[section][key] = value
+    if config["tokenize"].get("overflow", "truncate") == "split":
+        settings["tokenize"]["stride"] = config["tokenize"].get("stride")
+    if config["dataset"].get("messages_field"):
+        settings["dataset"]["train_roles"] = sorted(config["dataset"].get("train_roles") or [])
+        template = config["dataset"].get("chat_template")
+        # The template's text, not its path: moving the file changes nothing stored.
+        settings["dataset"]["chat_template_sha256"] = file_digest(template) if template else None
+
+
+def file_digest(path: str) -> str | None:
+    try:
+        return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    except OSError:
+        return None  # reported by check_chat_and_overflow, with the fix
 
 
 def meaning_settings_json(config: dict) -> str:
