@@ -353,7 +353,7 @@ class ShardSink:
         if not self.with_entropy:
             rows.pop("entropy", None)
         # libhdf5 can crash on a failed write: stop cleanly while the rows surely fit.
-        needed = sum(v.nbytes for v in rows.values()) + 2**20
+        needed = sum(v.nbytes for v in rows.values()) + 2**16
         if needed > self.room():
             raise disk_full(self.writer.path, needed)
         with disk_full_is_a_user_error(self.writer.path):
