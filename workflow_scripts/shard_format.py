@@ -412,8 +412,11 @@ def read_attrs(handle: h5py.File) -> dict:
 SAMPLE_FIELDS = ("input_ids", "topk_ids", "topk_logits", "logsumexp", "entropy", "loss_mask")
 
 
-def read_sample(handle: h5py.File, position: int, offsets=None) -> dict:
-    """Every per-token array of the sample at ``position`` in this shard, in rank order."""
+def read_sample(handle, position: int, offsets=None) -> dict:
+    """Every per-token array of the sample at ``position`` in this shard, in rank order.
+
+    ``handle``: the open shard, or a dict of its datasets (``sample_ids`` may be an array).
+    """
     if offsets is None:
         start, stop = handle["offsets"][position : position + 2]
     else:
