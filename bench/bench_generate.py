@@ -11,14 +11,11 @@ machine; the best of each is reported.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
-import resource
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import h5py
@@ -153,23 +150,36 @@ def main(argv=None):
     logging.basicConfig(level=logging.WARNING)
     import torch
 
-    threads = min(2, os.cpu_count() or 1) if args.device == "cpu" else 4
+    cuda = args.device == "cuda"
+    threads = 4 if cuda else min(2, os.cpu_count() or 1)
     torch.set_num_threads(threads)
     work = Path(args.work or tempfile.mkdtemp(prefix="bench_generate_"))
-    teacher = bench_teacher(work / "teacher")
-    top_k, max_length = 64, 512 if args.quick else 2048
-    num_tokens = 6_000 if args.quick else 60_000
-    batch_tokens = 4096 if args.device == "cpu" else 32768
+    if cuda:  # ~1.1B parameters (TinyLlama's shape), bfloat16
+        teacher = bench_teacher(work / "teacher", layers=22, hidden=2048, dtype="bfloat16")
+    else:
+        teacher = bench_teacher(work / "teacher")
+    top_k, max_length = 64, 2048 if cuda or not args.quick else 512
+    num_tokens = (400_000 if cuda else 6_000) if args.quick else (2_000_000 if cuda else 60_000)
+    batch_tokens = 32768 if cuda else 4096
     repeats = 2 if args.quick else 3
     lengths = skewed_lengths(num_tokens, max_length)
     tokens, plan = prepared_shard(work / "prepared", lengths, 32000, top_k)
-    config = workflow_config(teacher, top_k=top_k, batch_tokens=batch_tokens, threads=threads)
+    try:
+        import hdf5plugin  # noqa: F401
+        compression = "default"
+    except ImportError:  # the GPU machine may lack it: a fast filter h5py has built in
+        compression = "lzf"
+    config = workflow_config(teacher, top_k=top_k, batch_tokens=batch_tokens, threads=threads,
+                             compression=compression)
+    if cuda:
+        config["teacher"]["dtype"] = "bfloat16"
+        config["gpus"] = "0"
     prepared = read_prepared(tokens)
     _, offsets, input_ids = prepared.shard_slice(0)
 
-    claim = type("Claim", (), {"cuda_visible_devices": "", "hostname": ""})()
+    claim = type("Claim", (), {"cuda_visible_devices": "0" if cuda else "", "hostname": ""})()
     with Timer() as load_timer:
-        head = gen.load_head(config, claim, wants_gpu=False)
+        head = gen.load_head(config, claim, wants_gpu=cuda)
     floor_s, pipe_s, loads = [], [], []
     floor_run(head, input_ids, offsets[: 40] - 0, batch_tokens, top_k)  # warm-up: kernels, caches
     for rep in range(repeats):
@@ -182,13 +192,13 @@ def main(argv=None):
     pad = padding_fraction(np.diff(offsets), plan_batches(np.diff(offsets), batch_tokens))
 
     # The naive script on the first samples (its padding makes the whole set slow).
-    naive_samples = min(len(lengths), 32 if args.quick else 200)
+    naive_samples = min(len(lengths), (400 if cuda else 32) if args.quick else 200)
     naive_s, naive_rows = naive_run(head.model, input_ids, offsets, top_k, work / "naive.h5",
                                     naive_samples)
     naive_tps = naive_rows / naive_s
 
     # Memory of the top-k step: grows with rows only through the [rows, k] results.
-    mem_rows = [1024, 4096, 16384] if args.quick else [1024, 4096, 16384, 65536]
+    mem_rows = [] if cuda else [1024, 4096, 16384] if args.quick else [1024, 4096, 16384, 65536]
     memory = []
     for rows in mem_rows:
         peak = memory_probe(rows)
@@ -210,13 +220,29 @@ def main(argv=None):
           ["rows", "peak RSS growth MiB", "full logits MiB", "results MiB"],
           [[m["rows"], m["peak_bytes"] / 2**20, m["full_logits_bytes"] / 2**20,
             m["results_bytes"] / 2**20] for m in memory])
+    extra = {}
+    if cuda:
+        # Model FLOPs per token: 2 x parameters outside the embedding + attention.
+        cfg = head.model.config
+        dense = n_params - cfg.vocab_size * cfg.hidden_size
+        attention = 2 * 2 * cfg.num_hidden_layers * cfg.hidden_size * float(lengths.mean())
+        peak = {"H200": 989e12, "H100": 989e12, "A100": 312e12}
+        name = torch.cuda.get_device_name()
+        peak_flops = next((v for k, v in peak.items() if k in name), None)
+        flops = (2 * dense + attention) * pipe_tps
+        extra = {"gpu": name, "model_flops_per_s": flops,
+                 "mfu": flops / peak_flops if peak_flops else None,
+                 "floor_mfu": (2 * dense + attention) * floor_tps / peak_flops if peak_flops else None,
+                 "peak_gpu_memory_bytes": torch.cuda.max_memory_allocated(),
+                 "versions": gen.library_versions(), "compression": compression}
+        print(f"  {name}: MFU {extra['mfu'] or 0:.1%} (floor {extra['floor_mfu'] or 0:.1%}), peak GPU "
+              f"memory {extra['peak_gpu_memory_bytes'] / 2**30:.1f} GiB; {extra['versions']}")
     emit({"bench": "generate", "machine": machine(), "device": args.device, "threads": threads,
           "teacher_params": n_params, "tokens": total, "padding_fraction": pad,
           "floor_tokens_per_s": floor_tps, "pipeline_tokens_per_s": pipe_tps,
           "floor_ratio": pipe_tps / floor_tps, "naive_tokens_per_s": naive_tps,
           "naive_ratio": pipe_tps / naive_tps, "teacher_load_seconds": float(np.median(loads)),
-          "floor_seconds": floor_s, "pipeline_seconds": pipe_s, "topk_memory": memory})
-
+          "floor_seconds": floor_s, "pipeline_seconds": pipe_s, "topk_memory": memory, **extra})
 
 if __name__ == "__main__":
     main()
