@@ -122,15 +122,20 @@ class Model(torch.nn.Module):
     base_model = None
 model = Model()
 head = TopKHead.__new__(TopKHead)
-head.model, head.top_k, head.head = model, 64, model.lm_head
+head.model, head.top_k, head.head, head.with_entropy = model, 64, model.lm_head, True
 head.chunk_rows = max(1, chunk_bytes // (vocab * 4))
 x = torch.randn(rows, hidden)
 with torch.inference_mode():
     torch.topk(torch.randn(4, vocab), 64)  # warm up kernels, not the step's buffers
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    def status(key):
+        for line in open("/proc/self/status"):
+            if line.startswith(key):
+                return int(line.split()[1]) * 1024
+    open("/proc/self/clear_refs", "w").write("5")  # reset the peak (VmHWM) to now
+    before = status("VmRSS")
     out = head._reduce(x, head.head)
-    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-print((after - before) * 1024)
+    after = status("VmHWM")
+print(after - before)
 """
 
 
@@ -159,7 +164,7 @@ def main(argv=None):
     else:
         teacher = bench_teacher(work / "teacher")
     top_k, max_length = 64, 2048 if cuda or not args.quick else 512
-    num_tokens = (400_000 if cuda else 6_000) if args.quick else (2_000_000 if cuda else 60_000)
+    num_tokens = (400_000 if cuda else 8_000) if args.quick else (2_000_000 if cuda else 60_000)
     batch_tokens = 32768 if cuda else 4096
     repeats = 2 if args.quick else 3
     lengths = skewed_lengths(num_tokens, max_length)
@@ -180,15 +185,18 @@ def main(argv=None):
     claim = type("Claim", (), {"cuda_visible_devices": "0" if cuda else "", "hostname": ""})()
     with Timer() as load_timer:
         head = gen.load_head(config, claim, wants_gpu=cuda)
-    floor_s, pipe_s, loads = [], [], []
+    floor_s, pipe_s, loads, plain_s = [], [], [], []
+    plain = {**config, "generation": {**config["generation"], "store_entropy": False}}
     floor_run(head, input_ids, offsets[: 40] - 0, batch_tokens, top_k)  # warm-up: kernels, caches
     for rep in range(repeats):
         floor_s.append(floor_run(head, input_ids, offsets, batch_tokens, top_k))
         seconds, load = pipeline_run(config, work / "runs", tokens, plan, rep)
         pipe_s.append(seconds)
         loads.append(load)
+        plain_s.append(pipeline_run(plain, work / "runs_plain", tokens, plan, rep)[0])
     total = int(offsets[-1])
     floor_tps, pipe_tps = total / min(floor_s), total / min(pipe_s)
+    plain_tps = total / min(plain_s)
     pad = padding_fraction(np.diff(offsets), plan_batches(np.diff(offsets), batch_tokens))
 
     # The naive script on the first samples (its padding makes the whole set slow).
@@ -214,6 +222,7 @@ def main(argv=None):
           ["run", "tokens/s", "ratio", "seconds (best)"],
           [["floor: forward + topk + logsumexp", floor_tps, 1.0, min(floor_s)],
            ["pipeline: generate job, tokens -> shard", pipe_tps, pipe_tps / floor_tps, min(pipe_s)],
+           ["pipeline, store_entropy=false", plain_tps, plain_tps / floor_tps, min(plain_s)],
            ["naive: 4 per batch, full logits, h5py", naive_tps, naive_tps / floor_tps, naive_s]])
     print(f"  teacher load {np.median(loads):.2f} s (in the job), {load_timer.seconds:.2f} s here")
     table("Top-k step memory: chunks of 32 MiB of float32 logits, vocab 32000, hidden 512",
@@ -241,6 +250,7 @@ def main(argv=None):
           "teacher_params": n_params, "tokens": total, "padding_fraction": pad,
           "floor_tokens_per_s": floor_tps, "pipeline_tokens_per_s": pipe_tps,
           "floor_ratio": pipe_tps / floor_tps, "naive_tokens_per_s": naive_tps,
+          "floor_ratio_without_entropy": plain_tps / floor_tps, "plain_seconds": plain_s,
           "naive_ratio": pipe_tps / naive_tps, "teacher_load_seconds": float(np.median(loads)),
           "floor_seconds": floor_s, "pipeline_seconds": pipe_s, "topk_memory": memory, **extra})
 

@@ -201,7 +201,8 @@ def load_head(config: dict, claim, wants_gpu: bool):
         allow_offload=teacher["allow_offload"],
         on_gpu=on_gpu,
     )
-    return TopKHead(model, int(config["generation"]["top_k"]))
+    generation = config["generation"]
+    return TopKHead(model, int(generation["top_k"]), with_entropy=bool(generation["store_entropy"]))
 
 
 DISK_FULL_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}

@@ -84,9 +84,12 @@ class TopKHead:
     to top-k in chunks.
     """
 
-    def __init__(self, model, top_k: int, chunk_bytes: int = DEFAULT_CHUNK_BYTES):
+    def __init__(self, model, top_k: int, chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+                 with_entropy: bool = True):
         self.model = model
         self.top_k = top_k
+        # The entropy costs one more pass over each logits chunk (~13% of lm_head + top-k).
+        self.with_entropy = with_entropy
         self.head = model.get_output_embeddings()
         self.body = model.base_model
         self.vocab_size = self.head.weight.shape[0] if self.head is not None else None
@@ -143,22 +146,29 @@ class TopKHead:
             values, ids = torch.topk(chunk, k, dim=-1, sorted=True)
             out_values[start:stop] = values
             out_ids[start:stop] = ids
-            reduce_chunk(chunk, values[:, :1], out_lse[start:stop], out_entropy[start:stop])
+            if self.with_entropy:
+                reduce_chunk(chunk, values[:, :1], out_lse[start:stop], out_entropy[start:stop])
+            else:
+                torch.logsumexp(chunk, dim=-1, out=out_lse[start:stop])
+                out_entropy[start:stop] = 0.0
         return TopK(*to_host((out_ids, out_values, out_lse, out_entropy)))
 
 
 def reduce_chunk(logits: torch.Tensor, top: torch.Tensor, lse_out, entropy_out) -> None:
     """logsumexp and the exact entropy of each row, in place on ``logits`` (float32).
 
-    One exp pass serves both: with y = x - max, p = e^y / s, s = sum(e^y),
-    logsumexp = max + log s and entropy = log s - sum(e^y * y) / s. Masked (-inf)
-    logits are clamped to a finite floor so that 0 * y stays 0; e^y underflows
-    to 0 long before that floor, so no value changes.
+    One exp pass serves both: with y = x - max, s = sum(e^y), logsumexp = max + log s
+    and entropy = log s - sum(e^y * y) / s. A row with masked (-inf) logits makes
+    0 * -inf = nan there; only such rows are summed again with those terms as 0.
     """
-    shifted = logits.sub_(top).clamp_(min=-1e30)
+    shifted = logits.sub_(top)
     exp = torch.exp(shifted)
     total = exp.sum(dim=-1)
     dot = torch.linalg.vecdot(exp, shifted)
+    bad = torch.isnan(dot)
+    if bad.any():
+        rows = bad.nonzero().squeeze(1)
+        dot[rows] = (exp[rows] * shifted[rows]).nan_to_num(0.0).sum(dim=-1)
     del exp
     log_total = torch.log(total)
     torch.add(top.squeeze(1), log_total, out=lse_out)
