@@ -17,7 +17,12 @@ from conftest import REPO, Workflow
 
 sys.path.insert(0, str(REPO))
 from workflow_scripts.resume import CommittedParts, claims_from_parts  # noqa: E402
-from workflow_scripts.shard_format import PartWriter, iter_part_rows, read_attrs  # noqa: E402
+from workflow_scripts.shard_format import (  # noqa: E402
+    PartWriter,
+    decode_topk,
+    iter_part_rows,
+    read_attrs,
+)
 
 # Two shards of ~14k tokens in windows of 32 x 64 = 2048 tokens, each window its own
 # commit: a kill almost anywhere lands between committed parts.
@@ -197,6 +202,11 @@ def test_out_of_memory_batches_are_split_and_logged(workflow):
     log0 = workflow.path(OUT, "logs", "generate", "shard_00000.log").read_text()
     assert "out of memory on a batch of" in log0 and "retrying it as two halves" in log0
     split = store_datasets(workflow.root)
+    # Shards store top-k rows sorted by id; compare them in rank order.
+    for store in (plain, split):
+        for key in [k for k in store if k.endswith(":topk_ids")]:
+            logits_key = key.replace(":topk_ids", ":topk_logits")
+            store[key], store[logits_key] = decode_topk(store[key], store[logits_key])
     # Smaller batches may change the last bits of a row, nothing more.
     for key in plain:
         if key.endswith(("logsumexp", "entropy", "topk_logits")):
@@ -240,10 +250,11 @@ def test_disk_full_fails_clearly_keeps_earlier_work_and_resumes(workflow, refere
     assert (shard0.stat().st_mtime_ns, shard0.read_bytes()) == before
     assert committed_parts(workflow, 1), "the parts committed before the disk filled are kept"
 
-    # With space again, the same command assembles the kept parts (no new rows computed).
+    # With space again, the same command resumes from the kept parts. (The shard is
+    # written while rows are computed, so the disk may fill before every part is in.)
     workflow.run("--cores", "1", config=RESUME)
     log1 = workflow.path(OUT, "logs", "generate", "shard_00001.log").read_text()
-    assert "resuming shard_00001.parts" in log1 and "teacher loaded" not in log1, log1
+    assert "resuming shard_00001.parts" in log1, log1
     assert_same_store(store_datasets(workflow.root), expected)
 
 

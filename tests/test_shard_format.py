@@ -53,6 +53,10 @@ def make_data(seed: int = 0, num_samples: int = 5, top_k: int = TOP_K, vocab: in
         topk_ids[t] = [nxt, *row]
     logits = -np.sort(-rng.normal(0.0, 3.0, (num_tokens, top_k)), axis=1)
     logits16 = logits.astype(np.float16)
+    # Rank order as the reader returns it: equal float16 values by ascending id.
+    for t in range(num_tokens):
+        order = np.lexsort((topk_ids[t], -logits16[t].astype(np.float32)))
+        topk_ids[t], logits16[t] = topk_ids[t][order], logits16[t][order]
     as32 = logits16.astype(np.float64)
     # logsumexp over the "whole vocabulary": the top-k plus some tail mass, so > max logit
     tail = np.exp(as32[:, 0]) * rng.uniform(0.1, 2.0, num_tokens)
@@ -150,7 +154,8 @@ def test_write_commit_and_read_back(tmp_path, data):
         attrs = shard_format.read_attrs(f)
         for key in shard_format.REQUIRED_ATTRS:
             assert key in attrs
-        assert attrs["format_version"] == shard_format.FORMAT_VERSION == 1
+        assert attrs["format_version"] == shard_format.FORMAT_VERSION == 2
+        assert attrs["topk_encoding"] == "sorted_id_delta"
         assert attrs["top_k"] == TOP_K
         assert attrs["claims"] == data.attrs["claims"]
         assert isinstance(attrs["claims"], list) and isinstance(attrs["claims"][0], dict)
@@ -227,7 +232,8 @@ def test_float32_values(tmp_path, data):
     path = write_shard(tmp_path / "s.h5", data, value_dtype="float32")
     with h5py.File(path, "r") as f:
         assert f["topk_logits"].dtype == np.float32
-        np.testing.assert_array_equal(f["topk_logits"][:], data.topk_logits.astype(np.float32))
+        _, values = shard_format.decode_topk(f["topk_ids"][:], f["topk_logits"][:])
+        np.testing.assert_array_equal(values, data.topk_logits.astype(np.float32))
     validate(path, data)
 
 
@@ -358,35 +364,48 @@ def test_validate_missing_attribute(shard, data):
 
 def test_validate_wrong_format_version(shard, data):
     with h5py.File(shard, "r+") as f:
-        f.attrs["format_version"] = 2
-    with pytest.raises(ShardError, match="format_version 2"):
+        f.attrs["format_version"] = 1
+    with pytest.raises(ShardError, match="format_version 1"):
         validate(shard, data)
 
 
-def test_validate_unsorted_logits(shard, data):
+def test_shard_stores_ids_sorted_as_deltas(shard, data):
+    with h5py.File(shard, "r") as f:
+        deltas, values = f["topk_ids"][:], f["topk_logits"][:]
+    ids = np.cumsum(deltas, axis=1)
+    assert (np.diff(ids, axis=1) > 0).all()
+    for t in range(len(ids)):
+        np.testing.assert_array_equal(np.sort(data.topk_ids[t]), ids[t])
+        by_id = dict(zip(data.topk_ids[t], data.topk_logits[t].view(np.uint16)))
+        assert [by_id[i] for i in ids[t]] == list(values[t].view(np.uint16))
+
+
+@pytest.mark.parametrize("delta, why", [(VOCAB, "outside the vocabulary"),
+                                        (-500, "repeated or unordered")])
+def test_validate_id_outside_vocab(shard, data, delta, why):
     with h5py.File(shard, "r+") as f:
-        row = f["topk_logits"][4]
-        f["topk_logits"][4] = row[::-1]
-    with pytest.raises(ShardError, match="not sorted.*row 4"):
+        deltas = f["topk_ids"][2]
+        deltas[-1] += delta
+        f["topk_ids"][2] = deltas
+    with pytest.raises(ShardError, match=why):
         validate(shard, data)
 
 
-@pytest.mark.parametrize("bad_id", [VOCAB, VOCAB + 50, -1])
-def test_validate_id_outside_vocab(shard, data, bad_id):
+def test_validate_negative_first_id(shard, data):
     with h5py.File(shard, "r+") as f:
-        ids = f["topk_ids"][2]
-        ids[-1] = bad_id
-        f["topk_ids"][2] = ids
-    with pytest.raises(ShardError, match="outside the vocabulary"):
+        deltas = f["topk_ids"][2]
+        deltas[0] = -1
+        f["topk_ids"][2] = deltas
+    with pytest.raises(ShardError, match="repeated or unordered"):
         validate(shard, data)
 
 
 def test_validate_repeated_ids_in_a_row(shard, data):
     with h5py.File(shard, "r+") as f:
-        ids = f["topk_ids"][1]
-        ids[3] = ids[0]
-        f["topk_ids"][1] = ids
-    with pytest.raises(ShardError, match="repeated token ids"):
+        deltas = f["topk_ids"][1]
+        deltas[3] = 0
+        f["topk_ids"][1] = deltas
+    with pytest.raises(ShardError, match="repeated"):
         validate(shard, data)
 
 
@@ -464,8 +483,8 @@ def test_every_compression_round_trips_exactly(tmp_path, compression):
     with h5py.File(path, "r") as f:
         assert f["topk_logits"].fletcher32
         np.testing.assert_array_equal(f["input_ids"][:], data.input_ids)
-        np.testing.assert_array_equal(f["topk_ids"][:], data.topk_ids)
-        logits = f["topk_logits"][:]
+        ids, logits = shard_format.decode_topk(f["topk_ids"][:], f["topk_logits"][:])
+        np.testing.assert_array_equal(ids, data.topk_ids)
         assert logits.dtype == np.float16
         # bit-exact, not just close
         np.testing.assert_array_equal(logits.view(np.uint16), data.topk_logits.view(np.uint16))
@@ -654,3 +673,67 @@ def test_validate_header_byte_flips_are_all_shard_errors(tmp_path):
 
     escaped = json.loads(result.stdout.strip().splitlines()[-1])
     assert not escaped, f"{len(escaped)} flips escaped as non-ShardError, e.g. {list(escaped.items())[:3]}"
+
+
+# --------------------------------------------------------------------------------------
+# top-k encoding (format version 2)
+# --------------------------------------------------------------------------------------
+
+
+def canonical(ids, values):
+    """Rank order: value descending (+0 before -0), equal values by ascending id."""
+    out_ids, out_values = ids.copy(), values.copy()
+    for t in range(len(ids)):
+        order = np.lexsort((ids[t], np.signbit(values[t]), -values[t].astype(np.float64)))
+        out_ids[t], out_values[t] = ids[t][order], values[t][order]
+    return out_ids, out_values
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32])
+@pytest.mark.parametrize("top_k", [1, 2, 7, 64, 300])
+def test_encode_decode_round_trip_with_ties_and_signs(dtype, top_k):
+    rng = np.random.default_rng(top_k)
+    vocab = 5000
+    ids = np.stack([rng.choice(vocab, top_k, replace=False) for _ in range(50)]).astype(np.int32)
+    # few distinct values: many exact ties, both signs, zeros of both signs, infinities
+    pool = np.array([9.5, 3.0, 0.5, 0.0, -0.0, -0.5, -3.0, -60000.0, -np.inf], dtype=dtype)
+    values = rng.choice(pool, (50, top_k))
+    values = -np.sort(-values, axis=1)
+    deltas, by_id = shard_format.encode_topk(ids, values)
+    assert deltas.dtype == np.int32 and by_id.dtype == dtype
+    assert (deltas[:, 1:] >= 1).all() and (deltas[:, 0] >= 0).all()
+    got_ids, got_values = shard_format.decode_topk(deltas, by_id)
+    want_ids, want_values = canonical(ids, values)
+    np.testing.assert_array_equal(got_ids, want_ids)
+    np.testing.assert_array_equal(got_values.view(np.uint8), want_values.view(np.uint8))
+    # decoding a canonical row gives it back bit for bit
+    again = shard_format.decode_topk(*shard_format.encode_topk(got_ids, got_values))
+    np.testing.assert_array_equal(again[0], got_ids)
+
+
+def test_encode_decode_empty():
+    deltas, values = shard_format.encode_topk(np.zeros((0, 4), np.int32), np.zeros((0, 4), np.float16))
+    ids, values = shard_format.decode_topk(deltas, values)
+    assert ids.shape == values.shape == (0, 4)
+
+
+def test_writer_buffers_rows_into_whole_chunks(tmp_path, monkeypatch):
+    # Tiny chunks and odd write sizes: rows straddle chunk edges in every way.
+    monkeypatch.setattr(shard_format, "CHUNK_ROWS", 4)
+    data = make_data(seed=3, num_samples=30)
+    writer = ShardWriter(tmp_path / "s.h5", len(data.sample_ids), int(data.offsets[-1]), TOP_K)
+    writer.add_samples(data.sample_ids, data.lengths)
+    r0 = 0
+    for size in [1, 3, 5, 2, 7, 4, 11] * 100:
+        r1 = min(r0 + size, int(data.offsets[-1]))
+        if r1 > r0:
+            writer.write_rows(arrays(data, r0, r1))
+        r0 = r1
+    path = writer.commit(data.attrs)
+    validate(path, data)
+    with h5py.File(path, "r") as f:
+        for position in range(len(data.sample_ids)):
+            record = shard_format.read_sample(f, position)
+            a, b = int(data.offsets[position]), int(data.offsets[position + 1])
+            np.testing.assert_array_equal(record["topk_ids"], data.topk_ids[a:b])
+            np.testing.assert_array_equal(record["topk_logits"], data.topk_logits[a:b])

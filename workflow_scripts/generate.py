@@ -11,9 +11,11 @@ import json
 import logging
 import os
 import platform
+import queue
 import resource
 import shutil
 import sys
+import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -36,6 +38,7 @@ from workflow_scripts.resume import (  # noqa: E402
 )
 from workflow_scripts.shard_format import (  # noqa: E402
     FORMAT_VERSION,
+    VALUE_DTYPES,
     PartWriter,
     ShardError,
     ShardWriter,
@@ -239,7 +242,8 @@ def load_head(config: dict, claim, wants_gpu: bool):
         allow_offload=teacher["allow_offload"],
         on_gpu=on_gpu,
     )
-    return TopKHead(model, int(config["generation"]["top_k"]))
+    generation = config["generation"]
+    return TopKHead(model, int(generation["top_k"]), with_entropy=bool(generation["store_entropy"]))
 
 
 DISK_FULL_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
@@ -327,9 +331,103 @@ class PartCommitter:
             self.writer = None
 
 
+class WriterThread:
+    """Runs the writing side of a shard in its own thread, so compute never waits on it.
+
+    Jobs run in submission order: committing part files and encoding + compressing
+    rows into the shard. A bounded queue makes compute wait only when writing falls
+    more than ``depth`` windows behind; an error in a job is raised in the caller
+    at its next ``submit`` or at ``close``.
+    """
+
+    def __init__(self, depth: int = 2):
+        self._jobs: queue.Queue = queue.Queue(maxsize=depth)
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="shard-writer", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            job = self._jobs.get()
+            if job is None:
+                return
+            if self._error is None:
+                try:
+                    job()
+                except BaseException as exc:  # handed to the main thread
+                    self._error = exc
+
+    def _raise(self) -> None:
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
+
+    def submit(self, job) -> None:
+        self._raise()
+        self._jobs.put(job)
+
+    def close(self) -> None:
+        """Wait for every submitted job; raise the first error one of them hit."""
+        self._jobs.put(None)
+        self._thread.join()
+        self._raise()
+
+
+def rows_in_stored_dtypes(rows: dict, value_dtype: str) -> dict:
+    """Cast once, so the part files and the shard hold the very same bits."""
+    out = dict(rows)
+    out["topk_logits"] = rows["topk_logits"].astype(VALUE_DTYPES[value_dtype], copy=False)
+    out["entropy"] = rows["entropy"].astype(np.float16, copy=False)
+    return out
+
+
+class ShardSink:
+    """Rows to the shard file as they are computed (the live assembly).
+
+    The rows of parts committed by an earlier claim go in first, then each new
+    window's; at the end the shard is committed with no copying pass left to do.
+    """
+
+    def __init__(self, writer: ShardWriter, input_ids: np.ndarray, with_entropy: bool,
+                 loss_mask: np.ndarray | None = None):
+        self.writer, self.input_ids, self.with_entropy = writer, input_ids, with_entropy
+        self.loss_mask = loss_mask
+
+    def add(self, first_row: int, rows: dict) -> None:
+        last_row = first_row + len(rows["logsumexp"])
+        rows = {**rows, "input_ids": self.input_ids[first_row:last_row]}
+        if self.loss_mask is not None:
+            rows["loss_mask"] = self.loss_mask[first_row:last_row]
+        if not self.with_entropy:
+            rows.pop("entropy", None)
+        # libhdf5 can crash on a failed write: stop cleanly while the rows surely fit.
+        needed = sum(v.nbytes for v in rows.values()) + 2**16
+        if needed > self.room():
+            raise disk_full(self.writer.path, needed)
+        with disk_full_is_a_user_error(self.writer.path):
+            self.writer.write_rows(rows)
+
+    def room(self) -> int:
+        """Bytes the shard's temp file may still grow by (free disk, or ulimit -f)."""
+        free = shutil.disk_usage(self.writer.temp_path.parent).free
+        soft, _ = resource.getrlimit(resource.RLIMIT_FSIZE)
+        if soft == resource.RLIM_INFINITY:
+            return free
+        return min(free, soft - self.writer.temp_path.stat().st_size)
+
+    def replay(self, parts: CommittedParts) -> None:
+        for path, part in parts.parts:
+            for r0, rows in iter_part_rows(path):
+                self.add(int(part["first_row"]) + r0, rows)
+
+
 def compute_remaining(config: dict, shard: int, parts: CommittedParts, offsets: np.ndarray,
-                      input_ids: np.ndarray, threads: int) -> dict:
-    """Claim a GPU group, run every window not yet committed, commit parts as it goes."""
+                      input_ids: np.ndarray, threads: int, sink: ShardSink | None = None) -> dict:
+    """Claim a GPU group, run every window not yet committed, commit parts as it goes.
+
+    Writing (part commits, and rows into the shard through ``sink``) happens in a
+    writer thread while the next window computes.
+    """
     gen, storage = config["generation"], config["storage"]
     batch_tokens = int(gen["batch_tokens"])
     max_length, stride = int(config["tokenize"]["max_length"]), int(config["tokenize"]["stride"])
@@ -346,52 +444,68 @@ def compute_remaining(config: dict, shard: int, parts: CommittedParts, offsets: 
             claim.cuda_visible_devices, claim.hostname,
             f" (set by the scheduler, job {scheduler_job_id()})" if scheduler else "",
         )
-        import torch  # only now: CUDA must see the claimed group, nothing else
-
-        torch.set_num_threads(threads)  # same threads, same reductions: bit-identical reruns
-        load_start = time.time()
-        head = load_head(config, claim, wants_gpu)
-        load_seconds = time.time() - load_start
-        log.info("teacher loaded in %.1f s", load_seconds)
-        # Padded positions are masked out and never stored, so any valid id pads.
-        pad_id = int(head.model.config.pad_token_id or 0)
-
         committer = PartCommitter(
             parts, claim, int(gen["top_k"]), storage["value_dtype"], bool(gen["store_entropy"]),
             float(gen["commit_every_s"]),
         )
-        first = parts.samples_done
-        lengths = np.diff(offsets)
+        writer = WriterThread()
         try:
-            with progress_bar(int(offsets[-1]), shard, initial=parts.rows_done) as bar:
-                # Windows restart at the first uncommitted sample; the greedy split makes
-                # them the same windows an uninterrupted run computes, so rows are bit-identical.
-                for w0, w1 in windows(lengths[first:], WINDOW_BATCHES * batch_tokens):
-                    s0, s1 = first + w0, first + w1
-                    r0, r1 = int(offsets[s0]), int(offsets[s1])
-                    started = time.time()
-                    rows = compute_window_split(
-                        head, input_ids[r0:r1], offsets[s0 : s1 + 1] - r0, batch_tokens, pad_id,
-                        max_length, stride,
-                    )
-                    committer.add(s0, r0, s1 - s0, rows, time.time() - started)
-                    bar.update(r1 - r0)
-            committer.commit()
+            if sink is not None and parts.parts:
+                # Rows an earlier claim committed go into the shard while the teacher loads.
+                writer.submit(lambda: sink.replay(parts))
+            import torch  # only now: CUDA must see the claimed group, nothing else
+
+            torch.set_num_threads(threads)  # same threads, same reductions: bit-identical reruns
+            load_start = time.time()
+            head = load_head(config, claim, wants_gpu)
+            load_seconds = time.time() - load_start
+            log.info("teacher loaded in %.1f s", load_seconds)
+            # Padded positions are masked out and never stored, so any valid id pads.
+            pad_id = int(head.model.config.pad_token_id or 0)
+            run_windows(head, committer, writer, sink, shard, offsets, input_ids, parts,
+                        batch_tokens, pad_id, storage["value_dtype"], max_length, stride)
+            writer.submit(committer.commit)
+            writer.close()
         except BaseException:
+            try:
+                writer.close()
+            except BaseException:
+                pass  # the first error is the one to report
             committer.abort()
             raise
         return {"teacher_load_seconds": load_seconds, "rows": committer.rows_computed}
 
 
-def assemble(output: Path, parts: CommittedParts, sample_ids, offsets, input_ids, config: dict,
-             attrs: dict, loss_mask: np.ndarray | None = None) -> None:
-    """Copy the committed parts, in order, into the shard file and commit it atomically."""
+def run_windows(head, committer, writer, sink, shard, offsets, input_ids, parts, batch_tokens,
+                pad_id, value_dtype, max_length, stride) -> None:
+    first = parts.samples_done
+    lengths = np.diff(offsets)
+    with progress_bar(int(offsets[-1]), shard, initial=parts.rows_done) as bar:
+        # Windows restart at the first uncommitted sample; the greedy split makes
+        # them the same windows an uninterrupted run computes, so rows are bit-identical.
+        for w0, w1 in windows(lengths[first:], WINDOW_BATCHES * batch_tokens):
+            s0, s1 = first + w0, first + w1
+            r0, r1 = int(offsets[s0]), int(offsets[s1])
+            started = time.time()
+            rows = compute_window_split(
+                head, input_ids[r0:r1], offsets[s0 : s1 + 1] - r0, batch_tokens, pad_id,
+                max_length, stride,
+            )
+            seconds = time.time() - started
+
+            def write(s0=s0, r0=r0, n=s1 - s0, rows=rows, seconds=seconds):
+                rows = rows_in_stored_dtypes(rows, value_dtype)
+                committer.add(s0, r0, n, rows, seconds)
+                if sink is not None:
+                    sink.add(r0, rows)
+
+            writer.submit(write)
+            bar.update(r1 - r0)
+
+
+def open_shard_writer(output: Path, sample_ids, offsets, config: dict,
+                      loss_mask: np.ndarray | None = None) -> ShardWriter:
     gen, storage = config["generation"], config["storage"]
-    # libhdf5 can crash on a failed write, so check the room first. The parts hold the
-    # same rows uncompressed (plus input ids): an upper bound on the shard's size.
-    needed = sum(path.stat().st_size for path, _ in parts.parts) + 4 * int(offsets[-1]) + 2**20
-    if needed > room_under(output.parent):
-        raise disk_full(output, needed)
     writer = ShardWriter(
         output, num_samples=len(sample_ids), num_tokens=int(offsets[-1]), top_k=int(gen["top_k"]),
         value_dtype=storage["value_dtype"], compression=storage["compression"],
@@ -399,9 +513,21 @@ def assemble(output: Path, parts: CommittedParts, sample_ids, offsets, input_ids
         with_loss_mask=loss_mask is not None,
         stored_rows=needed_rows(loss_mask, offsets) if gen["store_masked_only"] else None,
     )
+    writer.add_samples(sample_ids, np.diff(offsets))
+    return writer
+
+
+def assemble(output: Path, parts: CommittedParts, sample_ids, offsets, input_ids, config: dict,
+             attrs: dict, loss_mask: np.ndarray | None = None) -> None:
+    """Copy the committed parts, in order, into the shard file and commit it atomically."""
+    # libhdf5 can crash on a failed write, so check the room first. The parts hold the
+    # same rows uncompressed (plus input ids): an upper bound on the shard's size.
+    needed = sum(path.stat().st_size for path, _ in parts.parts) + 4 * int(offsets[-1]) + 2**20
+    if needed > room_under(output.parent):
+        raise disk_full(output, needed)
+    writer = open_shard_writer(output, sample_ids, offsets, config, loss_mask)
     try:
         with disk_full_is_a_user_error(output):
-            writer.add_samples(sample_ids, np.diff(offsets))
             for path, part in parts.parts:
                 first_row = int(part["first_row"])
                 for r0, rows in iter_part_rows(path):
@@ -480,9 +606,19 @@ def generate(config: dict, shard: int, tokens_path: str, plan_path: str, regener
         if parts.take_assembled(output, is_valid):
             return
         this_claim = {"teacher_load_seconds": 0.0, "rows": 0}
+        live = None
         if parts.rows_done < num_tokens:
-            this_claim = compute_remaining(config, shard, parts, offsets, input_ids, threads)
+            live = open_shard_writer(output, sample_ids, offsets, config, loss_mask)
+            sink = ShardSink(live, input_ids, bool(config["generation"]["store_entropy"]),
+                             loss_mask)
+            try:
+                this_claim = compute_remaining(config, shard, parts, offsets, input_ids, threads, sink)
+            except BaseException:
+                live.abort()
+                raise
         if parts.rows_done != num_tokens:
+            if live is not None:
+                live.abort()
             raise RuntimeError(f"shard {shard}: {parts.rows_done} of {num_tokens} rows committed")
 
         claims = claims_from_parts([attrs for _, attrs in parts.parts])
@@ -494,7 +630,7 @@ def generate(config: dict, shard: int, tokens_path: str, plan_path: str, regener
         )
         last = claims[-1] if claims else {"cuda_visible_devices": "", "hostname": "",
                                            "started_at": job_started_at, "finished_at": time.time()}
-        assemble(output, parts, sample_ids, offsets, input_ids, config, {
+        attrs = {
             "shard_index": shard,
             "num_shards": int(plan["num_shards"]),
             "teacher_fingerprint": plan["teacher_fingerprint"],
@@ -510,7 +646,16 @@ def generate(config: dict, shard: int, tokens_path: str, plan_path: str, regener
             "job_started_at": job_started_at,
             "teacher_load_seconds": this_claim["teacher_load_seconds"],
             "generation_seconds": gen_seconds,
-        }, loss_mask)
+        }
+        if live is None:  # every row was committed by earlier jobs: copy the parts over
+            assemble(output, parts, sample_ids, offsets, input_ids, config, attrs, loss_mask)
+        else:
+            try:
+                with disk_full_is_a_user_error(output):
+                    live.commit(attrs)
+            except BaseException:
+                live.abort()
+                raise
         parts.keep_assembled(output)
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from workflow_scripts.shard_format import FORMAT_VERSION, read_sample
+from workflow_scripts.shard_format import FORMAT_VERSION, SAMPLE_FIELDS, read_sample
 
 
 class LogitStore:
@@ -50,7 +50,7 @@ class LogitStore:
             self.sample_shard = index["sample_shard"][:]
             self.sample_position = index["sample_position"][:]
             self.sample_length = index["sample_length"][:]
-        self._handles: dict[int, tuple[h5py.File, np.ndarray]] = {}
+        self._handles: dict[int, tuple[h5py.File, np.ndarray, dict]] = {}
         self._pid = os.getpid()
 
     def __len__(self) -> int:
@@ -62,8 +62,8 @@ class LogitStore:
             i += len(self)
         if not 0 <= i < len(self):
             raise IndexError(f"sample {i} out of range for a store of {len(self)}")
-        handle, offsets = self._shard(int(self.sample_shard[i]))
-        return read_sample(handle, int(self.sample_position[i]), offsets)
+        _, offsets, datasets = self._shard(int(self.sample_shard[i]))
+        return read_sample(datasets, int(self.sample_position[i]), offsets)
 
     def by_sample_id(self, sample_id: int) -> dict:
         i = int(np.searchsorted(self.sample_ids, sample_id))
@@ -76,11 +76,15 @@ class LogitStore:
             self._handles, self._pid = {}, os.getpid()
         if shard not in self._handles:
             handle = h5py.File(self.shard_paths[shard], "r")
-            self._handles[shard] = (handle, handle["offsets"][:])
+            # Dataset objects and the small index arrays once per shard: looking them up
+            # by name on every read costs more than a small sample's decompression.
+            datasets = {name: handle[name] for name in SAMPLE_FIELDS if name in handle}
+            datasets["sample_ids"] = handle["sample_ids"][:]
+            self._handles[shard] = (handle, handle["offsets"][:], datasets)
         return self._handles[shard]
 
     def close(self) -> None:
-        for handle, _ in self._handles.values():
+        for handle, _, _ in self._handles.values():
             handle.close()
         self._handles = {}
 

@@ -1,8 +1,14 @@
-"""The shard file format (version 1): names, dtypes, writing, reading, validating.
+"""The shard file format (version 2): names, dtypes, writing, reading, validating.
 
 The one place that knows the HDF5 layout. The generate job writes through
 ``ShardWriter``, gather checks with ``validate_shard``, and the reader reads with
 ``read_sample``. Needs numpy, h5py and hdf5plugin only.
+
+Version 2 stores each top-k row sorted by token id, ids as deltas (see
+``encode_topk``): a row's ids are then small gaps that compress to about 40% of
+rank-ordered ids. ``read_sample`` restores rank order (most likely first; equal
+stored values by ascending id). Nothing but the order of exactly equal values is
+lost, so storage stays lossless with respect to the stored value dtype.
 """
 
 from __future__ import annotations
@@ -21,10 +27,13 @@ try:  # registers the Zstd filter; without it zstd-compressed shards cannot be r
 except ImportError:  # pragma: no cover - listed in requirements
     hdf5plugin = None
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+# How top-k rows are laid out on disk (file attribute ``topk_encoding``).
+TOPK_ENCODING = "sorted_id_delta"
 
-# Rows per HDF5 chunk: a random sample read touches one or two chunks, and a
-# chunk of 64-wide top-k still compresses well.
+# Rows per HDF5 chunk: a random sample read decompresses one or two chunks of
+# every dataset, so smaller chunks read faster at random but compress worse
+# (bench/bench_reader.py measures the trade; README "Performance" says why this one).
 CHUNK_ROWS = 1024
 # Rows a part is read back in while a shard is assembled.
 PART_READ_BLOCK_ROWS = 1 << 16
@@ -63,9 +72,14 @@ class ShardError(ValueError):
 def compression_options(name: str) -> dict:
     """h5py dataset keyword arguments for a ``storage.compression`` name."""
     options: dict = {"fletcher32": True}  # a flipped bit becomes a read error
-    if name in ("default", "zstd"):
-        if hdf5plugin is None:
-            raise ShardError("storage.compression=zstd needs the hdf5plugin package")
+    if name in ("default", "zstd") and hdf5plugin is None:
+        raise ShardError(f"storage.compression={name} needs the hdf5plugin package")
+    if name == "default":
+        # Blosc2's own byte shuffle + Zstandard level 5: smaller than level 3 by ~5% on
+        # top-k rows and still fast to write and read (bench/bench_storage.py).
+        blosc2 = hdf5plugin.Blosc2
+        options.update(blosc2(cname="zstd", clevel=5, filters=blosc2.SHUFFLE))
+    elif name == "zstd":
         options.update(shuffle=True, **hdf5plugin.Zstd(clevel=3))
     elif name == "gzip":
         options.update(shuffle=True, compression="gzip", compression_opts=4)
@@ -74,6 +88,77 @@ def compression_options(name: str) -> dict:
     elif name != "none":
         raise ShardError(f"storage.compression={name!r}: use one of {', '.join(COMPRESSIONS)}")
     return options
+
+
+# --- top-k row encoding (format version 2) ------------------------------------------
+#
+# On disk, each row's k ids are sorted ascending and stored as the first id then
+# the gaps (``topk_ids``), with the values in that same order (``topk_logits``).
+# Readers get rank order back from ``decode_topk``.
+
+
+def _position_bits(top_k: int) -> int:
+    return max(1, (top_k - 1).bit_length())
+
+
+def encode_topk(ids: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Rank-ordered ``[n, k]`` ids and values -> (id deltas in id order, values in id order)."""
+    ids = np.asarray(ids)
+    n, k = ids.shape
+    if n == 0:
+        return ids.astype(np.int32), np.asarray(values)
+    bits = _position_bits(k)
+    # One row sort of (id, position) keys gives both the sorted ids and the permutation.
+    key = (ids.astype(np.int64) << bits) | np.arange(k, dtype=np.int64)
+    key.sort(axis=1)
+    order = (key & ((1 << bits) - 1)).astype(np.intp)
+    sorted_ids = key >> bits
+    deltas = np.empty((n, k), dtype=np.int32)
+    deltas[:, 0] = sorted_ids[:, 0]
+    np.subtract(sorted_ids[:, 1:], sorted_ids[:, :-1], out=deltas[:, 1:], casting="unsafe")
+    return deltas, np.take_along_axis(np.asarray(values), order, axis=1)
+
+
+def ids_from_deltas(deltas: np.ndarray) -> np.ndarray:
+    """Ids in ascending order per row (the stored order)."""
+    return np.cumsum(deltas, axis=1, dtype=np.int32)
+
+
+def _descending_key(bits_view: np.ndarray, sign: int, rest: int) -> np.ndarray:
+    """Unsigned keys that sort ascending as the floats (given as their bits) sort descending.
+
+    Its own inverse: positive floats flip their magnitude bits, negative ones keep them.
+    """
+    return bits_view ^ (((bits_view >> sign) - 1) & rest).astype(bits_view.dtype)
+
+
+def decode_topk(deltas: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Stored (id deltas, values in id order) -> rank-ordered (ids, values).
+
+    Most likely first; exactly equal values keep ascending id order. One row sort
+    of (value key, position) gives the permutation; values come back out of the key.
+    """
+    n, k = deltas.shape
+    ids = ids_from_deltas(deltas)
+    if n == 0:
+        return ids, values
+    bits = _position_bits(k)
+    positions = np.arange(k)
+    if values.dtype == np.float16 and bits <= 16:
+        desc = _descending_key(values.view(np.uint16), 15, 0x7FFF).astype(np.uint32)
+        key = (desc << np.uint32(bits)) | positions.astype(np.uint32)
+        key.sort(axis=1)
+        order = (key & np.uint32((1 << bits) - 1)).astype(np.intp)
+        out_values = _descending_key((key >> np.uint32(bits)).astype(np.uint16), 15, 0x7FFF)
+        out_values = out_values.view(np.float16)
+    else:
+        desc = _descending_key(values.astype(np.float32).view(np.uint32), 31, 0x7FFFFFFF)
+        key = (desc.astype(np.uint64) << np.uint64(bits)) | positions.astype(np.uint64)
+        key.sort(axis=1)
+        order = (key & np.uint64((1 << bits) - 1)).astype(np.intp)
+        out_values = np.take_along_axis(values, order, axis=1)
+    order += (np.arange(n) * k)[:, None]
+    return ids.ravel()[order], out_values
 
 
 def temp_path_for(path: Path) -> Path:
@@ -131,7 +216,9 @@ class ShardWriter:
         self._offsets = np.zeros(num_samples + 1, dtype=np.int64)
         self._samples_done = 0
         self._rows_done = 0
-        self._stored_done = 0
+        self._written = 0  # top-k rows written (all rows, or the kept ones when masked-only)
+        self._pending: list[dict] = []
+        self._pending_rows = 0
 
     def _init_masked_storage(self, with_loss_mask, stored_rows, chunk_rows, opts):
         """The loss_mask dataset, and which top-k rows are kept (``None``: all of them)."""
@@ -163,26 +250,51 @@ class ShardWriter:
         self._samples_done += n
 
     def write_rows(self, arrays: dict) -> None:
-        """Append the next token rows, in order (any block size)."""
+        """Append the next token rows, in order (any block size).
+
+        Rows are buffered and written in whole chunks, so no chunk is compressed
+        twice; ``topk_ids`` and ``topk_logits`` must come together, in rank order.
+        """
         r0 = self._rows_done
         rows = len(next(iter(arrays.values())))
         if r0 + rows > self.num_tokens:
             raise ShardError("more rows written than the shard plan holds")
-        keep = None if self._stored is None else self._stored[r0 : r0 + rows]
-        c0 = self._stored_done
-        c1 = c0 + (rows if keep is None else int(keep.sum()))
-        for name, values in arrays.items():
-            if name in self._file:
-                if name in ROW_DATASETS and keep is not None:
-                    self._file[name][c0:c1] = np.asarray(values)[keep]
-                elif name in ROW_DATASETS:
-                    self._file[name][c0:c1] = values
-                else:
-                    self._file[name][r0 : r0 + rows] = values
-            elif name not in OPTIONAL_DATASETS:
+        for name in arrays:
+            if name not in self._file and name not in OPTIONAL_DATASETS:
                 raise ShardError(f"unknown shard dataset {name!r}")
+        # Per-token datasets take every row; top-k rows only the kept ones (masked-only).
+        keep = None if self._stored is None else self._stored[r0 : r0 + rows]
+        block = {}
+        for name, values in arrays.items():
+            if name not in self._file:
+                continue
+            if name in ROW_DATASETS:
+                block[name] = np.asarray(values) if keep is None else np.asarray(values)[keep]
+            else:
+                self._file[name][r0 : r0 + rows] = values
+        kept = rows if keep is None else int(keep.sum())
+        if block and kept:
+            self._pending.append(block)
+            self._pending_rows += kept
         self._rows_done += rows
-        self._stored_done = c1
+        if self._pending_rows >= CHUNK_ROWS:
+            self._flush(final=False)
+
+    def _flush(self, final: bool) -> None:
+        if not self._pending:
+            return
+        block = {n: np.concatenate([p[n] for p in self._pending]) for n in self._pending[0]}
+        count = self._pending_rows if final else self._pending_rows // CHUNK_ROWS * CHUNK_ROWS
+        r0 = self._written
+        if "topk_ids" in block:
+            block["topk_ids"][:count], block["topk_logits"][:count] = encode_topk(
+                block["topk_ids"][:count], block["topk_logits"][:count]
+            )
+        for name, values in block.items():
+            self._file[name][r0 : r0 + count] = values[:count]
+        self._written += count
+        self._pending_rows -= count
+        self._pending = [{n: v[count:] for n, v in block.items()}] if self._pending_rows else []
 
     def commit(self, attrs: dict) -> Path:
         if self._samples_done != self.num_samples or self._rows_done != self.num_tokens:
@@ -190,6 +302,7 @@ class ShardWriter:
                 f"shard incomplete: {self._samples_done}/{self.num_samples} samples, "
                 f"{self._rows_done}/{self.num_tokens} rows"
             )
+        self._flush(final=True)
         f = self._file
         f["sample_ids"][:] = self._sample_ids
         f["offsets"][:] = self._offsets
@@ -197,6 +310,7 @@ class ShardWriter:
             f.attrs["masked_only"] = True
             f.create_dataset("row_offsets", data=stored_row_offsets(self._stored, self._offsets))
         f.attrs["format_version"] = FORMAT_VERSION
+        f.attrs["topk_encoding"] = TOPK_ENCODING
         f.attrs["top_k"] = self.top_k
         for key, value in attrs.items():
             f.attrs[key] = json.dumps(value) if isinstance(value, (dict, list)) else value
@@ -368,8 +482,11 @@ def read_attrs(handle: h5py.File) -> dict:
 SAMPLE_FIELDS = ("input_ids", "topk_ids", "topk_logits", "logsumexp", "entropy", "loss_mask")
 
 
-def read_sample(handle: h5py.File, position: int, offsets=None) -> dict:
-    """Every per-token array of the sample at ``position`` in this shard, in rank order."""
+def read_sample(handle, position: int, offsets=None) -> dict:
+    """Every per-token array of the sample at ``position`` in this shard, in rank order.
+
+    ``handle``: the open shard, or a dict of its datasets (``sample_ids`` may be an array).
+    """
     if offsets is None:
         start, stop = handle["offsets"][position : position + 2]
     else:
@@ -380,6 +497,10 @@ def read_sample(handle: h5py.File, position: int, offsets=None) -> dict:
     for name in SAMPLE_FIELDS:
         if name in handle:
             record[name] = handle[name][start:stop]
+    if "topk_ids" in record:
+        record["topk_ids"], record["topk_logits"] = decode_topk(
+            record["topk_ids"], record["topk_logits"]
+        )
     return record
 
 
@@ -389,12 +510,13 @@ def _read_masked_only_sample(handle, position: int, start: int, stop: int, recor
     record["input_ids"] = handle["input_ids"][start:stop]
     record["loss_mask"] = handle["loss_mask"][start:stop]
     stored = needed_rows(record["loss_mask"], np.array([0, stop - start]))
-    for name in ROW_DATASETS:
-        if name in handle:
-            ds = handle[name]
-            full = np.full((stop - start, *ds.shape[1:]), ABSENT_ROW_FILL, dtype=ds.dtype)
-            full[stored] = ds[c0:c1]
-            record[name] = full
+    kept = {name: handle[name][c0:c1] for name in ROW_DATASETS if name in handle}
+    if "topk_ids" in kept:
+        kept["topk_ids"], kept["topk_logits"] = decode_topk(kept["topk_ids"], kept["topk_logits"])
+    for name, values in kept.items():
+        full = np.full((stop - start, *values.shape[1:]), ABSENT_ROW_FILL, dtype=values.dtype)
+        full[stored] = values
+        record[name] = full
     record["row_stored"] = stored.astype(np.uint8)
     return record
 
@@ -513,6 +635,8 @@ def _validate_open_shard(handle, exp_ids, exp_offsets, exp_input_ids, exp_attrs,
         raise ShardError(
             f"format_version {attrs['format_version']}, this workflow reads {FORMAT_VERSION}"
         )
+    if attrs.get("topk_encoding") != TOPK_ENCODING:
+        raise ShardError(f"topk_encoding {attrs.get('topk_encoding')!r}, expected {TOPK_ENCODING!r}")
     for key, value in exp_attrs.items():
         if attrs.get(key) != value:
             raise ShardError(f"attribute {key}={attrs.get(key)!r}, expected {value!r}")
@@ -566,8 +690,9 @@ def _validate_open_shard(handle, exp_ids, exp_offsets, exp_input_ids, exp_attrs,
     mass_sum = entropy_sum = 0.0
     hits = rows_with_next = 0
     # Which rows have a next token inside their own sample: all but each sample's last.
-    last_rows = offsets[1:] - 1
     c1 = 0  # kept rows read so far (all rows unless masked-only)
+    all_have_next = np.ones(num_tokens, dtype=bool)
+    all_have_next[offsets[1:][offsets[1:] > offsets[:-1]] - 1] = False
     for r0 in range(0, num_tokens, VALIDATE_BLOCK_ROWS):
         progress()
         r1 = min(num_tokens, r0 + VALIDATE_BLOCK_ROWS)
@@ -580,20 +705,19 @@ def _validate_open_shard(handle, exp_ids, exp_offsets, exp_input_ids, exp_attrs,
         c0, c1 = c1, c1 + len(rows)
         if not len(rows):
             continue
-        ids = handle["topk_ids"][c0:c1]
+        deltas = handle["topk_ids"][c0:c1]
         logits = handle["topk_logits"][c0:c1].astype(np.float32)
         lse = handle["logsumexp"][c0:c1]
-        if ids.size and (ids.min() < 0 or ids.max() >= vocab_size):
+        # Stored ids ascend strictly per row: a first id >= 0, then gaps >= 1 (distinct ids).
+        if deltas.size and (deltas[:, 0].min() < 0 or (top_k > 1 and deltas[:, 1:].min() < 1)):
+            raise ShardError(f"repeated or unordered token ids inside a top-k row in rows {r0}..{r1 - 1}")
+        ids = ids_from_deltas(deltas)
+        if ids.size and ids[:, -1].max() >= vocab_size:
             raise ShardError(f"topk_ids outside the vocabulary [0, {vocab_size})")
         if not (np.isfinite(logits).all() and np.isfinite(lse).all()):
             raise ShardError(f"non-finite values in rows {r0}..{r1 - 1}")
-        if top_k > 1 and (np.diff(logits, axis=1) > 0).any():
-            row = int(rows[np.flatnonzero((np.diff(logits, axis=1) > 0).any(axis=1))[0]])
-            raise ShardError(f"topk_logits not sorted most likely first at row {row}")
-        if top_k > 1 and (np.diff(np.sort(ids, axis=1), axis=1) == 0).any():
-            raise ShardError(f"repeated token ids inside a top-k row in rows {r0}..{r1 - 1}")
         # The largest logit cannot exceed logsumexp (allow the storage dtype's rounding).
-        if (logits[:, 0] > lse + 1e-2 * np.maximum(1.0, np.abs(lse))).any():
+        if (logits.max(axis=1) > lse + 1e-2 * np.maximum(1.0, np.abs(lse))).any():
             raise ShardError(f"logsumexp smaller than the top logit in rows {r0}..{r1 - 1}")
         mass = np.exp(logits - lse[:, None]).sum(axis=1)
         mass_sum += float(mass.sum())
@@ -605,7 +729,7 @@ def _validate_open_shard(handle, exp_ids, exp_offsets, exp_input_ids, exp_attrs,
             entropy_sum += float(entropy.sum())
             # float16 rounding can step just past ln(vocab): clip into the last bin.
             entropy_hist += np.histogram(np.clip(entropy, 0.0, ent_bins[-1]), bins=ent_bins)[0]
-        has_next = ~np.isin(rows, last_rows)
+        has_next = all_have_next[rows]
         next_ids = exp_input_ids[np.minimum(rows + 1, num_tokens - 1)]
         hits += int(((ids == next_ids[:, None]).any(axis=1) & has_next).sum())
         rows_with_next += int(has_next.sum())

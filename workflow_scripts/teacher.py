@@ -84,9 +84,12 @@ class TopKHead:
     to top-k in chunks.
     """
 
-    def __init__(self, model, top_k: int, chunk_bytes: int = DEFAULT_CHUNK_BYTES):
+    def __init__(self, model, top_k: int, chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+                 with_entropy: bool = True):
         self.model = model
         self.top_k = top_k
+        # The entropy costs one more pass over each logits chunk (~13% of lm_head + top-k).
+        self.with_entropy = with_entropy
         self.head = model.get_output_embeddings()
         self.body = model.base_model
         self.vocab_size = self.head.weight.shape[0] if self.head is not None else None
@@ -128,17 +131,56 @@ class TopKHead:
         return self._reduce(rows, project)
 
     def _reduce(self, rows: torch.Tensor, project) -> TopK:
-        parts = []
-        for start in range(0, rows.shape[0], self.chunk_rows):
-            chunk = rows[start : start + self.chunk_rows]
+        n, k = rows.shape[0], self.top_k
+        device = self.head.weight.device if project is not None else rows.device
+        out_ids = torch.empty((n, k), dtype=torch.int32, device=device)
+        out_values = torch.empty((n, k), dtype=torch.float32, device=device)
+        out_lse = torch.empty(n, dtype=torch.float32, device=device)
+        out_entropy = torch.empty(n, dtype=torch.float32, device=device)
+        for start in range(0, n, self.chunk_rows):
+            stop = min(n, start + self.chunk_rows)
+            chunk = rows[start:stop]
             if project is not None:
-                chunk = project(chunk.to(self.head.weight.device))
+                chunk = project(chunk.to(device))
             chunk = chunk.float()
-            lse = torch.logsumexp(chunk, dim=-1)
-            log_probs = chunk - lse[:, None]
-            # Exact entropy of the full distribution; 0 * -inf (masked logits) counts as 0.
-            entropy = -(torch.exp(log_probs) * log_probs).nan_to_num(0.0).sum(dim=-1)
-            del log_probs
-            values, ids = torch.topk(chunk, self.top_k, dim=-1, sorted=True)
-            parts.append((ids.to(torch.int32), values, lse, entropy))
-        return TopK(*(torch.cat([p[i] for p in parts]).cpu() for i in range(4)))
+            values, ids = torch.topk(chunk, k, dim=-1, sorted=True)
+            out_values[start:stop] = values
+            out_ids[start:stop] = ids
+            if self.with_entropy:
+                reduce_chunk(chunk, values[:, :1], out_lse[start:stop], out_entropy[start:stop])
+            else:
+                torch.logsumexp(chunk, dim=-1, out=out_lse[start:stop])
+                out_entropy[start:stop] = 0.0
+        return TopK(*to_host((out_ids, out_values, out_lse, out_entropy)))
+
+
+def reduce_chunk(logits: torch.Tensor, top: torch.Tensor, lse_out, entropy_out) -> None:
+    """logsumexp and the exact entropy of each row, in place on ``logits`` (float32).
+
+    One exp pass serves both: with y = x - max, s = sum(e^y), logsumexp = max + log s
+    and entropy = log s - sum(e^y * y) / s. A row with masked (-inf) logits makes
+    0 * -inf = nan there; only such rows are summed again with those terms as 0.
+    """
+    shifted = logits.sub_(top)
+    exp = torch.exp(shifted)
+    total = exp.sum(dim=-1)
+    dot = torch.linalg.vecdot(exp, shifted)
+    bad = torch.isnan(dot)
+    if bad.any():
+        rows = bad.nonzero().squeeze(1)
+        dot[rows] = (exp[rows] * shifted[rows]).nan_to_num(0.0).sum(dim=-1)
+    del exp
+    log_total = torch.log(total)
+    torch.add(top.squeeze(1), log_total, out=lse_out)
+    torch.sub(log_total, dot / total, out=entropy_out)
+
+
+def to_host(tensors):
+    """Copy to host memory: on CUDA into pinned buffers without blocking, then one sync."""
+    if not tensors[0].is_cuda:
+        return tensors
+    host = [torch.empty(t.shape, dtype=t.dtype, pin_memory=True) for t in tensors]
+    for dst, src in zip(host, tensors):
+        dst.copy_(src, non_blocking=True)
+    torch.cuda.current_stream(tensors[0].device).synchronize()
+    return host

@@ -1,0 +1,238 @@
+"""Storage, gather and reader benchmarks (4, 5 and 7 of bench/README.md).
+
+    python bench/bench_store.py [--quick]
+
+Numbers come from the demo teacher (a small trained Llama, vocab 2048) on the
+demo corpus: random weights give near-uniform top-k ids that no codec shrinks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shutil
+import sys
+import tempfile
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import (  # noqa: E402
+    DEMO_DIR, NAIVE_BYTES_PER_TOKEN, REPO, Timer, emit, machine, prepared_shard, table,
+)
+
+from workflow_scripts import shard_format  # noqa: E402
+from workflow_scripts.logit_store import LogitStore  # noqa: E402
+from workflow_scripts.shard_format import ShardWriter, decode_topk, read_prepared  # noqa: E402
+
+TOP_K = 64
+
+
+def demo_rows(num_docs: int):
+    """Token ids of the first demo documents and the demo teacher's top-k of them."""
+    import torch
+    from transformers import AutoTokenizer  # noqa: I001
+
+    from workflow_scripts.generate import compute_window
+    from workflow_scripts.teacher import TopKHead, load_teacher
+
+    teacher = DEMO_DIR / "teacher"
+    if not (teacher / "config.json").exists():
+        raise SystemExit(f"no demo teacher at {teacher}: run `make demo` (or snakemake "
+                         "--cores 2 resources/demo/teacher) first, or set TEACHER_LOGITS_DEMO_DIR")
+    tokenizer = AutoTokenizer.from_pretrained(teacher)
+    texts = [json.loads(line)["text"] for line in
+             (DEMO_DIR / "corpus.jsonl").read_text().splitlines()[:num_docs]]
+    token_lists = [ids[:2048] for ids in tokenizer(texts)["input_ids"] if ids]
+    lengths = np.array([len(t) for t in token_lists], dtype=np.int64)
+    input_ids = np.concatenate(token_lists).astype(np.int32)
+    # bfloat16: the workflow's default teacher dtype, as `make demo` runs it.
+    model = load_teacher(str(teacher), dtype="bfloat16")
+    head = TopKHead(model, TOP_K)
+    offsets = np.concatenate([[0], np.cumsum(lengths)])
+    with torch.inference_mode():
+        rows = compute_window(head, input_ids, offsets, 4096, int(model.config.pad_token_id or 0))
+    rows["topk_logits"] = rows["topk_logits"].astype(np.float16)
+    rows["entropy"] = rows["entropy"].astype(np.float16)
+    return lengths, input_ids, rows, int(model.config.vocab_size)
+
+
+@contextmanager
+def rank_order_layout():
+    """Write top-k rows as they come (format version 1's layout) for comparison."""
+    saved = shard_format.encode_topk
+    shard_format.encode_topk = lambda ids, values: (ids, values)
+    try:
+        yield
+    finally:
+        shard_format.encode_topk = saved
+
+
+def write_shard(path, lengths, input_ids, rows, compression, sample_ids=None):
+    offsets = np.concatenate([[0], np.cumsum(lengths)])
+    writer = ShardWriter(path, len(lengths), int(offsets[-1]), TOP_K, compression=compression)
+    writer.add_samples(np.arange(len(lengths)) if sample_ids is None else sample_ids, lengths)
+    step = 1 << 14
+    for r0 in range(0, int(offsets[-1]), step):
+        block = {k: v[r0 : r0 + step] for k, v in rows.items()}
+        block["input_ids"] = input_ids[r0 : r0 + step]
+        writer.write_rows(block)
+    writer.commit({"shard_index": 0, "num_shards": 1, "teacher_fingerprint": "bench",
+                   "tokenizer_fingerprint": "bench", "config_fingerprint": "bench",
+                   "cuda_visible_devices": "", "hostname": "", "started_at": 0.0,
+                   "finished_at": 0.0, "versions": {}, "claims": []})
+
+
+def read_all(path, decode: bool) -> None:
+    with h5py.File(path, "r") as f:
+        n = f["logsumexp"].shape[0]
+        for r0 in range(0, n, 4096):
+            ids, values = f["topk_ids"][r0 : r0 + 4096], f["topk_logits"][r0 : r0 + 4096]
+            f["logsumexp"][r0 : r0 + 4096]
+            if decode:
+                decode_topk(ids, values)
+
+
+def storage_options(folder, lengths, input_ids, rows):
+    tokens = len(input_ids)
+    naive_mb = tokens * NAIVE_BYTES_PER_TOKEN / 1e6
+    variants = [("rank order (format 1)", c, True) for c in ("none", "zstd")]
+    variants += [("sorted id deltas", c, False) for c in shard_format.COMPRESSIONS]
+    results = []
+    for layout, compression, rank in variants:
+        path = folder / f"{layout.split()[0]}_{compression}.h5"
+        with Timer() as w:
+            if rank:
+                with rank_order_layout():
+                    write_shard(path, lengths, input_ids, rows, compression)
+            else:
+                write_shard(path, lengths, input_ids, rows, compression)
+        with Timer() as r:
+            read_all(path, decode=not rank)
+        with h5py.File(path, "r") as f:
+            topk = sum(f[n].id.get_storage_size() for n in ("topk_ids", "topk_logits", "logsumexp"))
+        size = path.stat().st_size
+        results.append({"layout": layout, "compression": compression,
+                        "bytes_per_token": size / tokens, "topk_lse_bytes_per_token": topk / tokens,
+                        "fraction_of_naive": size / tokens / NAIVE_BYTES_PER_TOKEN,
+                        "write_mb_per_s": naive_mb / w.seconds, "read_mb_per_s": naive_mb / r.seconds})
+    return results
+
+
+def build_store(folder, lengths, input_ids, rows, vocab, num_shards=4):
+    """prepare's files + shards + gather's index: a store as the workflow leaves it."""
+    from workflow_scripts.gather import gather
+
+    tokens_path, plan_path = prepared_shard(folder / "prepared", lengths, vocab, TOP_K,
+                                            num_shards=num_shards, input_ids=input_ids)
+    prepared = read_prepared(tokens_path)
+    plan = json.loads(plan_path.read_text())
+    shard_paths = []
+    for shard in range(num_shards):
+        sample_ids, offsets, ids = prepared.shard_slice(shard)
+        r0 = int(prepared.offsets[prepared.shard_bounds[shard]])
+        block = {k: v[r0 : r0 + len(ids)] for k, v in rows.items()}
+        path = folder / "shards" / f"shard_{shard:05d}.h5"
+        write_shard(path, np.diff(offsets), ids, block, "default", sample_ids)
+        with h5py.File(path, "r+") as f:
+            f.attrs["shard_index"], f.attrs["num_shards"] = shard, num_shards
+        shard_paths.append(str(path))
+    (plan_path).write_text(json.dumps(plan))
+    with Timer() as t:
+        gather(str(plan_path), str(tokens_path), shard_paths, str(folder / "index.h5"),
+               str(folder / "manifest.json"))
+    return folder, t.seconds
+
+
+def read_random(store_dir, seconds: float, seed=0) -> tuple[float, int]:
+    store = LogitStore(store_dir)
+    order = np.random.default_rng(seed).permutation(len(store))
+    tokens, start = 0, time.perf_counter()
+    for n, i in enumerate(order):
+        tokens += len(store[int(i)]["input_ids"])
+        if time.perf_counter() - start > seconds:
+            break
+    store.close()
+    return tokens / (time.perf_counter() - start), n + 1
+
+
+def read_loader(store_dir, workers: int) -> float:
+    from torch.utils.data import DataLoader
+
+    store = LogitStore(store_dir)
+    loader = DataLoader(store, batch_size=16, shuffle=True, num_workers=workers,
+                        collate_fn=LogitStore.collate)
+    tokens, start = 0, time.perf_counter()
+    for batch in loader:
+        tokens += int(batch["attention_mask"].sum())
+    return tokens / (time.perf_counter() - start)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--work", default=None)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    work = Path(args.work or tempfile.mkdtemp(prefix="bench_store_"))
+    with Timer() as t:
+        lengths, input_ids, rows, vocab = demo_rows(700 if args.quick else 2000)
+    tokens = len(input_ids)
+    print(f"demo teacher top-{TOP_K} of {len(lengths)} demo documents, {tokens} tokens "
+          f"(mean length {lengths.mean():.0f}) in {t.seconds:.0f} s")
+
+    storage = storage_options(work / "storage", lengths, input_ids, rows)
+    table(f"Storage at k={TOP_K} on {machine()}: demo teacher (trained Llama, vocab {vocab}), "
+          f"demo corpus, teacher in bfloat16; naive = {NAIVE_BYTES_PER_TOKEN} B/token (int32 ids, float16 values, "
+          "float32 logsumexp); MB/s of naive bytes, one thread",
+          ["layout", "compression", "B/token (file)", "of naive", "top-k+lse B/token",
+           "write MB/s", "read MB/s"],
+          [[s["layout"], s["compression"], s["bytes_per_token"], f"{s['fraction_of_naive']:.1%}",
+            s["topk_lse_bytes_per_token"], s["write_mb_per_s"], s["read_mb_per_s"]]
+           for s in storage])
+    default = next(s for s in storage if s["layout"] == "sorted id deltas"
+                   and s["compression"] == "default")
+
+    # Chunk layout: random-order reads against bytes per token.
+    layouts = []
+    saved = shard_format.CHUNK_ROWS
+    for chunk_rows in (256, 1024, 4096):
+        shard_format.CHUNK_ROWS = chunk_rows
+        try:
+            folder, gather_s = build_store(work / f"store_{chunk_rows}", lengths, input_ids, rows, vocab)
+        finally:
+            shard_format.CHUNK_ROWS = saved
+        size = sum(p.stat().st_size for p in (folder / "shards").glob("*.h5"))
+        tps, samples = read_random(folder, 6 if args.quick else 20)
+        layouts.append({"chunk_rows": chunk_rows, "bytes_per_token": size / tokens,
+                        "reader_tokens_per_s": tps, "samples_read": samples,
+                        "gather_tokens_per_s": tokens / gather_s, "folder": str(folder)})
+    table("Random-order reads (LogitStore, one process) by HDF5 chunk rows",
+          ["chunk rows", "B/token", "reader tokens/s", "gather tokens/s"],
+          [[c["chunk_rows"], c["bytes_per_token"], c["reader_tokens_per_s"],
+            c["gather_tokens_per_s"]] for c in layouts])
+    chosen = next(c for c in layouts if c["chunk_rows"] == saved)
+    loader_tps = read_loader(chosen["folder"], 4)
+    print(f"  chunk rows in use: {saved}; DataLoader, 4 workers, batch 16: {loader_tps:,.0f} tokens/s")
+
+    emit({"bench": "store", "machine": machine(), "tokens": tokens,
+          "mean_sample_length": float(lengths.mean()), "storage": storage,
+          "storage_fraction_of_naive": default["fraction_of_naive"],
+          "storage_bytes_per_token": default["bytes_per_token"],
+          "storage_read_mb_per_s": default["read_mb_per_s"],
+          "storage_write_mb_per_s": default["write_mb_per_s"],
+          "chunk_layouts": [{k: v for k, v in c.items() if k != "folder"} for c in layouts],
+          "chunk_rows": saved, "gather_tokens_per_s": chosen["gather_tokens_per_s"],
+          "reader_tokens_per_s": chosen["reader_tokens_per_s"],
+          "reader_loader4_tokens_per_s": loader_tps})
+    if not args.work:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,142 @@
+"""Shared pieces of the benchmarks: a bench teacher, a length-skewed dataset, a
+prepared shard on disk, timers and the table + JSON output every script prints.
+
+Benchmarks are scripts, not tests: they print numbers and never fail on them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from workflow_scripts.shard_format import PreparedTokens, write_prepared  # noqa: E402
+
+DEMO_DIR = Path(os.environ.get("TEACHER_LOGITS_DEMO_DIR", REPO / "resources" / "demo"))
+# Naive storage at k=64: int32 ids + float16 values, plus the float32 logsumexp.
+NAIVE_BYTES_PER_TOKEN = 64 * 4 + 64 * 2 + 4
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{cpu}, {os.cpu_count()} cores"
+
+
+def bench_teacher(path: Path, layers: int = 8, hidden: int = 512, vocab: int = 32000,
+                  dtype: str = "float32") -> Path:
+    """A random-weight Llama shaped like a real LM (the body dominates), saved once."""
+    if (path / "config.json").exists():
+        return path
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=vocab, hidden_size=hidden, intermediate_size=int(hidden * 8 / 3 // 64 * 64),
+        num_hidden_layers=layers, num_attention_heads=max(1, hidden // 64),
+        num_key_value_heads=max(1, hidden // 128), max_position_embeddings=8192,
+        pad_token_id=0, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False,
+    )
+    model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, dtype))
+    model.save_pretrained(path)
+    return path
+
+
+def skewed_lengths(num_tokens: int, max_length: int, seed: int = 0, low: int = 20) -> np.ndarray:
+    """Log-normal sample lengths from ~``low`` to ``max_length``, ``num_tokens`` in all."""
+    rng = np.random.default_rng(seed)
+    mu = np.log(low) + (np.log(max_length) - np.log(low)) / 3
+    lengths = []
+    while sum(lengths) < num_tokens:
+        lengths.append(int(np.clip(rng.lognormal(mu, 0.9), low, max_length)))
+    return np.array(lengths, dtype=np.int64)
+
+
+def prepared_shard(folder: Path, lengths: np.ndarray, vocab: int, top_k: int, seed: int = 0,
+                   num_shards: int = 1, input_ids: np.ndarray | None = None) -> tuple[Path, Path]:
+    """tokens.h5 + plan.json, as prepare writes them, for ``lengths`` random-token samples."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    if input_ids is None:
+        input_ids = rng.integers(3, vocab, int(offsets[-1])).astype(np.int32)
+    bounds = np.linspace(0, len(lengths), num_shards + 1).astype(np.int64)
+    write_prepared(folder / "tokens.h5", PreparedTokens(
+        sample_ids=np.arange(len(lengths), dtype=np.int64), offsets=offsets,
+        input_ids=input_ids, shard_bounds=bounds))
+    plan = {
+        "num_shards": num_shards, "top_k": top_k, "vocab_size": vocab,
+        "teacher_fingerprint": "bench", "tokenizer_fingerprint": "bench",
+        "config_fingerprint": "bench", "dropped": [], "truncated_samples": 0,
+        "settings": {"storage": {"value_dtype": "float16"}, "generation": {"store_entropy": True}},
+        "shards": [{"index": i, "num_samples": int(bounds[i + 1] - bounds[i]),
+                    "num_tokens": int(offsets[bounds[i + 1]] - offsets[bounds[i]])}
+                   for i in range(num_shards)],
+    }
+    (folder / "plan.json").write_text(json.dumps(plan))
+    (folder / "regenerate.token").write_text("bench\n")
+    return folder / "tokens.h5", folder / "plan.json"
+
+
+def workflow_config(teacher: Path, top_k: int = 64, batch_tokens: int = 4096, threads: int = 2,
+                    compression: str = "default", commit_every_s: float = 60.0) -> dict:
+    """The config a generate job sees, with the defaults of config/config.yaml."""
+    import yaml
+
+    config = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
+    config["teacher"].update(path=str(teacher), dtype="float32")
+    config["generation"].update(top_k=top_k, batch_tokens=batch_tokens, threads=threads,
+                                commit_every_s=commit_every_s)
+    config["storage"]["compression"] = compression
+    config["gpus"] = ""
+    return config
+
+
+class Timer:
+    def __enter__(self):
+        self.start = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        self.seconds = time.perf_counter() - self.start
+
+
+def table(title: str, header: list[str], rows: list[list]) -> None:
+    cells = [[str(c) for c in header]] + [[fmt(c) for c in row] for row in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    print(f"\n{title}")
+    for n, row in enumerate(cells):
+        print("  " + "  ".join(c.rjust(w) if n else c.ljust(w) for c, w in zip(row, widths)))
+        if n == 0:
+            print("  " + "  ".join("-" * w for w in widths))
+
+
+def fmt(value) -> str:
+    if isinstance(value, float):
+        if value == 0 or abs(value) >= 100:
+            return f"{value:,.0f}"
+        return f"{value:.3g}"
+    if isinstance(value, int):
+        return f"{value:,}"
+    return str(value)
+
+
+def emit(result: dict) -> None:
+    """The script's result as one JSON line (run_all.py reads the last line)."""
+    print(json.dumps(result, sort_keys=True), flush=True)
