@@ -80,6 +80,8 @@ class LogitStore:
             # by name on every read costs more than a small sample's decompression.
             datasets = {name: handle[name] for name in SAMPLE_FIELDS if name in handle}
             datasets["sample_ids"] = handle["sample_ids"][:]
+            if "row_offsets" in handle:  # masked-only storage: where each sample's rows start
+                datasets["row_offsets"] = handle["row_offsets"][:]
             self._handles[shard] = (handle, handle["offsets"][:], datasets)
         return self._handles[shard]
 
