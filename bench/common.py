@@ -105,6 +105,8 @@ def workflow_config(teacher: Path, top_k: int = 64, batch_tokens: int = 4096, th
                                 commit_every_s=commit_every_s)
     config["storage"]["compression"] = compression
     config["gpus"] = ""
+    # What the Snakefile resolves `auto` to outside a cluster executor.
+    config["gpu_assignment"] = "local"
     return config
 
 
