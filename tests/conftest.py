@@ -89,10 +89,15 @@ def demo_dir(tmp_path_factory) -> Path:
     return demo
 
 
-@pytest.fixture
-def workflow(tmp_path, demo_dir) -> Workflow:
-    wf = Workflow(tmp_path / "wf", tmp_path / "locks")
-    # The default demo location points at the session's demo: nothing is rebuilt.
+def demo_workflow(root: Path, demo_dir: Path) -> Workflow:
+    """A workflow copy in ``root/wf`` whose default demo location is the session's demo."""
+    wf = Workflow(root / "wf", root / "locks")
+    # Nothing is rebuilt: the demo teacher and corpus are built once per session.
     (wf.root / "resources").mkdir()
     (wf.root / "resources" / "demo").symlink_to(demo_dir)
     return wf
+
+
+@pytest.fixture
+def workflow(tmp_path, demo_dir) -> Workflow:
+    return demo_workflow(tmp_path, demo_dir)

@@ -19,7 +19,7 @@ import sys
 
 import h5py
 import pytest
-from conftest import Workflow
+from conftest import Workflow, demo_workflow
 
 BASE = {
     "num_shards": 3,
@@ -56,9 +56,7 @@ def _random_teacher(demo_dir, out):
 def store(tmp_path_factory, demo_dir):
     """A finished store, plus shard 1 made under another top_k, max_length and teacher."""
     root = tmp_path_factory.mktemp("corruption")
-    wf = Workflow(root / "wf", root / "locks")
-    (wf.root / "resources").mkdir()
-    (wf.root / "resources" / "demo").symlink_to(demo_dir)
+    wf = demo_workflow(root, demo_dir)
     wf.run("--cores", "2", config=BASE)
     others = {}
     variants = {

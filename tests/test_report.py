@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import REPO, Workflow
+from conftest import REPO, Workflow, demo_workflow
 from chromium import Chromium, find_chromium
 
 RUN = {"gpus": "0,1", "gpus_per_model": 1, "allow_cpu": True, "num_shards": 4,
@@ -30,9 +30,7 @@ FIGURES = {  # file name -> (report category, label shown in its results table)
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory, demo_dir) -> Workflow:
     root = tmp_path_factory.mktemp("report")
-    wf = Workflow(root / "wf", root / "locks")
-    (wf.root / "resources").mkdir()
-    (wf.root / "resources" / "demo").symlink_to(demo_dir)
+    wf = demo_workflow(root, demo_dir)
     wf.run("--cores", "2", config=RUN)
     return wf
 

@@ -13,7 +13,7 @@ import h5py
 import numpy as np
 import pytest
 
-from conftest import REPO, Workflow
+from conftest import REPO, demo_workflow
 
 sys.path.insert(0, str(REPO))
 from workflow_scripts.resume import CommittedParts, claims_from_parts  # noqa: E402
@@ -53,9 +53,7 @@ def assert_same_store(a: dict, b: dict):
 @pytest.fixture
 def reference(tmp_path, demo_dir):
     """The store an uninterrupted run with the same config produces."""
-    wf = Workflow(tmp_path / "reference", tmp_path / "reference-locks")
-    (wf.root / "resources").mkdir()
-    (wf.root / "resources" / "demo").symlink_to(demo_dir)
+    wf = demo_workflow(tmp_path / "reference", demo_dir)
 
     def build(config):
         wf.run("--cores", "1", config=config)

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import yaml
 
-from conftest import Workflow, snakemake_bin
+from conftest import demo_workflow, snakemake_bin
 from slurm_cluster import SlurmCluster, missing_requirements
 from workflow_scripts.logit_store import LogitStore
 from workflow_scripts.shard_format import read_attrs
@@ -59,9 +59,7 @@ def cluster(tmp_path_factory):
 def local_store(tmp_path_factory, demo_dir):
     """The same config run by a plain local `snakemake`: what SLURM must reproduce."""
     root = tmp_path_factory.mktemp("local")
-    wf = Workflow(root / "wf", root / "locks")
-    (wf.root / "resources").mkdir()
-    (wf.root / "resources" / "demo").symlink_to(demo_dir)
+    wf = demo_workflow(root, demo_dir)
     wf.run("--cores", "2", config=CONFIG)
     return store_contents(wf)
 
