@@ -23,7 +23,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
-    DEMO_DIR, NAIVE_BYTES_PER_TOKEN, REPO, Timer, emit, machine, prepared_shard, table,
+    DEMO_DIR, NAIVE_BYTES_PER_TOKEN, Timer, emit, machine, prepared_shard, table,
 )
 
 from workflow_scripts import shard_format  # noqa: E402
