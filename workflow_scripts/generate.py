@@ -260,11 +260,14 @@ def disk_full(path: Path, needed: int | None = None) -> UserError:
     )
 
 
-def room_under(directory: Path) -> int:
-    """Bytes one file may still take there: free disk, or a file-size limit (ulimit -f)."""
+def room_under(directory: Path, growing: Path | None = None) -> int:
+    """Bytes a file may still take there: free disk, or what a file-size limit
+    (ulimit -f) leaves to ``growing``, a file being written."""
     free = shutil.disk_usage(directory).free
     soft, _ = resource.getrlimit(resource.RLIMIT_FSIZE)
-    return free if soft == resource.RLIM_INFINITY else min(free, soft)
+    if soft == resource.RLIM_INFINITY:
+        return free
+    return min(free, soft - (growing.stat().st_size if growing is not None else 0))
 
 
 @contextmanager
@@ -402,18 +405,10 @@ class ShardSink:
             rows.pop("entropy", None)
         # libhdf5 can crash on a failed write: stop cleanly while the rows surely fit.
         needed = sum(v.nbytes for v in rows.values()) + 2**16
-        if needed > self.room():
+        if needed > room_under(self.writer.temp_path.parent, self.writer.temp_path):
             raise disk_full(self.writer.path, needed)
         with disk_full_is_a_user_error(self.writer.path):
             self.writer.write_rows(rows)
-
-    def room(self) -> int:
-        """Bytes the shard's temp file may still grow by (free disk, or ulimit -f)."""
-        free = shutil.disk_usage(self.writer.temp_path.parent).free
-        soft, _ = resource.getrlimit(resource.RLIMIT_FSIZE)
-        if soft == resource.RLIM_INFINITY:
-            return free
-        return min(free, soft - self.writer.temp_path.stat().st_size)
 
     def replay(self, parts: CommittedParts) -> None:
         for path, part in parts.parts:
@@ -517,31 +512,6 @@ def open_shard_writer(output: Path, sample_ids, offsets, config: dict,
     return writer
 
 
-def assemble(output: Path, parts: CommittedParts, sample_ids, offsets, input_ids, config: dict,
-             attrs: dict, loss_mask: np.ndarray | None = None) -> None:
-    """Copy the committed parts, in order, into the shard file and commit it atomically."""
-    # libhdf5 can crash on a failed write, so check the room first. The parts hold the
-    # same rows uncompressed (plus input ids): an upper bound on the shard's size.
-    needed = sum(path.stat().st_size for path, _ in parts.parts) + 4 * int(offsets[-1]) + 2**20
-    if needed > room_under(output.parent):
-        raise disk_full(output, needed)
-    writer = open_shard_writer(output, sample_ids, offsets, config, loss_mask)
-    try:
-        with disk_full_is_a_user_error(output):
-            for path, part in parts.parts:
-                first_row = int(part["first_row"])
-                for r0, rows in iter_part_rows(path):
-                    start = first_row + r0
-                    rows["input_ids"] = input_ids[start : start + len(rows["logsumexp"])]
-                    if loss_mask is not None:
-                        rows["loss_mask"] = loss_mask[start : start + len(rows["logsumexp"])]
-                    writer.write_rows(rows)
-            writer.commit(attrs)
-    except BaseException:
-        writer.abort()
-        raise
-
-
 def finished_by_an_earlier_job(output: Path, plan: dict, shard: int) -> bool:
     """A job orphaned by a killed Snakemake may have finished this shard while we waited."""
     if not output.exists():
@@ -568,6 +538,38 @@ def part_identity(config: dict, plan: dict, shard: int, sample_ids, offsets, reg
         "store_entropy": bool(config["generation"]["store_entropy"]),
         "shard_plan": f"{shard}/{plan['num_shards']}:{plan_digest}",
         "regenerate_token": regenerate_token,
+    }
+
+
+def shard_attrs(plan: dict, shard: int, parts: CommittedParts, job_started_at: float,
+                teacher_load_seconds: float) -> dict:
+    """The finished shard's attributes: fingerprints and provenance of every claim."""
+    claims = claims_from_parts([attrs for _, attrs in parts.parts])
+    num_tokens = parts.rows_done
+    gen_seconds = sum(float(a["compute_seconds"]) for _, a in parts.parts)
+    log.info(
+        "generated %d tokens in %.1f s of compute (%.0f tokens/s) over %d claim(s); teacher "
+        "load took %.1f s in this job", num_tokens, gen_seconds,
+        num_tokens / max(gen_seconds, 1e-9), len(claims), teacher_load_seconds,
+    )
+    last = claims[-1] if claims else {"cuda_visible_devices": "", "hostname": "",
+                                       "started_at": job_started_at, "finished_at": time.time()}
+    return {
+        "shard_index": shard,
+        "num_shards": int(plan["num_shards"]),
+        "teacher_fingerprint": plan["teacher_fingerprint"],
+        "tokenizer_fingerprint": plan["tokenizer_fingerprint"],
+        "config_fingerprint": plan["config_fingerprint"],
+        # The claim that finished the shard; every claim that worked on it is in `claims`.
+        "cuda_visible_devices": last["cuda_visible_devices"],
+        "hostname": last["hostname"],
+        "started_at": last["started_at"],
+        "finished_at": last["finished_at"],
+        "versions": library_versions(),
+        "claims": claims,
+        "job_started_at": job_started_at,
+        "teacher_load_seconds": teacher_load_seconds,
+        "generation_seconds": gen_seconds,
     }
 
 
@@ -606,56 +608,21 @@ def generate(config: dict, shard: int, tokens_path: str, plan_path: str, regener
         if parts.take_assembled(output, is_valid):
             return
         this_claim = {"teacher_load_seconds": 0.0, "rows": 0}
-        live = None
-        if parts.rows_done < num_tokens:
-            live = open_shard_writer(output, sample_ids, offsets, config, loss_mask)
-            sink = ShardSink(live, input_ids, bool(config["generation"]["store_entropy"]),
-                             loss_mask)
-            try:
+        live = open_shard_writer(output, sample_ids, offsets, config, loss_mask)
+        sink = ShardSink(live, input_ids, bool(config["generation"]["store_entropy"]), loss_mask)
+        try:
+            if parts.rows_done < num_tokens:
                 this_claim = compute_remaining(config, shard, parts, offsets, input_ids, threads, sink)
-            except BaseException:
-                live.abort()
-                raise
-        if parts.rows_done != num_tokens:
-            if live is not None:
-                live.abort()
-            raise RuntimeError(f"shard {shard}: {parts.rows_done} of {num_tokens} rows committed")
-
-        claims = claims_from_parts([attrs for _, attrs in parts.parts])
-        gen_seconds = sum(float(a["compute_seconds"]) for _, a in parts.parts)
-        log.info(
-            "generated %d tokens in %.1f s of compute (%.0f tokens/s) over %d claim(s); teacher "
-            "load took %.1f s in this job", num_tokens, gen_seconds,
-            num_tokens / max(gen_seconds, 1e-9), len(claims), this_claim["teacher_load_seconds"],
-        )
-        last = claims[-1] if claims else {"cuda_visible_devices": "", "hostname": "",
-                                           "started_at": job_started_at, "finished_at": time.time()}
-        attrs = {
-            "shard_index": shard,
-            "num_shards": int(plan["num_shards"]),
-            "teacher_fingerprint": plan["teacher_fingerprint"],
-            "tokenizer_fingerprint": plan["tokenizer_fingerprint"],
-            "config_fingerprint": plan["config_fingerprint"],
-            # The claim that finished the shard; every claim that worked on it is in `claims`.
-            "cuda_visible_devices": last["cuda_visible_devices"],
-            "hostname": last["hostname"],
-            "started_at": last["started_at"],
-            "finished_at": last["finished_at"],
-            "versions": library_versions(),
-            "claims": claims,
-            "job_started_at": job_started_at,
-            "teacher_load_seconds": this_claim["teacher_load_seconds"],
-            "generation_seconds": gen_seconds,
-        }
-        if live is None:  # every row was committed by earlier jobs: copy the parts over
-            assemble(output, parts, sample_ids, offsets, input_ids, config, attrs, loss_mask)
-        else:
-            try:
-                with disk_full_is_a_user_error(output):
-                    live.commit(attrs)
-            except BaseException:
-                live.abort()
-                raise
+            else:  # every row was committed by earlier jobs: copy them into the shard
+                sink.replay(parts)
+            if parts.rows_done != num_tokens:
+                raise RuntimeError(f"shard {shard}: {parts.rows_done} of {num_tokens} rows committed")
+            attrs = shard_attrs(plan, shard, parts, job_started_at, this_claim["teacher_load_seconds"])
+            with disk_full_is_a_user_error(output):
+                live.commit(attrs)
+        except BaseException:
+            live.abort()
+            raise
         parts.keep_assembled(output)
 
 
