@@ -30,6 +30,7 @@ from workflow_scripts.shard_format import (  # noqa: E402
     MASS_BINS,
     ShardError,
     entropy_bins,
+    read_prepared_sample_ids,
     read_prepared_shard,
     temp_path_for,
     validate_shard,
@@ -180,7 +181,6 @@ def gather(plan_path: str, tokens_path: str, shard_paths: list[str], index_out: 
     start = time.time()
     plan = json.loads(Path(plan_path).read_text())
     masked_only = bool(plan["settings"]["generation"].get("store_masked_only", False))
-    planned_ids = []
     store_dir = Path(index_out).parent
     expected_common = {
         "num_shards": plan["num_shards"],
@@ -201,8 +201,6 @@ def gather(plan_path: str, tokens_path: str, shard_paths: list[str], index_out: 
             prepared.loss_mask, masked_only, progress=progress,
         )
 
-    with h5py.File(tokens_path, "r") as tokens:
-        planned_ids.append(tokens["sample_ids"][:])
     workers = default_workers(workers)
     log.info("validating %d shards in %d worker process(es)", len(shard_paths), workers)
     summaries, problems = [], []
@@ -227,7 +225,7 @@ def gather(plan_path: str, tokens_path: str, shard_paths: list[str], index_out: 
     all_ids = np.concatenate([s.sample_ids for _, _, s in summaries])
     if len(np.unique(all_ids)) != len(all_ids):
         raise ShardError("a sample id appears in more than one shard; rerun prepare and all shards")
-    if not np.array_equal(np.sort(all_ids), np.sort(np.concatenate(planned_ids))):
+    if not np.array_equal(np.sort(all_ids), np.sort(read_prepared_sample_ids(tokens_path))):
         raise ShardError("the shards do not hold exactly the samples prepare planned")
 
     # Per-sample index in sample-id order: which shard, which position inside it.
