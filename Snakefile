@@ -14,7 +14,8 @@ include: "rules/common.smk"
 
 check_config_values(config, "config/schema.yaml")
 validate(config, "config/schema.yaml")
-check_config(config)
+DEVICES = check_config(config)
+LAYOUT = RunLayout(config["output_dir"])
 
 
 # Not in a dry run: planning never waits for or blocks a running workflow.

@@ -1,29 +1,39 @@
-# Config checks, GPU resources, paths and input functions shared by the rules.
+# Config checks, the device plan, paths and input functions shared by the rules.
 # Plan time only: nothing here imports torch.
+import os
 import sys
 import uuid
 from pathlib import Path
 
 import yaml
 
-sys.path.insert(0, str(Path(workflow.main_snakefile).parent))
+# The library sits beside this workflow. Job scripts find it through PYTHONPATH,
+# which every job inherits, locally and on cluster nodes (whose jobs parse this
+# file again); an installed copy (`pip install -e .`) works the same way.
+WORKFLOW_DIR = str(Path(workflow.main_snakefile).parent)
+sys.path.insert(0, WORKFLOW_DIR)
+if WORKFLOW_DIR not in os.environ.get("PYTHONPATH", "").split(os.pathsep):
+    os.environ["PYTHONPATH"] = os.pathsep.join(
+        p for p in (WORKFLOW_DIR, os.environ.get("PYTHONPATH")) if p
+    )
 
-from workflow_scripts.run_lock import hold_run_lock
-from workflow_scripts.workflow_config import (
-    ConfigError,
+from teacher_logits.config import (
     check_chat_and_overflow,
-    check_gpus,
     check_paths,
     check_schema,
     check_unknown_keys,
     coerce_command_line_values,
     dataset_path,
-    demo_dir,
+    demo_corpus_path,
+    demo_teacher_path,
     meaning_settings_json,
-    resolve_gpu_assignment,
     shard_names,
     teacher_path,
 )
+from teacher_logits.errors import ConfigError
+from teacher_logits.gpus import device_plan, resolve_gpu_assignment
+from teacher_logits.layout import RunLayout
+from teacher_logits.run_lock import hold_run_lock
 
 
 def exit_with_config_error(error):
@@ -34,7 +44,7 @@ def exit_with_config_error(error):
 
 def check_config_values(config, schema_path):
     """Unknown keys and schema violations as one line each, before Snakemake's validate."""
-    with open(Path(workflow.main_snakefile).parent / schema_path) as handle:
+    with open(Path(WORKFLOW_DIR) / schema_path) as handle:
         schema = yaml.safe_load(handle)
     coerce_command_line_values(config, schema)
     try:
@@ -55,29 +65,32 @@ def under_cluster_executor():
 
 
 def check_config(config):
-    """Everything that can be checked without torch, before any job runs."""
+    """Everything that can be checked without torch, before any job runs; the device plan.
+
+    Jobs read the same plan from the config (never from params: a params trigger
+    would rerun every shard when the GPU list changes).
+    """
     # Resolved first: the GPU checks differ, and every job script sees local or scheduler.
     config["gpu_assignment"] = resolve_gpu_assignment(
         config["gpu_assignment"], under_cluster_executor()
     )
     try:
-        groups = check_gpus(config)
+        devices = device_plan(config)
         check_paths(config)
         check_chat_and_overflow(config)
     except ConfigError as error:
         exit_with_config_error(error)
-    if config["gpu_assignment"] == "scheduler" and groups and workflow.is_main_process:
+    if devices.mode == "scheduler" and devices.groups and workflow.is_main_process:
         print(
             f"Note: gpus={config['gpus']} is not used with gpu_assignment=scheduler: the "
             f"scheduler gives each generate job gpus_per_model={config['gpus_per_model']} "
             "GPUs of its choosing",
             file=sys.stderr,
         )
-    if groups and config["gpu_assignment"] == "local":
+    if devices.local_gpus:
         # Cap concurrent generate jobs at the number of groups without a --resources flag.
-        workflow.global_resources.setdefault(
-            "gpu", len(groups) * config["gpus_per_model"]
-        )
+        workflow.global_resources.setdefault("gpu", devices.local_gpus)
+    return devices
 
 
 def take_run_lock(config):
@@ -89,27 +102,12 @@ def take_run_lock(config):
         raise SystemExit(1)
 
 
-def out(*parts):
-    return str(Path(config["output_dir"]).joinpath(*parts))
-
-
-def gpus_per_job():
-    """The `gpu` resource of one generate job: none in local CPU mode.
-
-    A scheduler is always asked for gpus_per_model GPUs per job (SLURM turns the
-    standard `gpu` resource into --gpus); `gpus` only lists local GPUs.
-    """
-    if config["gpu_assignment"] == "scheduler" or check_gpus(config):
-        return int(config["gpus_per_model"])
-    return 0
-
-
 def regenerate_token():
     """A new token forces every shard to be regenerated (force_regenerate=true).
 
     Otherwise the token on disk is kept, so the run after a forced one reruns nothing.
     """
-    token_file = Path(out("prepared", "regenerate.token"))
+    token_file = LAYOUT.regenerate_token
     if config["force_regenerate"]:
         return uuid.uuid4().hex
     return token_file.read_text().strip() if token_file.exists() else "initial"

@@ -3,24 +3,24 @@
 
 rule demo_corpus:
     output:
-        corpus=str(demo_dir(config) / "corpus.jsonl"),
+        corpus=str(demo_corpus_path(config)),
     log:
-        out("logs", "demo_corpus.log"),
+        str(LAYOUT.log("demo_corpus")),
     conda:
         "../environment.yml"
     script:
-        "../workflow_scripts/demo_assets.py"
+        "../workflow_scripts/demo_corpus.py"
 
 
 rule demo_teacher:
     input:
         corpus=rules.demo_corpus.output.corpus,
     output:
-        teacher=directory(str(demo_dir(config) / "teacher")),
+        teacher=directory(str(demo_teacher_path(config))),
     log:
-        out("logs", "demo_teacher.log"),
+        str(LAYOUT.log("demo_teacher")),
     conda:
         "../environment.yml"
     threads: 2
     script:
-        "../workflow_scripts/demo_assets.py"
+        "../workflow_scripts/demo_teacher.py"

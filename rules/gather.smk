@@ -7,10 +7,10 @@ rule gather:
         tokens=rules.prepare.output.tokens,
         shards=all_shards,
     output:
-        index=out("index.h5"),
-        manifest=out("manifest.json"),
+        index=str(LAYOUT.index),
+        manifest=str(LAYOUT.manifest),
     log:
-        out("logs", "gather.log"),
+        str(LAYOUT.log("gather")),
     conda:
         "../environment.yml"
     # Shards are validated in this many worker processes (scaled down to --cores).

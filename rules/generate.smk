@@ -8,9 +8,9 @@ localrules:
 
 rule regenerate_request:
     output:
-        token=out("prepared", "regenerate.token"),
+        token=str(LAYOUT.regenerate_token),
     log:
-        out("logs", "regenerate_request.log"),
+        str(LAYOUT.log("regenerate_request")),
     conda:
         "../environment.yml"
     params:
@@ -25,18 +25,18 @@ rule generate:
         tokens=rules.prepare.output.tokens,
         plan=rules.prepare.output.plan,
     output:
-        shard=out("shards", "shard_{shard}.h5"),
+        shard=str(LAYOUT.shard("{shard}")),
     log:
-        out("logs", "generate", "shard_{shard}.log"),
+        str(LAYOUT.log("generate", "{shard}")),
     benchmark:
-        out("benchmarks", "generate", "shard_{shard}.tsv")
+        str(LAYOUT.benchmark("generate", "{shard}"))
     wildcard_constraints:
         shard=r"\d{5}",
     conda:
         "../environment.yml"
     threads: config["generation"]["threads"]
     resources:
-        gpu=gpus_per_job(),
+        gpu=DEVICES.gpus_per_job,
         # Under SLURM: --cpus-per-task=threads (the plugin's default for GPU jobs
         # would ask threads CPUs per GPU). No effect on a local run.
         cpus_per_task=config["generation"]["threads"],

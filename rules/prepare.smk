@@ -6,10 +6,10 @@ rule prepare:
         teacher=teacher_input,
         dataset=dataset_input,
     output:
-        tokens=out("prepared", "tokens.h5"),
-        plan=out("prepared", "plan.json"),
+        tokens=str(LAYOUT.tokens),
+        plan=str(LAYOUT.plan),
     log:
-        out("logs", "prepare.log"),
+        str(LAYOUT.log("prepare")),
     conda:
         "../environment.yml"
     threads: config["tokenize"]["num_proc"]

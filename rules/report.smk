@@ -11,43 +11,43 @@ rule report_figures:
         manifest=rules.gather.output.manifest,
     output:
         timeline=report(
-            out("report", "timeline.png"),
+            str(LAYOUT.report_figure("timeline")),
             category="1. Run",
             caption="../report/timeline.rst",
             labels={"figure": "timeline per GPU group"},
         ),
         throughput=report(
-            out("report", "throughput.png"),
+            str(LAYOUT.report_figure("throughput")),
             category="1. Run",
             caption="../report/throughput.rst",
             labels={"figure": "tokens/s per shard and group"},
         ),
         topk_mass=report(
-            out("report", "topk_mass.png"),
+            str(LAYOUT.report_figure("topk_mass")),
             category="2. Teacher fidelity",
             caption="../report/topk_mass.rst",
             labels={"figure": "top-k probability mass"},
         ),
         entropy=report(
-            out("report", "entropy.png"),
+            str(LAYOUT.report_figure("entropy")),
             category="2. Teacher fidelity",
             caption="../report/entropy.rst",
             labels={"figure": "per-token entropy"},
         ),
         next_token=report(
-            out("report", "next_token.png"),
+            str(LAYOUT.report_figure("next_token")),
             category="2. Teacher fidelity",
             caption="../report/next_token.rst",
             labels={"figure": "next token in top-k"},
         ),
         storage=report(
-            out("report", "storage.png"),
+            str(LAYOUT.report_figure("storage")),
             category="3. Storage",
             caption="../report/storage.rst",
             labels={"figure": "bytes per token and totals"},
         ),
     log:
-        out("logs", "report_figures.log"),
+        str(LAYOUT.log("report_figures")),
     conda:
         "../environment.yml"
     script:

@@ -12,14 +12,15 @@ import os
 import socket
 from pathlib import Path
 
-from .workflow_config import ConfigError
+from .errors import ConfigError
+from .layout import RunLayout
 
 _held = []  # keeps the lock's file open for the life of the process
 
 
 def hold_run_lock(output_dir: str | os.PathLike) -> Path:
     """Take the run lock of ``output_dir`` or raise ``ConfigError`` naming who holds it."""
-    path = Path(output_dir) / ".run.lock"
+    path = RunLayout(output_dir).run_lock
     path.parent.mkdir(parents=True, exist_ok=True)
     handle = open(path, "a+")
     try:

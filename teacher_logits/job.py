@@ -1,30 +1,27 @@
 """What every rule script shares: logging to the job's log file and the console,
 offline mode, and turning a user error into one clear line instead of a traceback.
+
+A rule script is ``run_job(name, snakemake.log[0], main, settings, ...)``.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import socket
 import sys
+import time
 import traceback
+
+from .errors import UserError
+from .layout import job_record_for, partial_path
 
 # Never reach for a hub: the workflow only reads local models and data.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
-from .gpu_groups import GpuConfigError  # noqa: E402
-from .shard_format import ShardError  # noqa: E402
-from .workflow_config import ConfigError  # noqa: E402
-
-
-class UserError(RuntimeError):
-    """A problem the user fixes (bad input, missing file); the message names the fix."""
-
-
-USER_ERRORS = (UserError, ConfigError, GpuConfigError, ShardError)
 
 
 def setup_logging(log_path: str | None, name: str) -> logging.Logger:
@@ -47,17 +44,43 @@ def setup_logging(log_path: str | None, name: str) -> logging.Logger:
     return logging.getLogger(name)
 
 
+def write_job_record(log_path: str | os.PathLike | None, record: dict) -> None:
+    """The job's state beside its log, for ``status``: started, done or failed (and why)."""
+    if not log_path:
+        return
+    path = job_record_for(log_path)
+    temp = partial_path(path)
+    temp.write_text(json.dumps(record))
+    os.replace(temp, path)
+
+
 def run_job(name: str, log_path: str | None, main, *args, **kwargs):
-    """Run ``main`` with logging set up; user errors exit 1 with one line."""
+    """Run ``main`` with logging set up; user errors exit 1 with one line.
+
+    Beside the log it keeps a small record of the job's state (``job_record_for``):
+    ``running`` from the start, then ``done`` or ``failed`` with the error line. A
+    killed job leaves ``running`` behind; ``status`` tells it from a live one by
+    the lock a working job holds.
+    """
     log = setup_logging(log_path, name)
+    record = {"job": name, "state": "running", "pid": os.getpid(),
+              "hostname": socket.gethostname(), "started_at": time.time()}
+    write_job_record(log_path, record)
     try:
-        return main(*args, **kwargs)
-    except USER_ERRORS as exc:
+        result = main(*args, **kwargs)
+    except UserError as exc:
         log.error("%s", exc)
+        write_job_record(log_path, {**record, "state": "failed", "finished_at": time.time(),
+                                    "error": str(exc)})
         sys.exit(1)
-    except Exception:
+    except Exception as exc:
         # Python prints the traceback on the console; keep a copy in the job's log too.
         if log_path:
             with open(log_path, "a") as handle:
                 traceback.print_exc(file=handle)
+        error = " ".join(f"{type(exc).__name__}: {exc}".split())
+        write_job_record(log_path, {**record, "state": "failed", "finished_at": time.time(),
+                                    "error": error})
         raise
+    write_job_record(log_path, {**record, "state": "done", "finished_at": time.time()})
+    return result

@@ -1,7 +1,7 @@
 """Config checks and derived paths that run at plan time: no torch, no transformers.
 
 ``common.smk`` calls these while Snakemake parses the workflow, so a bad value is
-reported before any job starts. Job scripts use the same helpers to find files.
+reported before any job starts; ``settings`` uses the same helpers to find files.
 """
 
 from __future__ import annotations
@@ -12,7 +12,8 @@ import json
 import os
 from pathlib import Path
 
-from .gpu_groups import GpuConfigError, groups_from_config, physical_devices
+from .errors import ConfigError
+from .layout import shard_name
 
 DEMO = "demo"
 DATASET_SUFFIXES = (".jsonl", ".json", ".parquet", ".arrow")
@@ -36,10 +37,6 @@ ADDED_MEANING_DEFAULTS = {
     ("generation", "store_masked_only"): False,
 }
 KNOWN_ROLES = ("system", "developer", "user", "assistant", "tool", "function", "ipython")
-
-
-class ConfigError(ValueError):
-    """A bad config value; the message names the key and the fix."""
 
 
 def check_unknown_keys(config: dict, schema: dict, where: str = "") -> None:
@@ -124,14 +121,22 @@ def demo_dir(config: dict) -> Path:
     return Path(config["demo"]["dir"])
 
 
+def demo_teacher_path(config: dict) -> Path:
+    return demo_dir(config) / "teacher"
+
+
+def demo_corpus_path(config: dict) -> Path:
+    return demo_dir(config) / "corpus.jsonl"
+
+
 def teacher_path(config: dict) -> Path:
     path = config["teacher"]["path"]
-    return demo_dir(config) / "teacher" if path == DEMO else Path(path)
+    return demo_teacher_path(config) if path == DEMO else Path(path)
 
 
 def dataset_path(config: dict) -> Path:
     path = config["dataset"]["path"]
-    return demo_dir(config) / "corpus.jsonl" if path == DEMO else Path(path)
+    return demo_corpus_path(config) if path == DEMO else Path(path)
 
 
 PARQUET_MAGIC = b"PAR1"
@@ -271,32 +276,8 @@ def check_chat_and_overflow(config: dict) -> None:
         )
 
 
-def check_gpus(config: dict, environ=os.environ) -> list[tuple[int, ...]]:
-    try:
-        groups = groups_from_config(config["gpus"], config["gpus_per_model"])
-        if groups and config.get("gpu_assignment", "local") == "local":
-            # gpus index into the shell's CUDA_VISIBLE_DEVICES: check the ids exist now,
-            # not when the first generate job tries to claim them.
-            for group in groups:
-                physical_devices(group, environ.get("CUDA_VISIBLE_DEVICES"))
-        return groups
-    except GpuConfigError as exc:
-        raise ConfigError(str(exc)) from None
-
-
-def resolve_gpu_assignment(value: str, under_cluster_executor: bool) -> str:
-    """``auto`` is ``scheduler`` under a cluster executor, else ``local``.
-
-    A plain local run inside one big ``sbatch`` allocation stays ``local``: it
-    splits the allocation's GPUs into groups itself.
-    """
-    if value == "auto":
-        return "scheduler" if under_cluster_executor else "local"
-    return value
-
-
 def shard_names(config: dict) -> list[str]:
-    return [f"{i:05d}" for i in range(int(config["num_shards"]))]
+    return [shard_name(i) for i in range(int(config["num_shards"]))]
 
 
 def meaning_settings(config: dict) -> dict:

@@ -1,6 +1,6 @@
 """Check a gathered store (possibly copied or moved) against its ``manifest.json``.
 
-    python -m workflow_scripts.verify OUTPUT_DIR [--deep] [--workers N]
+    python -m teacher_logits.verify OUTPUT_DIR [--deep] [--workers N]
 
 Compares the sha256 of every shard and of ``index.h5`` with the checksums gather
 wrote into ``manifest.json``, so any changed byte is found, even in unused space
@@ -20,16 +20,11 @@ from pathlib import Path
 
 import numpy as np
 
-from workflow_scripts.fingerprints import file_sha256
-from workflow_scripts.shard_check import check_isolated, default_workers
-from workflow_scripts.shard_format import ShardError, validate_shard
-
-INDEX_NAME = "index.h5"
-MANIFEST_NAME = "manifest.json"
-
-
-class StoreError(Exception):
-    """The store cannot be checked at all (no or unreadable manifest)."""
+from .errors import ShardError, StoreError
+from .fingerprints import file_sha256
+from .layout import INDEX_NAME, MANIFEST_NAME
+from .store.isolated import check_isolated, default_workers
+from .store.validate import ShardExpectation, validate_shard
 
 
 def store_dir(path: str | Path) -> Path:
@@ -139,11 +134,11 @@ def deep_problems(root: Path, manifest: dict, workers: int) -> list[str]:
                 input_ids = handle["input_ids"][:]
         except Exception as exc:  # noqa: BLE001
             raise ShardError(f"input_ids unreadable ({type(exc).__name__}: {exc})") from None
-        summary = validate_shard(
-            path, sample_ids, offsets, input_ids,
-            {**common, "shard_index": index, "num_shards": num_shards},
-            manifest["vocab_size"], progress=progress,
+        expectation = ShardExpectation(
+            sample_ids, offsets, input_ids,
+            {**common, "shard_index": index, "num_shards": num_shards}, manifest["vocab_size"],
         )
+        summary = validate_shard(path, expectation, progress=progress)
         if summary.num_tokens != entry["num_tokens"] or summary.num_samples != entry["num_samples"]:
             raise ShardError(
                 f"{summary.num_samples} samples / {summary.num_tokens} tokens, manifest.json says "
@@ -180,7 +175,7 @@ def verify(path: str | Path, deep: bool = False, workers: int | None = None) -> 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m workflow_scripts.verify",
+        prog="python -m teacher_logits.verify",
         description="Check a gathered store against the sha256 checksums in its manifest.json.",
     )
     parser.add_argument("output_dir", help="the store: the folder with index.h5 and manifest.json")

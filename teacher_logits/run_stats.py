@@ -48,18 +48,6 @@ def busy_seconds(intervals) -> float:
     return total
 
 
-def shard_tokens_per_second(shard: dict) -> float | None:
-    """Generation speed of one shard (teacher loading excluded), or None when unknown."""
-    seconds = shard.get("generation_seconds")
-    if not seconds:
-        claims = claims_of(shard)
-        seconds = sum(
-            (c["finished_at"] - c["started_at"]) for c in claims
-            if c.get("started_at") is not None and c.get("finished_at") is not None
-        )
-    return shard["num_tokens"] / seconds if seconds else None
-
-
 def group_summary(shards: list[dict]) -> list[dict]:
     """Per GPU group: shards finished there, tokens, busy time and tokens/s.
 

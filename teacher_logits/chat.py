@@ -24,8 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .job import UserError
-from .workflow_config import KNOWN_ROLES
+from .config import KNOWN_ROLES
+from .errors import DataError
 
 # Private-use code points: no tokenizer or dataset gives them meaning. Message i's
 # content becomes OPEN i SEP content CLOSE i SEP.
@@ -36,26 +36,26 @@ _MARK = re.compile(f"([{_OPEN}{_CLOSE}])(\\d+){_SEP}")
 def check_messages(row: int, messages) -> list[dict]:
     """The messages of one row, validated; ``None`` values dropped (as transformers does)."""
     if not isinstance(messages, list):
-        raise UserError(
+        raise DataError(
             f"dataset row {row}: the messages field holds {type(messages).__name__}, not a list "
             "of {role, content} messages; point dataset.messages_field at the conversation column"
         )
     clean = []
     for i, message in enumerate(messages):
         if not isinstance(message, dict):
-            raise UserError(
+            raise DataError(
                 f"dataset row {row}, message {i}: {type(message).__name__} instead of a "
                 "{role, content} object; fix the dataset"
             )
         role = message.get("role")
         if role not in KNOWN_ROLES:
-            raise UserError(
+            raise DataError(
                 f"dataset row {row}, message {i}: unknown role {role!r}; use one of "
                 f"{', '.join(KNOWN_ROLES)} (fix the dataset or map its roles first)"
             )
         content = message.get("content")
         if not isinstance(content, str):
-            raise UserError(
+            raise DataError(
                 f"dataset row {row}, message {i} ({role}): no content (got {content!r}); every "
                 "message needs a string 'content' (use \"\" for an empty one)"
             )
@@ -69,12 +69,12 @@ def template_text(tokenizer, template_path: str | None) -> str:
         try:
             return Path(template_path).read_text()
         except OSError as exc:
-            raise UserError(f"dataset.chat_template: cannot read {template_path} ({exc})") from None
+            raise DataError(f"dataset.chat_template: cannot read {template_path} ({exc})") from None
     template = getattr(tokenizer, "chat_template", None)
     if isinstance(template, dict):  # named templates: the default one renders conversations
         template = template.get("default")
     if not template:
-        raise UserError(
+        raise DataError(
             "dataset.messages_field is set but the teacher's tokenizer has no chat template; "
             "give a Jinja template file as dataset.chat_template"
         )
@@ -103,7 +103,7 @@ class ChatRenderer:
 
     def __init__(self, tokenizer, template: str, train_roles, stop_ids):
         if not tokenizer.is_fast:
-            raise UserError(
+            raise DataError(
                 "chat data needs a fast (Rust) tokenizer for character offsets, but the teacher's "
                 "tokenizer is a slow one; save the teacher with a tokenizer.json"
             )
@@ -118,7 +118,7 @@ class ChatRenderer:
                 messages, chat_template=self.template, tokenize=False
             )
         except Exception as exc:
-            raise UserError(
+            raise DataError(
                 f"dataset row {row}: the chat template failed ({type(exc).__name__}: {exc}); fix "
                 "the conversation or the template (dataset.chat_template)"
             ) from None
@@ -210,7 +210,7 @@ def _search_spans(row: int, text: str, messages: list[dict], train_roles) -> lis
         core = message["content"].strip()
         found = text.find(core, cursor)
         if found < 0:
-            raise UserError(
+            raise DataError(
                 f"dataset row {row}: the chat template changes the text of message {i} "
                 f"({message['role']}), so its tokens cannot be located for the loss mask; use a "
                 "template that prints each message's content as it is (dataset.chat_template)"

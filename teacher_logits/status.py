@@ -1,15 +1,16 @@
-"""Where a run stands: ``python -m workflow_scripts.status OUTPUT_DIR``.
+"""Where a run stands: ``python -m teacher_logits.status OUTPUT_DIR``.
 
 Reads only what the jobs leave on disk, so it works while Snakemake runs, after
 it crashed, and from another shell: the plan prepare wrote, finished shards, the
-lock a working generate job holds on its shard, the progress it commits, and
-the last error line in each job's log. Needs the standard library and h5py (for
-the provenance of finished shards); never Snakemake or torch.
+lock a working generate job holds on its shard, the progress record it commits,
+and the record each job keeps of its own state (``job.run_job``). Needs the
+standard library and h5py (for the provenance of finished shards); never
+Snakemake or torch.
 
 A shard is
-- done: ``shards/shard_XXXXX.h5`` exists (and is newer than the plan);
-- in progress: a generate job holds the flock on ``shards/shard_XXXXX.lock``;
-- failed: not running, and its log ends with an error;
+- done: its shard file exists (and is newer than the plan);
+- in progress: a generate job holds the flock on the shard's lock file;
+- failed: not running, and its job recorded an error;
 - pending: anything else (partly done when it has committed progress).
 """
 
@@ -20,22 +21,13 @@ import errno
 import fcntl
 import json
 import os
-import re
 import sys
 import time
-from datetime import datetime
 from pathlib import Path
 
-from workflow_scripts.disk_estimate import bytes_per_token, free_bytes, human_bytes
-from workflow_scripts.run_stats import busy_seconds, group_summary
-
-# job.py's log format: "2026-01-02 03:04:05 LEVEL message"
-LOG_LINE = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d) (DEBUG|INFO|WARNING|ERROR|CRITICAL) (.*)$")
-TAIL_BYTES = 16384
-
-
-def shard_name(index: int) -> str:
-    return f"shard_{index:05d}"
+from .disk import bytes_per_token, free_bytes, human_bytes
+from .layout import RunLayout, job_record_for
+from .run_stats import busy_seconds, group_summary
 
 
 def lock_held(path: Path) -> bool:
@@ -58,42 +50,15 @@ def lock_held(path: Path) -> bool:
         os.close(fd)
 
 
-def read_tail(path: Path, size: int = TAIL_BYTES) -> list[str]:
-    try:
-        with open(path, "rb") as handle:
-            handle.seek(0, os.SEEK_END)
-            handle.seek(max(0, handle.tell() - size))
-            text = handle.read().decode("utf-8", "replace")
-    except FileNotFoundError:
-        return []
-    return [line.rstrip() for line in text.splitlines() if line.strip()]
+def job_record(log_path: Path) -> dict:
+    """The state a job recorded beside its log (empty when it never started)."""
+    return read_json(job_record_for(log_path)) or {}
 
 
-def log_error(path: Path) -> str | None:
-    """The error a job's log ends with (job.py's ERROR line, or a traceback's last line)."""
-    lines = read_tail(path)
-    last_logged = max((i for i, line in enumerate(lines) if LOG_LINE.match(line)), default=None)
-    if last_logged is not None:
-        level, message = LOG_LINE.match(lines[last_logged]).group(2, 3)
-        if level in ("ERROR", "CRITICAL"):
-            return message
-    after = lines[last_logged + 1 :] if last_logged is not None else lines
-    if any(line.startswith("Traceback (most recent call last)") for line in after):
-        return after[-1].strip()
-    return None
-
-
-def log_started_at(path: Path) -> float | None:
-    """When a job began: the time stamp of its log's first line (the log is rewritten per run)."""
-    try:
-        with open(path, "rb") as handle:
-            first = handle.readline().decode("utf-8", "replace")
-    except FileNotFoundError:
-        return None
-    match = LOG_LINE.match(first.strip())
-    if not match:
-        return None
-    return datetime.strptime(match.group(1), "%Y-%m-%d %H:%M:%S").timestamp()
+def job_error(log_path: Path) -> str | None:
+    """The error line a failed job recorded, if its last run failed."""
+    record = job_record(log_path)
+    return record.get("error") if record.get("state") == "failed" else None
 
 
 def read_json(path: Path) -> dict | None:
@@ -108,7 +73,7 @@ def finished_provenance(path: Path) -> dict:
     try:
         import h5py
 
-        from workflow_scripts.shard_format import read_attrs
+        from .store.format import read_attrs
 
         with h5py.File(path, "r") as handle:
             attrs = read_attrs(handle)
@@ -119,12 +84,10 @@ def finished_provenance(path: Path) -> dict:
     return {key: attrs.get(key) for key in keys}
 
 
-def shard_state(output_dir: Path, entry: dict, plan_mtime: float) -> dict:
+def shard_state(layout: RunLayout, entry: dict, plan_mtime: float) -> dict:
     index = int(entry["index"])
-    name = shard_name(index)
-    shards_dir = output_dir / "shards"
-    shard_path = shards_dir / f"{name}.h5"
-    log_path = output_dir / "logs" / "generate" / f"{name}.log"
+    shard_path = layout.shard(index)
+    log_path = layout.log("generate", index)
     state = {
         "index": index,
         "num_tokens": int(entry["num_tokens"]),
@@ -132,8 +95,8 @@ def shard_state(output_dir: Path, entry: dict, plan_mtime: float) -> dict:
         "rows_done": 0,
         "note": "",
     }
-    running = lock_held(shards_dir / f"{name}.lock")
-    progress = read_json(shards_dir / f"{name}.parts" / "progress.json")
+    running = lock_held(layout.shard_lock(index))
+    progress = read_json(layout.progress(index))
     if progress:
         state["rows_done"] = int(progress.get("rows_done", 0))
         state["updated_at"] = progress.get("updated_at")
@@ -146,11 +109,11 @@ def shard_state(output_dir: Path, entry: dict, plan_mtime: float) -> dict:
         state["rows_done"] = 0
     if running:
         state["state"] = "in progress"
-        state["job_started_at"] = log_started_at(log_path)
+        state["job_started_at"] = job_record(log_path).get("started_at")
         if not progress:
             state["note"] = "starting (waiting for a GPU group or loading the teacher)"
         return state
-    error = log_error(log_path)
+    error = job_error(log_path)
     if error:
         state.update(state="failed", error=error)
         return state
@@ -164,19 +127,18 @@ def shard_state(output_dir: Path, entry: dict, plan_mtime: float) -> dict:
 
 def collect(output_dir: str | os.PathLike, now: float | None = None) -> dict:
     """Everything the status table shows, as plain data (also printed by ``--json``)."""
-    output_dir = Path(output_dir)
+    layout = RunLayout(output_dir)
     now = time.time() if now is None else now
-    plan_path = output_dir / "prepared" / "plan.json"
-    shards_dir = output_dir / "shards"
-    status: dict = {"output_dir": str(output_dir), "now": now, "free_bytes": free_bytes(shards_dir)}
-    plan = read_json(plan_path)
+    status: dict = {"output_dir": str(output_dir), "now": now,
+                    "free_bytes": free_bytes(layout.shards_dir)}
+    plan = read_json(layout.plan)
     if plan is None:
         status["prepared"] = False
-        status["prepare_error"] = log_error(output_dir / "logs" / "prepare.log")
+        status["prepare_error"] = job_error(layout.log("prepare"))
         return status
     status["prepared"] = True
-    plan_mtime = plan_path.stat().st_mtime
-    shards = [shard_state(output_dir, entry, plan_mtime) for entry in plan["shards"]]
+    plan_mtime = layout.plan.stat().st_mtime
+    shards = [shard_state(layout, entry, plan_mtime) for entry in plan["shards"]]
     status["shards"] = shards
     counts = {key: 0 for key in ("done", "in progress", "pending", "failed")}
     for shard in shards:
@@ -201,7 +163,7 @@ def collect(output_dir: str | os.PathLike, now: float | None = None) -> dict:
     status["eta_seconds"] = remaining / rate if rate else None
     status["groups"] = group_summary(finished)
 
-    estimate = bytes_per_token(plan, shards_dir)
+    estimate = bytes_per_token(plan, layout)
     need = sum(estimate.shard_bytes(s["num_tokens"], s["num_samples"])
                for s in shards if s["state"] != "done")
     total = sum(estimate.shard_bytes(s["num_tokens"], s["num_samples"]) for s in shards)
@@ -213,8 +175,8 @@ def collect(output_dir: str | os.PathLike, now: float | None = None) -> dict:
         "free_bytes": status["free_bytes"],
         "fits": need <= status["free_bytes"],
     }
-    status["gathered"] = (output_dir / "manifest.json").exists() and counts["done"] == len(shards)
-    status["gather_error"] = log_error(output_dir / "logs" / "gather.log")
+    status["gathered"] = layout.manifest.exists() and counts["done"] == len(shards)
+    status["gather_error"] = job_error(layout.log("gather"))
     return status
 
 
@@ -313,7 +275,7 @@ def render(status: dict, show_all: bool = False) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m workflow_scripts.status",
+        prog="python -m teacher_logits.status",
         description="Shards done, in progress, pending and failed; speed, ETA and disk needs of a run.",
     )
     parser.add_argument("output_dir", help="the run's output_dir (e.g. results/demo)")

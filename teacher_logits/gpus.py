@@ -1,7 +1,8 @@
-"""GPU groups: parse the user's ``gpus`` list, split it into groups, and claim one.
+"""GPU groups: the one device plan of a run, and claiming a group of it.
 
-Plain Python (no Snakemake, no torch) so that plan time stays fast and the logic
-is unit-tested on its own.
+``device_plan(config)`` is the only code that reads ``gpus``: it resolves the
+mode (cpu / local / scheduler) and the groups once, at plan time and in every
+job alike. Plain Python (no Snakemake, no torch) so plan time stays fast.
 
 A claim is a set of ``fcntl.flock`` locks, one per physical GPU, in a machine-wide
 directory. The kernel drops a flock when its holder dies, so a SIGKILLed job can
@@ -24,14 +25,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Sequence
 
+from .errors import GpuConfigError
+
 DEFAULT_LOCK_DIR = "/tmp/teacher-logits-gpu-locks"
 LOCK_DIR_ENV = "TEACHER_LOGITS_GPU_LOCK_DIR"
 
 log = logging.getLogger(__name__)
-
-
-class GpuConfigError(ValueError):
-    """A user-facing problem with ``gpus`` / ``gpus_per_model``; the message names the fix."""
 
 
 def parse_gpus(value) -> list[int]:
@@ -111,8 +110,58 @@ def build_groups(gpu_ids: Sequence[int], gpus_per_model) -> list[tuple[int, ...]
     return [tuple(gpu_ids[i : i + per_model]) for i in range(0, len(gpu_ids), per_model)]
 
 
-def groups_from_config(gpus, gpus_per_model) -> list[tuple[int, ...]]:
-    return build_groups(parse_gpus(gpus), gpus_per_model)
+def resolve_gpu_assignment(value: str, under_cluster_executor: bool) -> str:
+    """``auto`` is ``scheduler`` under a cluster executor, else ``local``.
+
+    A plain local run inside one big ``sbatch`` allocation stays ``local``: it
+    splits the allocation's GPUs into groups itself.
+    """
+    if value == "auto":
+        return "scheduler" if under_cluster_executor else "local"
+    return value
+
+
+@dataclass(frozen=True)
+class DevicePlan:
+    """Where generate jobs run: ``mode`` is ``cpu``, ``local`` (claim one of ``groups``
+    with a lock) or ``scheduler`` (keep the GPUs the cluster gave the job)."""
+
+    mode: str
+    groups: tuple[tuple[int, ...], ...]
+    gpus_per_model: int
+    allow_cpu: bool = False
+
+    @property
+    def wants_gpu(self) -> bool:
+        return self.mode != "cpu"
+
+    @property
+    def gpus_per_job(self) -> int:
+        """The ``gpu`` resource of one generate job (a scheduler is always asked for GPUs)."""
+        return self.gpus_per_model if self.wants_gpu else 0
+
+    @property
+    def local_gpus(self) -> int:
+        """GPUs this machine's jobs share: the cap on concurrent ``gpu`` resources."""
+        return len(self.groups) * self.gpus_per_model if self.mode == "local" else 0
+
+
+def device_plan(config: dict, environ=os.environ) -> DevicePlan:
+    """The run's device plan from its config (``gpu_assignment`` already resolved).
+
+    In local mode the group ids are checked against the shell's
+    ``CUDA_VISIBLE_DEVICES`` now, not when the first job tries to claim them.
+    """
+    assignment = config.get("gpu_assignment", "local")
+    if assignment not in ("local", "scheduler"):
+        raise GpuConfigError(f"gpu_assignment={assignment!r}: use 'auto', 'local' or 'scheduler'")
+    groups = build_groups(parse_gpus(config.get("gpus")), config.get("gpus_per_model", 1))
+    if assignment == "local":
+        for group in groups:
+            physical_devices(group, environ.get("CUDA_VISIBLE_DEVICES"))
+    mode = "scheduler" if assignment == "scheduler" else ("local" if groups else "cpu")
+    return DevicePlan(mode, tuple(groups), int(config.get("gpus_per_model", 1)),
+                      bool(config.get("allow_cpu", False)))
 
 
 def physical_devices(group: Sequence[int], inherited_mask: str | None) -> list[str]:
@@ -254,9 +303,7 @@ def claim_group(
 
 @contextmanager
 def gpu_claim(
-    gpus,
-    gpus_per_model,
-    assignment: str = "local",
+    plan: DevicePlan,
     holder: dict | None = None,
     first: int = 0,
     environ: dict | None = None,
@@ -264,25 +311,22 @@ def gpu_claim(
 ) -> Iterator[Claim]:
     """Claim a group for the duration of the block and set ``CUDA_VISIBLE_DEVICES``.
 
-    - ``assignment="scheduler"``: keep what the cluster set (whatever ``gpus``
-      says: the scheduler picked this job's GPUs), no lock.
-    - CPU mode (no gpus): ``CUDA_VISIBLE_DEVICES`` is set empty, no lock.
-    - otherwise: lock a free group and narrow ``CUDA_VISIBLE_DEVICES`` to it.
+    - ``scheduler``: keep what the cluster set (the scheduler picked this job's
+      GPUs), no lock.
+    - ``cpu``: ``CUDA_VISIBLE_DEVICES`` is set empty, no lock.
+    - ``local``: lock a free group and narrow ``CUDA_VISIBLE_DEVICES`` to it.
     """
     env = os.environ if environ is None else environ
-    if assignment not in ("local", "scheduler"):
-        raise GpuConfigError(f"gpu_assignment={assignment!r}: use 'local' or 'scheduler'")
     inherited = env.get("CUDA_VISIBLE_DEVICES")
-    if assignment == "scheduler":
+    if plan.mode == "scheduler":
         yield Claim(inherited or "", None)
         return
-    groups = groups_from_config(gpus, gpus_per_model)
-    if not groups:
+    if plan.mode == "cpu":
         env["CUDA_VISIBLE_DEVICES"] = ""
         yield Claim("", None)
         return
     claim = claim_group(
-        groups,
+        plan.groups,
         inherited,
         {"pid": os.getpid(), "host": socket.gethostname(), **(holder or {})},
         first=first,

@@ -1,13 +1,20 @@
 """A shard's committed progress: its part files, whether they still belong to this
 run's teacher and config, and the lock that keeps two jobs off one shard.
 
-Plain Python (no torch, no Snakemake). The part files themselves are written and
-read through ``shard_format``; this module decides which of them may be kept.
+HDF5 is not crash-safe, so a generation job never resumes writing a half-written
+file. It writes its rows into small part files instead, each made durable with
+fsync + rename once about ``commit_every_s`` of work is in it; a resumed job keeps
+the committed parts and continues after the last one. The finished shard is
+assembled from the parts. Parts are uncompressed (fast to write, read once) and
+hold values already in the stored dtype, so assembly is a pure copy.
+
+Plain Python, numpy and h5py (no torch, no Snakemake).
 """
 
 from __future__ import annotations
 
 import fcntl
+import io
 import json
 import logging
 import os
@@ -17,7 +24,22 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-from .shard_format import ShardError, read_part_attrs, temp_path_for
+import h5py
+import numpy as np
+
+from ..errors import ShardError
+from ..layout import (
+    PART_GLOB,
+    PARTIAL_SUFFIX,
+    PARTS_ASSEMBLED,
+    PARTS_META,
+    PARTS_PROGRESS,
+    lock_path_for,
+    part_file,
+    partial_path,
+    parts_dir_for,
+)
+from ..store.format import CHUNK_ROWS, ROW_DATASETS, VALUE_DTYPES, fsync_dir, read_attrs
 
 log = logging.getLogger(__name__)
 
@@ -34,18 +56,6 @@ IDENTITY_REASONS = {
     "shard_plan": "the shard's samples changed (prepare ran again with other data)",
     "regenerate_token": "a regeneration was requested (force_regenerate=true)",
 }
-
-
-def parts_dir_for(shard_path: str | os.PathLike) -> Path:
-    """``shards/shard_00003.h5`` -> ``shards/shard_00003.parts/``."""
-    path = Path(shard_path)
-    return path.with_name(path.stem + ".parts")
-
-
-def lock_path_for(output: str | os.PathLike) -> Path:
-    """``shards/shard_00003.h5`` -> ``shards/shard_00003.lock`` (held while a job writes it)."""
-    path = Path(output)
-    return path.with_name(path.stem + ".lock")
 
 
 @contextmanager
@@ -105,11 +115,11 @@ class CommittedParts:
         return sum(int(a["num_rows"]) for _, a in self.parts)
 
     def _meta_path(self) -> Path:
-        return self.directory / "meta.json"
+        return self.directory / PARTS_META
 
     def _open(self) -> None:
         self.directory.mkdir(parents=True, exist_ok=True)
-        found = sorted(self.directory.glob("part_*.h5"))
+        found = sorted(self.directory.glob(PART_GLOB))
         reason = self._identity_mismatch()
         if reason and found:
             log.warning(
@@ -119,7 +129,7 @@ class CommittedParts:
             self.discard_all()
             found = []
         self._write_meta()
-        for stale in self.directory.glob("*.partial"):
+        for stale in self.directory.glob(f"*{PARTIAL_SUFFIX}"):
             stale.unlink()  # a killed job's uncommitted rows
         next_sample = 0
         for position, path in enumerate(found):
@@ -158,7 +168,7 @@ class CommittedParts:
 
     @property
     def assembled_path(self) -> Path:
-        return self.directory / "assembled.h5"
+        return self.directory / PARTS_ASSEMBLED
 
     def keep_assembled(self, shard_path: Path) -> None:
         """Swap the committed parts for a hard link to the finished shard.
@@ -186,7 +196,7 @@ class CommittedParts:
                         shard_path.name)
             self.assembled_path.unlink()
             return False
-        temp = temp_path_for(shard_path)
+        temp = partial_path(shard_path)
         temp.unlink(missing_ok=True)
         os.link(self.assembled_path, temp)
         os.replace(temp, shard_path)
@@ -195,7 +205,7 @@ class CommittedParts:
         return True
 
     def part_path(self, first_sample: int) -> Path:
-        return self.directory / f"part_{first_sample:010d}.h5"
+        return part_file(self.directory, first_sample)
 
     def add(self, path: Path, attrs: dict) -> None:
         self.parts.append((path, attrs))
@@ -204,14 +214,13 @@ class CommittedParts:
     def write_progress(self) -> None:
         progress = {"rows_done": self.rows_done, "rows_total": self.rows_total,
                     "updated_at": time.time()}
-        atomic_write_text(self.directory / "progress.json", json.dumps(progress))
+        atomic_write_text(self.directory / PARTS_PROGRESS, json.dumps(progress))
 
     def discard_all(self) -> None:
         for path in list(self.directory.iterdir()):
             if path.is_file():
                 path.unlink()
         self.parts = []
-
 
 
 def remove_parts_dirs(shard_paths) -> None:
@@ -221,30 +230,98 @@ def remove_parts_dirs(shard_paths) -> None:
 
 
 def atomic_write_text(path: Path, text: str) -> None:
-    temp = temp_path_for(path)
+    temp = partial_path(path)
     temp.write_text(text)
     os.replace(temp, path)
 
 
-def claims_from_parts(parts: list[dict]) -> list[dict]:
-    """One record per GPU-group claim that committed rows, in order (consecutive parts merge)."""
-    claims: list[dict] = []
-    for attrs in parts:
-        key = (attrs["claim_hostname"], attrs["claim_cuda_visible_devices"], attrs["claim_started_at"])
-        if claims and claims[-1]["_key"] == key:
-            claims[-1]["finished_at"] = float(attrs["committed_at"])
-            claims[-1]["rows"] += int(attrs["num_rows"])
-            continue
-        claims.append({
-            "_key": key,
-            "cuda_visible_devices": attrs["claim_cuda_visible_devices"],
-            "hostname": attrs["claim_hostname"],
-            "started_at": float(attrs["claim_started_at"]),
-            "finished_at": float(attrs["committed_at"]),
-            "rows": int(attrs["num_rows"]),
-        })
-        if attrs.get("claim_scheduler_job_id"):
-            claims[-1]["scheduler_job_id"] = attrs["claim_scheduler_job_id"]
-    for claim in claims:
-        del claim["_key"]
-    return claims
+# Rows a part is read back in while a shard is assembled.
+PART_READ_BLOCK_ROWS = 1 << 16
+
+
+class PartWriter:
+    """Rows of consecutive whole samples, appended window by window, then committed.
+
+    The part is built in memory and written with plain file I/O: a full disk then
+    raises a clean ``OSError`` instead of failing inside libhdf5, which can crash
+    the process on a failed write.
+    """
+
+    def __init__(self, path, first_sample: int, first_row: int, top_k: int,
+                 value_dtype: str = "float16", with_entropy: bool = True):
+        self.path = Path(path)
+        self.temp_path = partial_path(self.path)
+        self.first_sample, self.first_row = first_sample, first_row
+        self.num_samples = self.num_rows = 0
+        self._buffer = io.BytesIO()
+        self._file = h5py.File(self._buffer, "w")
+        dtypes = {"topk_ids": np.int32, "topk_logits": VALUE_DTYPES[value_dtype],
+                  "logsumexp": np.float32, "entropy": np.float16}
+        for name, dtype in dtypes.items():
+            if name == "entropy" and not with_entropy:
+                continue
+            wide = name in ("topk_ids", "topk_logits")
+            self._file.create_dataset(
+                name, shape=(0, top_k) if wide else (0,), maxshape=(None, top_k) if wide else (None,),
+                chunks=(CHUNK_ROWS, top_k) if wide else (CHUNK_ROWS,), dtype=dtype, fletcher32=True,
+            )
+
+    def append(self, num_samples: int, arrays: dict) -> None:
+        rows = len(arrays["logsumexp"])
+        for name in ROW_DATASETS:
+            if name in self._file:
+                ds = self._file[name]
+                ds.resize(self.num_rows + rows, axis=0)
+                ds[self.num_rows :] = arrays[name]
+        self.num_samples += num_samples
+        self.num_rows += rows
+
+    def commit(self, attrs: dict) -> Path:
+        f = self._file
+        f.attrs.update({"first_sample": self.first_sample, "num_samples": self.num_samples,
+                        "first_row": self.first_row, "num_rows": self.num_rows})
+        for key, value in attrs.items():
+            f.attrs[key] = json.dumps(value) if isinstance(value, (dict, list)) else value
+        f.close()
+        try:
+            with open(self.temp_path, "wb") as handle:
+                handle.write(self._buffer.getbuffer())
+                handle.flush()
+                os.fsync(handle.fileno())
+        except BaseException:
+            self.temp_path.unlink(missing_ok=True)
+            raise
+        self._buffer = None
+        os.replace(self.temp_path, self.path)
+        fsync_dir(self.path.parent)
+        return self.path
+
+    def abort(self) -> None:
+        try:
+            if self._file:
+                self._file.close()
+        finally:
+            self._buffer = None
+            self.temp_path.unlink(missing_ok=True)
+
+
+def read_part_attrs(path: str | os.PathLike) -> dict:
+    """A committed part's attributes; raises ``ShardError`` if it cannot be read whole."""
+    try:
+        with h5py.File(path, "r") as f:
+            attrs = read_attrs(f)
+            for name in ROW_DATASETS:
+                if name in f and f[name].shape[0] != attrs["num_rows"]:
+                    raise ShardError(f"part {path}: dataset {name} has the wrong length")
+            return attrs
+    except (OSError, KeyError) as exc:
+        raise ShardError(f"part {path} is unreadable ({exc})") from None
+
+
+def iter_part_rows(path: str | os.PathLike, block_rows: int = PART_READ_BLOCK_ROWS):
+    """A committed part's rows in blocks: ``(first_row_in_part, {dataset: array})``."""
+    with h5py.File(path, "r") as f:
+        names = [n for n in ROW_DATASETS if n in f]
+        total = f["logsumexp"].shape[0]
+        for r0 in range(0, total, block_rows):
+            yield r0, {n: f[n][r0 : r0 + block_rows] for n in names}

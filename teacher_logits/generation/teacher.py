@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ..errors import TeacherError
+
 log = logging.getLogger(__name__)
 
 DTYPES = {
@@ -24,10 +26,6 @@ DTYPES = {
 
 # float32 bytes one top-k chunk may hold: rows x vocab x 4 <= this.
 DEFAULT_CHUNK_BYTES = 256 * 1024 * 1024
-
-
-class TeacherError(RuntimeError):
-    """A user-facing problem loading or running the teacher; the message names the fix."""
 
 
 @dataclass
@@ -63,16 +61,53 @@ def load_teacher(
     model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     model.eval()
     if on_gpu:
-        placed = getattr(model, "hf_device_map", {}) or {}
-        offloaded = sorted({str(d) for d in placed.values() if str(d) in ("cpu", "disk")})
-        if offloaded and not allow_offload:
-            need_gb = model.get_memory_footprint() / 2**30
-            raise TeacherError(
-                f"the teacher (~{need_gb:.1f} GiB of weights) does not fit the GPUs of this group: "
-                f"device_map='auto' put layers on {offloaded}, which runs very slowly. Use more "
-                "GPUs per model (gpus_per_model), a smaller dtype, or set teacher.allow_offload: true"
-            )
+        refuse_offload(getattr(model, "hf_device_map", None), model.get_memory_footprint(),
+                       allow_offload)
     return model
+
+
+def refuse_offload(device_map: dict | None, weight_bytes: int, allow_offload: bool) -> None:
+    """device_map="auto" silently puts layers on CPU or disk when the GPUs are too small,
+    which runs very slowly: an error unless the user allowed it."""
+    offloaded = sorted({str(d) for d in (device_map or {}).values() if str(d) in ("cpu", "disk")})
+    if offloaded and not allow_offload:
+        raise TeacherError(
+            f"the teacher (~{weight_bytes / 2**30:.1f} GiB of weights) does not fit the GPUs of "
+            f"this group: device_map='auto' put layers on {offloaded}, which runs very slowly. Use "
+            "more GPUs per model (gpus_per_model), a smaller dtype, or set teacher.allow_offload: true"
+        )
+
+
+def load_top_k_head(settings, claim):
+    """The device policy: load the teacher on the claimed GPUs (or the CPU) as a top-k head.
+
+    ``settings`` is a ``GenerateSettings``; ``claim`` the GPU group this job holds.
+    """
+    plan, teacher = settings.devices, settings.teacher
+    scheduler = plan.mode == "scheduler"
+    # A scheduler that sets no mask (whole-node allocations) leaves every GPU visible.
+    on_gpu = torch.cuda.is_available() and (claim.cuda_visible_devices != "" or scheduler)
+    if plan.wants_gpu and not on_gpu and not plan.allow_cpu:
+        if scheduler:
+            raise TeacherError(
+                f"the scheduler gave this job CUDA_VISIBLE_DEVICES={claim.cuda_visible_devices!r} "
+                "but CUDA sees no GPU; run generate on a GPU partition (it asks for "
+                "gpus_per_model GPUs), or set allow_cpu=true to run on CPU"
+            )
+        raise TeacherError(
+            f"CUDA_VISIBLE_DEVICES={claim.cuda_visible_devices!r} but CUDA sees no GPU; "
+            "check the driver, or set allow_cpu=true to run on CPU"
+        )
+    model = load_teacher(
+        str(teacher.path),
+        dtype=teacher.dtype,
+        attn_implementation=teacher.attn_implementation,
+        trust_remote_code=teacher.trust_remote_code,
+        max_memory=teacher.max_memory,
+        allow_offload=teacher.allow_offload,
+        on_gpu=on_gpu,
+    )
+    return TopKHead(model, settings.top_k, with_entropy=settings.store_entropy)
 
 
 class TopKHead:

@@ -1,17 +1,24 @@
-"""How many bytes the shards will take, and whether they fit on the disk.
+"""Disk space: how many bytes the shards will take, whether they fit, and a full
+disk while writing as one line that says what to do.
 
-Used by the status command (the whole run, once ``prepare`` has written its plan)
-and by every generate job before it claims a GPU (its own shard). No torch.
+The estimate serves the status command (the whole run, once ``prepare`` has
+written its plan) and every generate job before it claims a GPU (its own shard);
+the guard serves the writers. No torch.
 """
 
 from __future__ import annotations
 
+import errno
 import os
+import resource
 import shutil
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from workflow_scripts.shard_format import CHUNK_ROWS
+from .errors import DiskFullError
+from .layout import RunLayout, partial_path
+from .store.format import CHUNK_ROWS
 
 VALUE_BYTES = {"float16": 2, "float32": 4}
 # Per sample: one int64 sample id and one int64 offset.
@@ -25,20 +32,25 @@ def uncompressed_bytes_per_token(top_k: int, value_dtype: str, store_entropy: bo
     return 4 + top_k * 4 + top_k * VALUE_BYTES[value_dtype] + 4 + (2 if store_entropy else 0)
 
 
-def free_bytes(path: str | os.PathLike) -> int:
-    """Free bytes for an unprivileged writer on the filesystem holding ``path`` (or its nearest
-    existing parent, so it works before the folder exists)."""
+def free_bytes(path: str | os.PathLike, growing: Path | None = None) -> int:
+    """Bytes a file may still take under ``path`` (or its nearest existing parent, so it
+    works before the folder exists): free disk, or less where a file-size limit
+    (ulimit -f) leaves less to ``growing``, a file being written."""
     path = Path(path).absolute()
     while not path.exists() and path != path.parent:
         path = path.parent
-    return shutil.disk_usage(path).free
+    free = shutil.disk_usage(path).free
+    soft, _ = resource.getrlimit(resource.RLIMIT_FSIZE)
+    if soft == resource.RLIM_INFINITY:
+        return free
+    return min(free, soft - (growing.stat().st_size if growing is not None else 0))
 
 
-def finished_shard_sizes(shards_dir: Path, plan: dict) -> tuple[int, int]:
+def finished_shard_sizes(layout: RunLayout, plan: dict) -> tuple[int, int]:
     """(bytes, tokens) over the shards already written: the compression this run really gets."""
     total_bytes = total_tokens = 0
     for shard in plan["shards"]:
-        path = shards_dir / f"shard_{shard['index']:05d}.h5"
+        path = layout.shard(int(shard["index"]))
         try:
             size = path.stat().st_size
         except FileNotFoundError:
@@ -72,14 +84,14 @@ def allocated_rows(num_tokens: int) -> int:
     return -(-num_tokens // chunk) * chunk
 
 
-def bytes_per_token(plan: dict, shards_dir: Path, value_dtype: str | None = None,
+def bytes_per_token(plan: dict, layout: RunLayout, value_dtype: str | None = None,
                     store_entropy: bool | None = None) -> Estimate:
     """Bytes per token: measured once a shard is finished, else the uncompressed size.
 
     Compression (zstd by default) typically stores a top-k row in well under half
     its raw size, but how much depends on the teacher; the first shard tells.
     """
-    written, tokens = finished_shard_sizes(shards_dir, plan)
+    written, tokens = finished_shard_sizes(layout, plan)
     if tokens:
         return Estimate(written / tokens, measured=True)
     settings = plan.get("settings", {})
@@ -101,23 +113,48 @@ def human_bytes(n: float) -> str:
     return f"{n:.1f} PB"  # pragma: no cover - the loop returns at TB
 
 
-def check_shard_fits(config: dict, plan: dict, shard: int, output: str | os.PathLike) -> None:
+def check_shard_fits(layout: RunLayout, plan: dict, shard: int, value_dtype: str,
+                     store_entropy: bool) -> None:
     """Refuse to start a shard whose file cannot fit in the free space of its folder."""
-    from workflow_scripts.job import UserError
-
-    output = Path(output)
+    output = layout.shard(shard)
     entry = plan["shards"][shard]
-    estimate = bytes_per_token(
-        plan, output.parent, config["storage"]["value_dtype"], config["generation"]["store_entropy"]
-    )
+    estimate = bytes_per_token(plan, layout, value_dtype, store_entropy)
     needed = estimate.shard_bytes(int(entry["num_tokens"]), int(entry["num_samples"]))
     free = free_bytes(output.parent)
-    partial = output.with_name(output.name + ".partial")
+    partial = partial_path(output)
     if partial.exists():  # a killed attempt's file is overwritten: its space counts as free
         free += partial.stat().st_size
     if needed > free:
-        raise UserError(
+        raise DiskFullError(
             f"disk full: shard {shard} needs about {human_bytes(needed)} ({needed} bytes, "
             f"{estimate.basis}) but only {human_bytes(free)} ({free} bytes) are free under "
             f"{output.parent}; free some space or point output_dir at a bigger disk, then rerun"
         )
+
+
+DISK_FULL_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+# libhdf5 reports a failed write through h5py with the OS error only in its message.
+DISK_FULL_WORDS = ("No space left", "Disk quota", "File too large", "errno = 28", "errno = 27")
+
+
+def disk_full(path: Path, needed: int | None = None) -> DiskFullError:
+    free = free_bytes(path.parent) / 2**20
+    need = f"it needs up to {needed / 2**20:.0f} MiB, " if needed else ""
+    return DiskFullError(
+        f"disk full while writing {path}: {need}{free:.0f} MiB free there; free space or move "
+        "output_dir, then rerun the same command (committed parts and finished shards are kept)"
+    )
+
+
+@contextmanager
+def disk_full_is_a_user_error(path: Path):
+    """Turn a full disk (or a file-size limit) into one line that says what to do."""
+    try:
+        yield
+    except (OSError, RuntimeError) as exc:
+        full = (isinstance(exc, OSError) and exc.errno in DISK_FULL_ERRNOS) or any(
+            word in str(exc) for word in DISK_FULL_WORDS
+        )
+        if not full:
+            raise
+        raise disk_full(path) from None

@@ -18,13 +18,60 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from workflow_scripts.shard_format import FORMAT_VERSION, SAMPLE_FIELDS, read_sample
+from ..layout import INDEX_NAME
+from .codec import decode_topk
+from .format import (
+    ABSENT_ROW_FILL,
+    FORMAT_VERSION,
+    ROW_DATASETS,
+    SAMPLE_FIELDS,
+    needed_rows,
+)
+
+
+def read_sample(handle, position: int, offsets=None) -> dict:
+    """Every per-token array of the sample at ``position`` in this shard, in rank order.
+
+    ``handle``: the open shard, or a dict of its datasets (``sample_ids`` may be an array).
+    """
+    if offsets is None:
+        start, stop = handle["offsets"][position : position + 2]
+    else:
+        start, stop = offsets[position], offsets[position + 1]
+    record = {"sample_id": int(handle["sample_ids"][position])}
+    if "row_offsets" in handle:
+        return _read_masked_only_sample(handle, position, start, stop, record)
+    for name in SAMPLE_FIELDS:
+        if name in handle:
+            record[name] = handle[name][start:stop]
+    if "topk_ids" in record:
+        record["topk_ids"], record["topk_logits"] = decode_topk(
+            record["topk_ids"], record["topk_logits"]
+        )
+    return record
+
+
+def _read_masked_only_sample(handle, position: int, start: int, stop: int, record: dict) -> dict:
+    """Scatter the kept rows back to their tokens; absent rows read as ``ABSENT_ROW_FILL``."""
+    c0, c1 = handle["row_offsets"][position : position + 2]
+    record["input_ids"] = handle["input_ids"][start:stop]
+    record["loss_mask"] = handle["loss_mask"][start:stop]
+    stored = needed_rows(record["loss_mask"], np.array([0, stop - start]))
+    kept = {name: handle[name][c0:c1] for name in ROW_DATASETS if name in handle}
+    if "topk_ids" in kept:
+        kept["topk_ids"], kept["topk_logits"] = decode_topk(kept["topk_ids"], kept["topk_logits"])
+    for name, values in kept.items():
+        full = np.full((stop - start, *values.shape[1:]), ABSENT_ROW_FILL, dtype=values.dtype)
+        full[stored] = values
+        record[name] = full
+    record["row_stored"] = stored.astype(np.uint8)
+    return record
 
 
 class LogitStore:
     def __init__(self, path: str | os.PathLike):
         path = Path(path)
-        self.index_path = path / "index.h5" if path.is_dir() else path
+        self.index_path = path / INDEX_NAME if path.is_dir() else path
         if not self.index_path.is_file():
             raise FileNotFoundError(
                 f"no index.h5 at {self.index_path}; run the workflow's gather step first"

@@ -8,6 +8,7 @@ model's. Both are saved with ``save_pretrained`` and loaded back through the
 normal ``from_pretrained`` path.
 """
 
+from __future__ import annotations
 
 import ast
 import json
@@ -139,17 +140,3 @@ def build_teacher(
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     log.info("saved the demo teacher (%d parameters) to %s", model.num_parameters(), out)
-
-
-if __name__ == "__main__":  # pragma: no cover - executed by Snakemake
-    sys.path.insert(0, str(Path(snakemake.scriptdir).parent))  # noqa: F821
-    from workflow_scripts.job import run_job
-
-    demo = snakemake.config["demo"]  # noqa: F821
-    if snakemake.rule == "demo_corpus":  # noqa: F821
-        run_job("demo_corpus", snakemake.log[0], build_corpus,  # noqa: F821
-                snakemake.output.corpus, demo["num_documents"])  # noqa: F821
-    else:
-        run_job("demo_teacher", snakemake.log[0], build_teacher,  # noqa: F821
-                snakemake.input.corpus, snakemake.output.teacher,  # noqa: F821
-                train_steps=demo["train_steps"], threads=snakemake.threads)  # noqa: F821

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from multiprocessing.connection import wait
 from typing import Any, Callable, Iterable, Iterator
 
-from .shard_format import ShardError
+from ..errors import ShardError
 
 # fork, not spawn: workers inherit the parent's expected arrays (prepare's tokens)
 # without pickling them, and start in milliseconds.

@@ -1,0 +1,40 @@
+"""Every problem the user fixes, as one class tree.
+
+A ``UserError`` carries one line naming the thing that is wrong and the fix. The
+job harness (``teacher_logits.job``) catches this one class and prints the line
+instead of a traceback; anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+
+class UserError(Exception):
+    """A problem the user fixes (bad input, missing file); the message names the fix."""
+
+
+class ConfigError(UserError, ValueError):
+    """A bad config value; the message names the key and the fix."""
+
+
+class GpuConfigError(ConfigError):
+    """A problem with ``gpus``, ``gpus_per_model`` or the GPU mask of the shell."""
+
+
+class DataError(UserError):
+    """A dataset, row or chat conversation the workflow cannot use."""
+
+
+class TeacherError(UserError):
+    """A teacher that cannot be loaded or run as configured."""
+
+
+class ShardError(UserError, ValueError):
+    """A shard that is missing, unreadable or inconsistent; the message says what."""
+
+
+class StoreError(UserError):
+    """A gathered store that cannot be checked at all (no or unreadable manifest)."""
+
+
+class DiskFullError(UserError):
+    """Not enough room on the disk for what a job must write."""

@@ -1,0 +1,100 @@
+"""Batch compute: a window of samples -> the teacher's top-k rows, in sample order.
+
+A window's samples are packed into token-budget batches (``batching``), each
+batch runs through the top-k head, and an out-of-memory batch is retried as two
+halves. Documents longer than ``max_length`` (``overflow: split``) are read in
+overlapping windows and each row is kept from exactly one of them.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import torch
+
+from ..errors import TeacherError
+from .batching import long_document_windows, plan_batches
+
+log = logging.getLogger("generate")
+
+
+def forward_batch(head, batch: np.ndarray, input_ids: np.ndarray, offsets: np.ndarray, pad_id: int):
+    """Top-k of one padded batch; on out-of-memory, retry it as two halves (logged)."""
+    lengths = offsets[batch + 1] - offsets[batch]
+    width = int(lengths.max())
+    try:
+        ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(batch), width), dtype=torch.long)
+        for row, sample in enumerate(batch):
+            start, stop = offsets[sample], offsets[sample + 1]
+            ids[row, : stop - start] = torch.from_numpy(input_ids[start:stop].astype(np.int64))
+            mask[row, : stop - start] = 1
+        return [head(ids, mask)]
+    except torch.OutOfMemoryError as exc:
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        if len(batch) == 1:
+            raise TeacherError(
+                f"out of memory on a single sample of {width} tokens ({exc}); lower "
+                "tokenize.max_length or give each model more GPUs (gpus_per_model)"
+            ) from None
+        half = len(batch) // 2
+        log.warning(
+            "out of memory on a batch of %d samples x %d tokens; retrying it as two halves "
+            "(consider a smaller generation.batch_tokens)", len(batch), width,
+        )
+        return (forward_batch(head, batch[:half], input_ids, offsets, pad_id)
+                + forward_batch(head, batch[half:], input_ids, offsets, pad_id))
+
+
+def compute_window(head, input_ids: np.ndarray, offsets: np.ndarray, batch_tokens: int, pad_id: int):
+    """Top-k rows of the samples in one window, concatenated in sample order."""
+    lengths = np.diff(offsets)
+    num_rows = int(offsets[-1])
+    out = {
+        "topk_ids": np.empty((num_rows, head.top_k), dtype=np.int32),
+        "topk_logits": np.empty((num_rows, head.top_k), dtype=np.float32),
+        "logsumexp": np.empty(num_rows, dtype=np.float32),
+        "entropy": np.empty(num_rows, dtype=np.float32),
+    }
+    for batch in plan_batches(lengths, batch_tokens):
+        results = forward_batch(head, batch, input_ids, offsets, pad_id)
+        samples = iter(batch)
+        for result in results:
+            # Valid positions come back row-major: sample by sample in batch order.
+            cursor = 0
+            while cursor < len(result.logsumexp):
+                sample = next(samples)
+                start, stop = int(offsets[sample]), int(offsets[sample + 1])
+                n = stop - start
+                out["topk_ids"][start:stop] = result.ids[cursor : cursor + n].numpy()
+                out["topk_logits"][start:stop] = result.logits[cursor : cursor + n].numpy()
+                out["logsumexp"][start:stop] = result.logsumexp[cursor : cursor + n].numpy()
+                out["entropy"][start:stop] = result.entropy[cursor : cursor + n].numpy()
+                cursor += n
+    return out
+
+
+def compute_window_split(head, input_ids: np.ndarray, offsets: np.ndarray, batch_tokens: int,
+                         pad_id: int, max_length: int, stride: int):
+    """``compute_window`` where documents may be longer than ``max_length`` (overflow: split).
+
+    Each long document is read in overlapping windows of at most ``max_length`` tokens
+    (``long_document_windows``); the windows are batched like short samples, and each
+    row is taken from the one window that keeps it. Windows that fit change nothing.
+    """
+    lengths = np.diff(offsets)
+    if not len(lengths) or int(lengths.max()) <= max_length:
+        return compute_window(head, input_ids, offsets, batch_tokens, pad_id)
+    cut = long_document_windows(lengths, max_length, stride)
+    starts = offsets[cut["sample"]] + cut["start"]
+    stops = offsets[cut["sample"]] + cut["stop"]
+    window_ids = np.concatenate([input_ids[a:b] for a, b in zip(starts, stops)])
+    window_offsets = np.concatenate([[0], np.cumsum(stops - starts)]).astype(np.int64)
+    rows = compute_window(head, window_ids, window_offsets, batch_tokens, pad_id)
+    # Kept rows tile each document in order, and windows come in document order, so
+    # the kept rows, concatenated, are the window's rows in token order.
+    first = window_offsets[:-1] + (cut["keep_start"] - cut["start"])
+    keep = np.concatenate([np.arange(a, b) for a, b in zip(first, window_offsets[1:])])
+    return {name: values[keep] for name, values in rows.items()}

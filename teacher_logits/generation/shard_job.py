@@ -1,0 +1,211 @@
+"""One shard's generate job: claim a GPU group, compute what is not yet committed,
+assemble the shard and commit it atomically.
+
+The claim comes first (inside the running job, never at plan time) and sets
+``CUDA_VISIBLE_DEVICES``; torch is imported only after it, so CUDA sees exactly
+the claimed group.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from ..disk import check_shard_fits, disk_full_is_a_user_error
+from ..errors import ShardError
+from ..gpus import gpu_claim
+from ..layout import RunLayout
+from ..settings import GenerateSettings
+from ..store.format import FORMAT_VERSION, read_attrs
+from ..store.prepared import read_prepared_shard
+from ..store.validate import ShardExpectation, validate_shard
+from .batching import windows
+from .parts import CommittedParts, job_lock
+from .progress import progress_bar
+from .provenance import scheduler_job_id, shard_attrs
+from .writing import PartCommitter, ShardSink, WriterThread, open_shard_writer, rows_in_stored_dtypes
+
+log = logging.getLogger("generate")
+
+# A window of consecutive samples is computed, then written in order. Its size
+# trades memory (results are held until written) against how well length sorting
+# packs batches.
+WINDOW_BATCHES = 32
+
+
+def generate(settings: GenerateSettings, layout: RunLayout, shard: int) -> None:
+    """Make ``layout.shard(shard)``, resuming from committed parts where they still hold."""
+    job_started_at = time.time()
+    output = layout.shard(shard)
+    plan = json.loads(layout.plan.read_text())
+    check_shard_fits(layout, plan, shard, settings.value_dtype, settings.store_entropy)
+    prepared = read_prepared_shard(layout.tokens, shard)
+    sample_ids, offsets, input_ids = prepared.shard_slice(0)
+    loss_mask = prepared.loss_mask
+    num_tokens = int(offsets[-1])
+    identity = part_identity(settings, plan, shard, sample_ids, offsets,
+                             layout.regenerate_token.read_text().strip())
+
+    with job_lock(output):
+        if finished_by_an_earlier_job(output, plan, shard):
+            log.info("shard %d was finished by an earlier job while this one waited", shard)
+            return
+        parts = CommittedParts(layout.parts_dir(shard), identity, num_tokens)
+        expected = ShardExpectation(
+            sample_ids, offsets, input_ids,
+            {"shard_index": shard, **{k: plan[k] for k in (
+                "num_shards", "top_k", "teacher_fingerprint", "tokenizer_fingerprint",
+                "config_fingerprint")}},
+            plan["vocab_size"], loss_mask, settings.store_masked_only,
+        )
+
+        def is_valid(path):
+            try:
+                validate_shard(path, expected)
+                return True
+            except ShardError as exc:
+                log.info("%s: %s", path, exc)
+                return False
+
+        if parts.take_assembled(output, is_valid):
+            return
+        this_claim = {"teacher_load_seconds": 0.0, "rows": 0}
+        live = open_shard_writer(output, sample_ids, offsets, settings, loss_mask)
+        sink = ShardSink(live, input_ids, settings.store_entropy, loss_mask)
+        try:
+            if parts.rows_done < num_tokens:
+                this_claim = compute_remaining(settings, shard, parts, offsets, input_ids, sink)
+            else:  # every row was committed by earlier jobs: copy them into the shard
+                sink.replay(parts)
+            if parts.rows_done != num_tokens:
+                raise RuntimeError(f"shard {shard}: {parts.rows_done} of {num_tokens} rows committed")
+            attrs = shard_attrs(plan, shard, parts, job_started_at, this_claim["teacher_load_seconds"])
+            with disk_full_is_a_user_error(output):
+                live.commit(attrs)
+        except BaseException:
+            live.abort()
+            raise
+        parts.keep_assembled(output)
+
+
+def compute_remaining(settings: GenerateSettings, shard: int, parts: CommittedParts,
+                      offsets: np.ndarray, input_ids: np.ndarray, sink: ShardSink) -> dict:
+    """Claim a GPU group, run every window not yet committed, commit parts as it goes.
+
+    Writing (part commits, and rows into the shard through ``sink``) happens in a
+    writer thread while the next window computes.
+    """
+    scheduler = settings.devices.mode == "scheduler"
+    holder = {"workflow": os.getcwd(), "shard": shard}
+    with gpu_claim(settings.devices, holder=holder, first=shard) as claim:
+        log.info(
+            "shard %d: %d samples, %d tokens (%d left); CUDA_VISIBLE_DEVICES=%r on %s%s",
+            shard, len(offsets) - 1, int(offsets[-1]), int(offsets[-1]) - parts.rows_done,
+            claim.cuda_visible_devices, claim.hostname,
+            f" (set by the scheduler, job {scheduler_job_id()})" if scheduler else "",
+        )
+        committer = PartCommitter(parts, claim, settings)
+        writer = WriterThread()
+        try:
+            if parts.parts:
+                # Rows an earlier claim committed go into the shard while the teacher loads.
+                writer.submit(lambda: sink.replay(parts))
+            import torch  # only now: CUDA must see the claimed group, nothing else
+
+            from .teacher import load_top_k_head
+
+            torch.set_num_threads(settings.threads)  # same threads, same reductions: bit-identical reruns
+            load_start = time.time()
+            head = load_top_k_head(settings, claim)
+            load_seconds = time.time() - load_start
+            log.info("teacher loaded in %.1f s", load_seconds)
+            run_windows(head, WindowRun(settings, shard, offsets, input_ids, parts, committer,
+                                        writer, sink))
+            writer.submit(committer.commit)
+            writer.close()
+        except BaseException:
+            try:
+                writer.close()
+            except BaseException:
+                pass  # the first error is the one to report
+            committer.abort()
+            raise
+        return {"teacher_load_seconds": load_seconds, "rows": committer.rows_computed}
+
+
+class WindowRun:
+    """Everything ``run_windows`` needs: the shard's tokens, where it resumes, and
+    where finished windows go."""
+
+    def __init__(self, settings, shard, offsets, input_ids, parts, committer, writer, sink):
+        self.settings, self.shard = settings, shard
+        self.offsets, self.input_ids, self.parts = offsets, input_ids, parts
+        self.committer, self.writer, self.sink = committer, writer, sink
+
+
+def run_windows(head, run: WindowRun) -> None:
+    from .compute import compute_window_split
+
+    settings, offsets = run.settings, run.offsets
+    # Padded positions are masked out and never stored, so any valid id pads.
+    pad_id = int(head.model.config.pad_token_id or 0)
+    first = run.parts.samples_done
+    lengths = np.diff(offsets)
+    with progress_bar(int(offsets[-1]), run.shard, initial=run.parts.rows_done) as bar:
+        # Windows restart at the first uncommitted sample; the greedy split makes
+        # them the same windows an uninterrupted run computes, so rows are bit-identical.
+        for w0, w1 in windows(lengths[first:], WINDOW_BATCHES * settings.batch_tokens):
+            s0, s1 = first + w0, first + w1
+            r0, r1 = int(offsets[s0]), int(offsets[s1])
+            started = time.time()
+            rows = compute_window_split(
+                head, run.input_ids[r0:r1], offsets[s0 : s1 + 1] - r0, settings.batch_tokens,
+                pad_id, settings.max_length, settings.stride,
+            )
+            seconds = time.time() - started
+
+            def write(s0=s0, r0=r0, n=s1 - s0, rows=rows, seconds=seconds):
+                rows = rows_in_stored_dtypes(rows, settings.value_dtype)
+                run.committer.add(s0, r0, n, rows, seconds)
+                run.sink.add(r0, rows)
+
+            run.writer.submit(write)
+            bar.update(r1 - r0)
+
+
+def finished_by_an_earlier_job(output: Path, plan: dict, shard: int) -> bool:
+    """A job orphaned by a killed Snakemake may have finished this shard while we waited."""
+    if not output.exists():
+        return False
+    try:
+        with h5py.File(output, "r") as handle:
+            attrs = read_attrs(handle)
+    except OSError:
+        return False
+    return attrs.get("shard_index") == shard and all(
+        attrs.get(k) == plan[k] for k in ("config_fingerprint", "teacher_fingerprint")
+    )
+
+
+def part_identity(settings: GenerateSettings, plan: dict, shard: int, sample_ids, offsets,
+                  regenerate_token: str) -> dict:
+    """What committed parts must share with this job to be kept (see ``CommittedParts``)."""
+    plan_digest = hashlib.sha256(sample_ids.tobytes() + offsets.tobytes()).hexdigest()
+    return {
+        "format_version": FORMAT_VERSION,
+        "teacher_fingerprint": plan["teacher_fingerprint"],
+        "tokenizer_fingerprint": plan["tokenizer_fingerprint"],
+        "config_fingerprint": plan["config_fingerprint"],
+        "top_k": settings.top_k,
+        "value_dtype": settings.value_dtype,
+        "store_entropy": settings.store_entropy,
+        "shard_plan": f"{shard}/{plan['num_shards']}:{plan_digest}",
+        "regenerate_token": regenerate_token,
+    }

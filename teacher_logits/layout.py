@@ -1,0 +1,138 @@
+"""Every path of a run, in one place: ``RunLayout(output_dir)``.
+
+Rules (through ``rules/common.smk``), jobs, status, the disk estimate and resume
+all ask this module where things are; none of them spells a path pattern itself.
+Knows nothing of what is inside the files.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+INDEX_NAME = "index.h5"
+MANIFEST_NAME = "manifest.json"
+# Files are written under this suffix and renamed into place, so no reader ever
+# sees half a file.
+PARTIAL_SUFFIX = ".partial"
+
+
+def shard_name(index: int) -> str:
+    """The ``{shard}`` wildcard of shard ``index``: five digits."""
+    return f"{int(index):05d}"
+
+
+def partial_path(path: str | os.PathLike) -> Path:
+    """Where ``path`` is written before its atomic rename."""
+    path = Path(path)
+    return path.with_name(path.name + PARTIAL_SUFFIX)
+
+
+def parts_dir_for(shard_path: str | os.PathLike) -> Path:
+    """``shards/shard_00003.h5`` -> ``shards/shard_00003.parts/``: its committed progress."""
+    path = Path(shard_path)
+    return path.with_name(path.stem + ".parts")
+
+
+def lock_path_for(shard_path: str | os.PathLike) -> Path:
+    """``shards/shard_00003.h5`` -> ``shards/shard_00003.lock``: held while a job writes it."""
+    path = Path(shard_path)
+    return path.with_name(path.stem + ".lock")
+
+
+# Inside a shard's parts folder (see ``generation.parts``).
+PARTS_META = "meta.json"  # what the committed parts were made with
+PARTS_PROGRESS = "progress.json"  # rows done, rewritten at every commit
+PARTS_ASSEMBLED = "assembled.h5"  # a hard link to the finished shard
+PART_GLOB = "part_*.h5"
+
+
+def part_file(parts_dir: str | os.PathLike, first_sample: int) -> Path:
+    """The part file whose rows start at sample ``first_sample`` of the shard."""
+    return Path(parts_dir) / f"part_{first_sample:010d}.h5"
+
+
+def progress_path_for(shard_path: str | os.PathLike) -> Path:
+    """The small record a generate job rewrites as it commits rows of the shard."""
+    return parts_dir_for(shard_path) / PARTS_PROGRESS
+
+
+def job_record_for(log_path: str | os.PathLike) -> Path:
+    """``logs/gather.log`` -> ``logs/gather.job.json``: the job's state, written by the job."""
+    path = Path(log_path)
+    return path.with_name(path.stem + ".job.json")
+
+
+@dataclass(frozen=True)
+class RunLayout:
+    output_dir: Path
+
+    def __init__(self, output_dir: str | os.PathLike):
+        object.__setattr__(self, "output_dir", Path(output_dir))
+
+    def _path(self, *parts: str) -> Path:
+        return self.output_dir.joinpath(*parts)
+
+    # prepare
+    @property
+    def prepared_dir(self) -> Path:
+        return self._path("prepared")
+
+    @property
+    def tokens(self) -> Path:
+        return self._path("prepared", "tokens.h5")
+
+    @property
+    def plan(self) -> Path:
+        return self._path("prepared", "plan.json")
+
+    @property
+    def regenerate_token(self) -> Path:
+        return self._path("prepared", "regenerate.token")
+
+    # generate
+    @property
+    def shards_dir(self) -> Path:
+        return self._path("shards")
+
+    def shard(self, index: int | str) -> Path:
+        """Shard ``index`` (an int, or the ``{shard}`` wildcard itself for rule patterns)."""
+        name = index if isinstance(index, str) else shard_name(index)
+        return self.shards_dir / f"shard_{name}.h5"
+
+    def parts_dir(self, index: int) -> Path:
+        return parts_dir_for(self.shard(index))
+
+    def shard_lock(self, index: int) -> Path:
+        return lock_path_for(self.shard(index))
+
+    def progress(self, index: int) -> Path:
+        return progress_path_for(self.shard(index))
+
+    # gather
+    @property
+    def index(self) -> Path:
+        return self._path(INDEX_NAME)
+
+    @property
+    def manifest(self) -> Path:
+        return self._path(MANIFEST_NAME)
+
+    # the run
+    @property
+    def run_lock(self) -> Path:
+        return self._path(".run.lock")
+
+    def log(self, rule: str, shard: int | str | None = None) -> Path:
+        """``logs/<rule>.log``, or ``logs/generate/shard_<i>.log`` for a shard's job."""
+        if shard is None:
+            return self._path("logs", f"{rule}.log")
+        name = shard if isinstance(shard, str) else shard_name(shard)
+        return self._path("logs", rule, f"shard_{name}.log")
+
+    def benchmark(self, rule: str, shard: str) -> Path:
+        return self._path("benchmarks", rule, f"shard_{shard}.tsv")
+
+    def report_figure(self, name: str) -> Path:
+        return self._path("report", f"{name}.png")

@@ -1,0 +1,264 @@
+"""Prepare: dataset -> token ids + shard plan, and the teacher checks.
+
+Runs once, before any generation job, so every problem with the data or the
+teacher is reported before a GPU is touched.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from .errors import ConfigError, DataError, GpuConfigError, TeacherError
+from .fingerprints import WEIGHT_SUFFIXES, config_fingerprint, teacher_fingerprint, tokenizer_fingerprint
+from .layout import RunLayout
+from .settings import PrepareSettings
+from .store.format import FORMAT_VERSION
+from .store.prepared import PreparedWriter
+from .tokenization import Tokenization, tokenize_rows
+
+log = logging.getLogger("prepare")
+
+# Fewer rows than this per process and starting processes costs more than it saves.
+ROWS_PER_PROCESS = 20000
+
+
+def _brief(exc: Exception, limit: int = 300) -> str:
+    """A library's exception as one short line: the user needs the gist, not a wall."""
+    text = " ".join(f"{type(exc).__name__}: {exc}".split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def load_column(path: Path, split: str, column: str, max_samples: int | None,
+                key: str = "dataset.text_field"):
+    """The dataset reduced to ``column``, row order preserved, memory-mapped (never loaded
+    whole): ``datasets`` converts files to Arrow once and maps them from disk."""
+    import datasets
+
+    datasets.disable_progress_bars()
+    # datasets logs a read error itself before raising it: the DataError below says it once.
+    datasets.logging.set_verbosity(logging.CRITICAL)
+    try:
+        if path.is_dir():
+            loaded = datasets.load_from_disk(str(path))
+            if isinstance(loaded, datasets.DatasetDict):
+                if split not in loaded:
+                    raise DataError(
+                        f"dataset.split: {path} has splits {list(loaded)}, not '{split}'; "
+                        "set dataset.split to one of them"
+                    )
+                loaded = loaded[split]
+        else:
+            builder = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".arrow": "arrow"}
+            loaded = datasets.load_dataset(
+                builder[path.suffix], data_files=str(path), split="train"
+            )
+    except DataError:
+        raise
+    except Exception as exc:
+        raise DataError(
+            f"dataset.path: could not read {path} ({_brief(exc)}); "
+            "check that it is valid JSON Lines / JSON / Parquet / Arrow or a save_to_disk folder"
+        ) from None
+    if column not in loaded.column_names:
+        what = "conversations" if key == "dataset.messages_field" else "text"
+        raise DataError(
+            f"{key}: column '{column}' is not in {path} (columns: "
+            f"{loaded.column_names}); set {key} to the column holding the {what}"
+        )
+    loaded = loaded.select_columns([column])
+    if max_samples is not None:
+        loaded = loaded.select(range(min(max_samples, len(loaded))))
+    if len(loaded) == 0:
+        raise DataError(f"dataset.path: {path} has no rows; give a dataset with text in it")
+    return loaded
+
+
+def load_texts(path: Path, split: str, text_field: str, max_samples: int | None) -> list:
+    """The ``text_field`` column as a list (small datasets and tests)."""
+    return load_column(path, split, text_field, max_samples)[text_field]
+
+
+def check_teacher(teacher_path: Path, top_k: int, trust_remote_code: bool):
+    """The teacher folder holds a causal LM and a tokenizer; top_k fits its vocabulary."""
+    from transformers import AutoConfig, AutoTokenizer
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    try:
+        model_config = AutoConfig.from_pretrained(teacher_path, trust_remote_code=trust_remote_code)
+    except Exception as exc:
+        raise TeacherError(
+            f"teacher.path: cannot read the model config in {teacher_path} ({_brief(exc)}); "
+            "give a folder that save_pretrained wrote"
+        ) from None
+    remote_causal = "AutoModelForCausalLM" in (getattr(model_config, "auto_map", None) or {})
+    if model_config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and not remote_causal:
+        raise TeacherError(
+            f"teacher.path: {teacher_path} holds a '{model_config.model_type}' model, which is not "
+            "a causal language model; give a decoder model that AutoModelForCausalLM loads"
+        )
+    if not any(p.suffix in WEIGHT_SUFFIXES for p in teacher_path.iterdir()):
+        raise TeacherError(
+            f"teacher.path: {teacher_path} has a config but no weights (*.safetensors or *.bin); "
+            "save the model with model.save_pretrained into that folder"
+        )
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(teacher_path, trust_remote_code=trust_remote_code)
+    except Exception as exc:
+        raise TeacherError(
+            f"teacher.path: no usable tokenizer in {teacher_path} ({_brief(exc)}); "
+            "save the tokenizer beside the model with tokenizer.save_pretrained"
+        ) from None
+    text_config = model_config.get_text_config()
+    vocab_size = int(text_config.vocab_size)
+    if top_k > vocab_size:
+        raise TeacherError(
+            f"generation.top_k={top_k} is larger than the teacher's vocabulary ({vocab_size}); "
+            f"use a top_k of at most {vocab_size}"
+        )
+    return tokenizer, vocab_size
+
+
+def split_shards(lengths: np.ndarray, num_shards: int) -> np.ndarray:
+    """Contiguous sample ranges of about equal token count, none empty."""
+    num_samples = len(lengths)
+    cumulative = np.concatenate([[0], np.cumsum(lengths)])
+    targets = cumulative[-1] * np.arange(num_shards + 1) / num_shards
+    bounds = np.searchsorted(cumulative, targets, side="left").astype(np.int64)
+    bounds[0], bounds[-1] = 0, num_samples
+    for i in range(1, num_shards):  # every shard keeps at least one sample
+        bounds[i] = min(max(bounds[i], bounds[i - 1] + 1), num_samples - (num_shards - i))
+    return bounds
+
+
+def chat_renderer(settings: PrepareSettings, tokenizer):
+    """The chat renderer for ``dataset.messages_field`` data; ``None`` for plain text."""
+    if not settings.chat:
+        return None
+    from .chat import ChatRenderer, stop_token_ids, template_text
+
+    return ChatRenderer(
+        tokenizer, template_text(tokenizer, settings.chat_template), list(settings.train_roles),
+        stop_token_ids(tokenizer, settings.teacher.path),
+    )
+
+
+def check_cuda(settings: PrepareSettings) -> None:
+    """GPUs named but no CUDA here: say so now, before any shard job starts."""
+    plan = settings.devices
+    if plan.mode != "local" or plan.allow_cpu:
+        return
+    import torch
+
+    if not torch.cuda.is_available():
+        gpus = ",".join(str(g) for group in plan.groups for g in group)
+        raise GpuConfigError(
+            f"gpus={gpus} names GPUs but CUDA sees none on this machine; "
+            "run with gpus= (empty) for CPU, or set allow_cpu=true to run the GPU-group "
+            "path on CPU"
+        )
+
+
+def prepare(settings: PrepareSettings, layout: RunLayout) -> None:
+    """Tokenize the dataset into ``layout.tokens`` and plan its shards in ``layout.plan``."""
+    check_cuda(settings)
+    teacher_path, dataset_path = settings.teacher.path, settings.dataset_path
+    tokenizer, vocab_size = check_teacher(teacher_path, settings.top_k,
+                                          settings.teacher.trust_remote_code)
+    chat = chat_renderer(settings, tokenizer)
+    key = "dataset.messages_field" if chat else "dataset.text_field"
+    column = settings.messages_field if chat else settings.text_field
+    data = load_column(dataset_path, settings.split, column, settings.max_samples, key)
+    num_rows = len(data)
+    processes = max(1, min(settings.threads, -(-num_rows // ROWS_PER_PROCESS)))
+    log.info("%d rows in %s (memory-mapped); tokenizing in %d process(es)",
+             num_rows, dataset_path, processes)
+
+    work = Tokenization(tokenizer, settings.max_length, settings.overflow, chat)
+    writer = PreparedWriter(layout.tokens, with_loss_mask=chat is not None)
+    kept_rows, lengths, dropped = [], [], []
+    counts = {"truncated": 0, "split": 0, "trained": 0}
+    try:
+        for result in tokenize_rows(data, column, work, processes):
+            writer.append(result["input_ids"], result["loss_mask"])
+            kept_rows.append(result["rows"])
+            lengths.append(result["lengths"])
+            dropped += result["dropped"]
+            counts["truncated"] += result["truncated"]
+            counts["split"] += result["split"]
+            if result["loss_mask"] is not None:
+                counts["trained"] += int(np.count_nonzero(result["loss_mask"]))
+        kept_rows, lengths = np.concatenate(kept_rows), np.concatenate(lengths)
+        for entry in dropped:
+            log.warning("dropped sample %d: %s", entry["sample_id"], entry["reason"])
+        check_samples_kept(settings, len(kept_rows), num_rows)
+        offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+        bounds = split_shards(lengths, settings.num_shards)
+        writer.commit(kept_rows, offsets, bounds)
+    except BaseException:
+        writer.abort()
+        raise
+
+    plan = shard_plan(settings, vocab_size, num_rows, kept_rows, offsets, bounds)
+    plan.update(dropped=dropped, truncated_samples=counts["truncated"],
+                split_samples=counts["split"])
+    if chat is not None:
+        plan["loss_mask"] = {"ones": counts["trained"], "zeros": int(offsets[-1]) - counts["trained"]}
+    layout.plan.write_text(json.dumps(plan, indent=1))
+    log.info(
+        "prepared %d samples, %d tokens (%d truncated to %d, %d longer kept whole, %d dropped) "
+        "in %d shards", len(kept_rows), offsets[-1], counts["truncated"], settings.max_length,
+        counts["split"], len(dropped), settings.num_shards,
+    )
+    if chat is not None:
+        log.info("loss mask: %d of %d tokens trained on", counts["trained"], offsets[-1])
+
+
+def check_samples_kept(settings: PrepareSettings, kept: int, num_rows: int) -> None:
+    if not kept:
+        raise DataError(
+            f"dataset.path: all {num_rows} rows of {settings.dataset_path} have empty text; check "
+            "that dataset.text_field names the column that holds the text"
+        )
+    if settings.num_shards > kept:
+        raise ConfigError(
+            f"num_shards={settings.num_shards} is more than the {kept} samples kept; "
+            f"use num_shards={kept} or fewer"
+        )
+
+
+def shard_plan(settings: PrepareSettings, vocab_size: int, num_rows: int, kept_rows, offsets,
+               bounds) -> dict:
+    """``plan.json``: the shards' sizes and the fingerprints every shard must carry."""
+    teacher_fp = teacher_fingerprint(settings.teacher.path)
+    tokenizer_fp = tokenizer_fingerprint(settings.teacher.path)
+    return {
+        "format_version": FORMAT_VERSION,
+        "num_shards": settings.num_shards,
+        "num_rows": num_rows,
+        "num_samples": len(kept_rows),
+        "num_tokens": int(offsets[-1]),
+        "truncated_samples": 0,
+        # Documents longer than max_length kept whole (overflow: split).
+        "split_samples": 0,
+        "max_length": settings.max_length,
+        "top_k": settings.top_k,
+        "vocab_size": vocab_size,
+        "teacher_fingerprint": teacher_fp,
+        "tokenizer_fingerprint": tokenizer_fp,
+        "config_fingerprint": config_fingerprint(settings.meaning, teacher_fp, tokenizer_fp,
+                                                 FORMAT_VERSION),
+        "settings": settings.meaning,
+        "shards": [
+            {
+                "index": i,
+                "num_samples": int(bounds[i + 1] - bounds[i]),
+                "num_tokens": int(offsets[bounds[i + 1]] - offsets[bounds[i]]),
+            }
+            for i in range(settings.num_shards)
+        ],
+        "dropped": [],
+    }

@@ -1,0 +1,115 @@
+"""The validated config, read once into typed settings for each job.
+
+Rule scripts call ``PrepareSettings.from_config`` / ``GenerateSettings.from_config``
+once; library code takes these objects and never reaches into nested config keys.
+No torch, no Snakemake.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from .config import dataset_path, meaning_settings, teacher_path
+from .gpus import DevicePlan, device_plan
+
+
+@dataclass(frozen=True)
+class TeacherSettings:
+    path: Path
+    dtype: str = "bfloat16"
+    attn_implementation: str | None = None
+    trust_remote_code: bool = False
+    max_memory: dict | None = None
+    allow_offload: bool = False
+
+    @classmethod
+    def from_config(cls, config: dict) -> TeacherSettings:
+        teacher = config["teacher"]
+        return cls(
+            path=teacher_path(config),
+            dtype=teacher["dtype"],
+            attn_implementation=teacher["attn_implementation"],
+            trust_remote_code=bool(teacher["trust_remote_code"]),
+            max_memory=teacher["max_memory"],
+            allow_offload=bool(teacher["allow_offload"]),
+        )
+
+
+@dataclass(frozen=True)
+class PrepareSettings:
+    teacher: TeacherSettings
+    devices: DevicePlan
+    dataset_path: Path
+    split: str
+    text_field: str
+    messages_field: str | None
+    chat_template: str | None
+    train_roles: tuple[str, ...]
+    max_samples: int | None
+    max_length: int
+    overflow: str
+    num_shards: int
+    top_k: int
+    # What enters config_fingerprint (the settings that change the stored numbers).
+    meaning: dict
+    threads: int = 1
+
+    @property
+    def chat(self) -> bool:
+        return bool(self.messages_field)
+
+    @classmethod
+    def from_config(cls, config: dict, threads: int = 1) -> PrepareSettings:
+        ds, tok = config["dataset"], config["tokenize"]
+        return cls(
+            teacher=TeacherSettings.from_config(config),
+            devices=device_plan(config),
+            dataset_path=dataset_path(config),
+            split=ds["split"],
+            text_field=ds["text_field"],
+            messages_field=ds["messages_field"],
+            chat_template=ds["chat_template"],
+            train_roles=tuple(ds["train_roles"]),
+            max_samples=ds["max_samples"],
+            max_length=int(tok["max_length"]),
+            overflow=tok["overflow"],
+            num_shards=int(config["num_shards"]),
+            top_k=int(config["generation"]["top_k"]),
+            meaning=meaning_settings(config),
+            threads=int(threads),
+        )
+
+
+@dataclass(frozen=True)
+class GenerateSettings:
+    teacher: TeacherSettings
+    devices: DevicePlan
+    top_k: int
+    batch_tokens: int
+    store_entropy: bool
+    store_masked_only: bool
+    commit_every_s: float
+    value_dtype: str
+    compression: str
+    max_length: int
+    stride: int
+    threads: int = 1
+
+    @classmethod
+    def from_config(cls, config: dict, threads: int = 1) -> GenerateSettings:
+        gen, storage, tok = config["generation"], config["storage"], config["tokenize"]
+        return cls(
+            teacher=TeacherSettings.from_config(config),
+            devices=device_plan(config),
+            top_k=int(gen["top_k"]),
+            batch_tokens=int(gen["batch_tokens"]),
+            store_entropy=bool(gen["store_entropy"]),
+            store_masked_only=bool(gen["store_masked_only"]),
+            commit_every_s=float(gen["commit_every_s"]),
+            value_dtype=storage["value_dtype"],
+            compression=storage["compression"],
+            max_length=int(tok["max_length"]),
+            stride=int(tok["stride"]),
+            threads=int(threads),
+        )

@@ -1,0 +1,11 @@
+"""The store: on-disk layout, top-k codec, shard writer, reader and validation.
+
+Needs numpy, h5py and hdf5plugin only (never torch). ``format`` names what is in
+a shard, ``codec`` encodes top-k rows, ``writer`` writes shards, ``reader`` reads
+a gathered store, ``validate`` checks a shard (feeding ``stats``), ``prepared``
+is prepare's token file, and ``isolated`` runs checks in crash-proof workers.
+"""
+
+from .reader import LogitStore
+
+__all__ = ["LogitStore"]

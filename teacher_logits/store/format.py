@@ -1,0 +1,140 @@
+"""The shard file's layout: dataset names, dtypes, version, compression, attributes.
+
+The one place that names what is inside a shard. The codec (``codec``), writer
+(``writer``), reader (``reader``) and validation (``validate``) build on it.
+Needs numpy, h5py and hdf5plugin only.
+
+Compatibility: readers and gather accept every format version from 2 on, and a
+store may mix versions. A new optional dataset does not bump the version; only
+a change that an older reader would misread does.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import h5py
+import numpy as np
+
+from ..errors import ShardError
+
+try:  # registers the Zstd filter; without it zstd-compressed shards cannot be read
+    import hdf5plugin
+except ImportError:  # pragma: no cover - listed in requirements
+    hdf5plugin = None
+
+FORMAT_VERSION = 2
+# The oldest format this code reads; every version from here up to FORMAT_VERSION is read.
+OLDEST_READABLE_VERSION = 2
+# How top-k rows are laid out on disk (file attribute ``topk_encoding``).
+TOPK_ENCODING = "sorted_id_delta"
+
+# Rows per HDF5 chunk: a random sample read decompresses one or two chunks of
+# every dataset, so smaller chunks read faster at random but compress worse
+# (bench/bench_store.py measures the trade; README "Performance" says why this one).
+CHUNK_ROWS = 1024
+
+REQUIRED_ATTRS = (
+    "format_version",
+    "top_k",
+    "shard_index",
+    "num_shards",
+    "teacher_fingerprint",
+    "tokenizer_fingerprint",
+    "config_fingerprint",
+    "cuda_visible_devices",
+    "hostname",
+    "started_at",
+    "finished_at",
+    "versions",
+    "claims",
+)
+
+# Datasets a shard may leave out (entropy when store_entropy is off, loss_mask for
+# plain-text data).
+OPTIONAL_DATASETS = ("entropy", "loss_mask")
+# Datasets with one entry per top-k row: all T rows, or with generation.store_masked_only
+# only the rows a trainer uses (``needed_rows``). Resume's part files hold these too.
+ROW_DATASETS = ("topk_ids", "topk_logits", "logsumexp", "entropy")
+# Per-token arrays a sample record carries (those the shard has).
+SAMPLE_FIELDS = ("input_ids", "topk_ids", "topk_logits", "logsumexp", "entropy", "loss_mask")
+
+VALUE_DTYPES = {"float16": np.float16, "float32": np.float32}
+COMPRESSIONS = ("default", "zstd", "gzip", "lzf", "none")
+
+
+def compression_options(name: str) -> dict:
+    """h5py dataset keyword arguments for a ``storage.compression`` name."""
+    options: dict = {"fletcher32": True}  # a flipped bit becomes a read error
+    if name in ("default", "zstd") and hdf5plugin is None:
+        raise ShardError(f"storage.compression={name} needs the hdf5plugin package")
+    if name == "default":
+        # Blosc2's own byte shuffle + Zstandard level 5: smaller than level 3 by ~5% on
+        # top-k rows and still fast to write and read (bench/bench_store.py).
+        blosc2 = hdf5plugin.Blosc2
+        options.update(blosc2(cname="zstd", clevel=5, filters=blosc2.SHUFFLE))
+    elif name == "zstd":
+        options.update(shuffle=True, **hdf5plugin.Zstd(clevel=3))
+    elif name == "gzip":
+        options.update(shuffle=True, compression="gzip", compression_opts=4)
+    elif name == "lzf":
+        options.update(shuffle=True, compression="lzf")
+    elif name != "none":
+        raise ShardError(f"storage.compression={name!r}: use one of {', '.join(COMPRESSIONS)}")
+    return options
+
+
+def read_attrs(handle: h5py.File) -> dict:
+    out = {}
+    for key, value in handle.attrs.items():
+        if isinstance(value, bytes):
+            value = value.decode()
+        if isinstance(value, np.generic):
+            value = value.item()
+        if key in ("versions", "claims") and isinstance(value, str):
+            value = json.loads(value)
+        out[key] = value
+    return out
+
+
+
+
+def fsync_dir(path: str | os.PathLike) -> None:
+    """Make a rename inside ``path`` durable (a crash after it cannot undo it)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+# --- loss masks and masked-only storage ----------------------------------------------
+#
+# Row t predicts token t+1, so a trainer weights row t by loss_mask[t+1]; a sample's
+# last row predicts nothing inside it. With ``generation.store_masked_only`` a shard
+# keeps only the rows some trainer weight is non-zero for, packed in order;
+# ``row_offsets`` [S+1] says where each sample's kept rows start. Which rows were kept
+# follows from loss_mask and offsets alone (``needed_rows``), so it is not stored.
+
+# What the reader returns for a row that was not stored: the same zeros the collate
+# function pads with. Its trainer weight (loss_mask of the next token) is always 0.
+ABSENT_ROW_FILL = 0
+
+
+def needed_rows(loss_mask: np.ndarray, offsets: np.ndarray) -> np.ndarray:
+    """bool [T]: row t is used by a trainer (the next token, inside its sample, is trained on)."""
+    loss_mask = np.asarray(loss_mask)
+    needed = np.zeros(len(loss_mask), dtype=bool)
+    needed[:-1] = loss_mask[1:] != 0
+    ends = np.asarray(offsets)[1:]
+    needed[ends[ends > 0] - 1] = False
+    return needed
+
+
+def stored_row_offsets(stored: np.ndarray, offsets: np.ndarray) -> np.ndarray:
+    """int64 [S+1]: sample s's kept rows are ``row_offsets[s]:row_offsets[s+1]``."""
+    cumulative = np.concatenate([[0], np.cumsum(stored, dtype=np.int64)])
+    return cumulative[np.asarray(offsets, dtype=np.int64)]
+
+

@@ -1,0 +1,128 @@
+"""prepare's output: every kept sample's tokens plus the shard plan (``prepared/tokens.h5``).
+
+Written once by ``prepare`` as it streams through the dataset; each generate job
+reads only its own shard's slice, gather one shard's slice at a time.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from ..errors import ShardError
+from ..layout import partial_path
+from .format import FORMAT_VERSION
+
+@dataclass
+class PreparedTokens:
+    sample_ids: np.ndarray  # int64 [S] row numbers in the loaded dataset
+    offsets: np.ndarray  # int64 [S+1]
+    input_ids: np.ndarray  # int32 [T]
+    shard_bounds: np.ndarray  # int64 [num_shards+1]: shard i owns samples bounds[i]:bounds[i+1]
+    loss_mask: np.ndarray | None = None  # uint8 [T], chat data only
+
+    @property
+    def num_shards(self) -> int:
+        return len(self.shard_bounds) - 1
+
+    def shard_slice(self, shard: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(sample_ids, offsets rebased to 0, input_ids) of one shard."""
+        s0, s1 = int(self.shard_bounds[shard]), int(self.shard_bounds[shard + 1])
+        r0, r1 = int(self.offsets[s0]), int(self.offsets[s1])
+        return self.sample_ids[s0:s1], self.offsets[s0 : s1 + 1] - r0, self.input_ids[r0:r1]
+
+
+PREPARED_CHUNK = 1 << 16
+
+
+class PreparedWriter:
+    """prepare's output written as it streams: tokens appended batch by batch, the small
+    per-sample arrays and the shard plan at ``commit`` (temp file + rename)."""
+
+    def __init__(self, path: str | os.PathLike, with_loss_mask: bool):
+        self.path = Path(path)
+        self.temp_path = partial_path(self.path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._file = h5py.File(self.temp_path, "w")
+        self.num_tokens = 0
+        names = [("input_ids", np.int32)] + ([("loss_mask", np.uint8)] if with_loss_mask else [])
+        for name, dtype in names:
+            self._file.create_dataset(name, shape=(0,), maxshape=(None,), dtype=dtype,
+                                      chunks=(PREPARED_CHUNK,), fletcher32=True)
+
+    def append(self, input_ids: np.ndarray, loss_mask: np.ndarray | None = None) -> None:
+        n = len(input_ids)
+        for name, values in (("input_ids", input_ids), ("loss_mask", loss_mask)):
+            if name in self._file:
+                ds = self._file[name]
+                ds.resize(self.num_tokens + n, axis=0)
+                ds[self.num_tokens :] = values
+        self.num_tokens += n
+
+    def commit(self, sample_ids: np.ndarray, offsets: np.ndarray, shard_bounds: np.ndarray) -> None:
+        if int(offsets[-1]) != self.num_tokens:
+            raise ShardError(f"offsets end at {offsets[-1]}, but {self.num_tokens} tokens written")
+        f = self._file
+        f.attrs["format_version"] = FORMAT_VERSION
+        f.create_dataset("sample_ids", data=np.asarray(sample_ids, dtype=np.int64))
+        f.create_dataset("offsets", data=np.asarray(offsets, dtype=np.int64))
+        f.create_dataset("shard_bounds", data=np.asarray(shard_bounds, dtype=np.int64))
+        f.close()
+        os.replace(self.temp_path, self.path)
+
+    def abort(self) -> None:
+        try:
+            self._file.close()
+        finally:
+            self.temp_path.unlink(missing_ok=True)
+
+
+def write_prepared(path: str | os.PathLike, prepared: PreparedTokens) -> None:
+    writer = PreparedWriter(path, prepared.loss_mask is not None)
+    try:
+        writer.append(prepared.input_ids.astype(np.int32), prepared.loss_mask)
+        writer.commit(prepared.sample_ids, prepared.offsets, prepared.shard_bounds)
+    except BaseException:
+        writer.abort()
+        raise
+
+
+def read_prepared(path: str | os.PathLike) -> PreparedTokens:
+    with h5py.File(path, "r") as f:
+        return PreparedTokens(
+            sample_ids=f["sample_ids"][:],
+            offsets=f["offsets"][:],
+            input_ids=f["input_ids"][:],
+            shard_bounds=f["shard_bounds"][:],
+            loss_mask=f["loss_mask"][:] if "loss_mask" in f else None,
+        )
+
+
+def read_prepared_sample_ids(path: str | os.PathLike) -> np.ndarray:
+    """Every kept sample's id from prepare's output, without its tokens."""
+    with h5py.File(path, "r") as f:
+        return f["sample_ids"][:]
+
+
+def read_prepared_shard(path: str | os.PathLike, shard: int) -> PreparedTokens:
+    """One shard's part of prepare's output, reading only its own tokens.
+
+    The result is a one-shard ``PreparedTokens``: its ``shard_slice(0)`` is the shard.
+    """
+    with h5py.File(path, "r") as f:
+        bounds = f["shard_bounds"][:]
+        s0, s1 = int(bounds[shard]), int(bounds[shard + 1])
+        offsets = f["offsets"][s0 : s1 + 1]
+        r0, r1 = int(offsets[0]), int(offsets[-1])
+        return PreparedTokens(
+            sample_ids=f["sample_ids"][s0:s1],
+            offsets=offsets - r0,
+            input_ids=f["input_ids"][r0:r1],
+            shard_bounds=np.array([0, s1 - s0], dtype=np.int64),
+            loss_mask=f["loss_mask"][r0:r1] if "loss_mask" in f else None,
+        )
+
