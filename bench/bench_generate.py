@@ -26,9 +26,10 @@ from common import (  # noqa: E402
     Timer, bench_teacher, emit, machine, prepared_shard, skewed_lengths, table, workflow_config,
 )
 
-from workflow_scripts import generate as gen  # noqa: E402
-from workflow_scripts.batching import padding_fraction, plan_batches, windows  # noqa: E402
-from workflow_scripts.shard_format import read_attrs, read_prepared  # noqa: E402
+import teacher_logits.generation.shard_job as gen  # noqa: E402
+from teacher_logits.generation.batching import padding_fraction, plan_batches, windows  # noqa: E402
+from teacher_logits.store.format import read_attrs  # noqa: E402
+from teacher_logits.store.prepared import read_prepared  # noqa: E402
 
 
 def padded(batch, input_ids, offsets, pad_id):
@@ -109,7 +110,7 @@ def naive_run(model, input_ids, offsets, top_k, path, max_samples):
 MEMORY_PROBE = r"""
 import resource, sys, torch
 sys.path.insert(0, {repo!r})
-from workflow_scripts.teacher import TopKHead
+from teacher_logits.generation.teacher import TopKHead
 torch.set_num_threads(1)
 vocab, hidden, rows, chunk_bytes = {vocab}, {hidden}, {rows}, {chunk_bytes}
 class Model(torch.nn.Module):

@@ -74,7 +74,7 @@ def main(argv=None):
     work = Path(tempfile.mkdtemp(prefix="bench_plan_"))
     ours, bare = work / "workflow", work / "bare"
     ours.mkdir()
-    for name in ("Snakefile", "rules", "config", "workflow_scripts", "report", "profiles",
+    for name in ("Snakefile", "rules", "config", "workflow_scripts", "teacher_logits", "report", "profiles",
                  "environment.yml"):
         source = REPO / name
         (shutil.copytree if source.is_dir() else shutil.copy)(source, ours / name)

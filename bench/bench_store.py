@@ -26,9 +26,12 @@ from common import (  # noqa: E402
     DEMO_DIR, NAIVE_BYTES_PER_TOKEN, Timer, emit, machine, prepared_shard, table,
 )
 
-from workflow_scripts import shard_format  # noqa: E402
-from workflow_scripts.logit_store import LogitStore  # noqa: E402
-from workflow_scripts.shard_format import ShardWriter, decode_topk, read_prepared  # noqa: E402
+from teacher_logits.store.codec import encode_topk  # noqa: E402
+from teacher_logits.store.format import CHUNK_ROWS, COMPRESSIONS  # noqa: E402
+from teacher_logits import LogitStore  # noqa: E402
+from teacher_logits.store.codec import decode_topk  # noqa: E402
+from teacher_logits.store.prepared import read_prepared  # noqa: E402
+from teacher_logits.store.writer import ShardWriter  # noqa: E402
 
 TOP_K = 64
 
@@ -38,8 +41,8 @@ def demo_rows(num_docs: int):
     import torch
     from transformers import AutoTokenizer  # noqa: I001
 
-    from workflow_scripts.generate import compute_window
-    from workflow_scripts.teacher import TopKHead, load_teacher
+    from teacher_logits.generation.compute import compute_window
+    from teacher_logits.generation.teacher import TopKHead, load_teacher
 
     teacher = DEMO_DIR / "teacher"
     if not (teacher / "config.json").exists():
@@ -65,12 +68,12 @@ def demo_rows(num_docs: int):
 @contextmanager
 def rank_order_layout():
     """Write top-k rows as they come (format version 1's layout) for comparison."""
-    saved = shard_format.encode_topk
-    shard_format.encode_topk = lambda ids, values: (ids, values)
+    saved = encode_topk
+    encode_topk = lambda ids, values: (ids, values)
     try:
         yield
     finally:
-        shard_format.encode_topk = saved
+        encode_topk = saved
 
 
 def write_shard(path, lengths, input_ids, rows, compression, sample_ids=None):
@@ -102,7 +105,7 @@ def storage_options(folder, lengths, input_ids, rows):
     tokens = len(input_ids)
     naive_mb = tokens * NAIVE_BYTES_PER_TOKEN / 1e6
     variants = [("rank order (format 1)", c, True) for c in ("none", "zstd")]
-    variants += [("sorted id deltas", c, False) for c in shard_format.COMPRESSIONS]
+    variants += [("sorted id deltas", c, False) for c in COMPRESSIONS]
     results = []
     for layout, compression, rank in variants:
         path = folder / f"{layout.split()[0]}_{compression}.h5"
@@ -126,7 +129,7 @@ def storage_options(folder, lengths, input_ids, rows):
 
 def build_store(folder, lengths, input_ids, rows, vocab, num_shards=4):
     """prepare's files + shards + gather's index: a store as the workflow leaves it."""
-    from workflow_scripts.gather import gather
+    from teacher_logits.gather import gather
 
     tokens_path, plan_path = prepared_shard(folder / "prepared", lengths, vocab, TOP_K,
                                             num_shards=num_shards, input_ids=input_ids)
@@ -200,13 +203,13 @@ def main(argv=None):
 
     # Chunk layout: random-order reads against bytes per token.
     layouts = []
-    saved = shard_format.CHUNK_ROWS
+    saved = CHUNK_ROWS
     for chunk_rows in (256, 1024, 4096):
-        shard_format.CHUNK_ROWS = chunk_rows
+        CHUNK_ROWS = chunk_rows
         try:
             folder, gather_s = build_store(work / f"store_{chunk_rows}", lengths, input_ids, rows, vocab)
         finally:
-            shard_format.CHUNK_ROWS = saved
+            CHUNK_ROWS = saved
         size = sum(p.stat().st_size for p in (folder / "shards").glob("*.h5"))
         tps, samples = read_random(folder, 6 if args.quick else 20)
         layouts.append({"chunk_rows": chunk_rows, "bytes_per_token": size / tokens,

@@ -19,7 +19,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from workflow_scripts.shard_format import PreparedTokens, write_prepared  # noqa: E402
+from teacher_logits.store.prepared import PreparedTokens, write_prepared  # noqa: E402
 
 DEMO_DIR = Path(os.environ.get("TEACHER_LOGITS_DEMO_DIR", REPO / "resources" / "demo"))
 # Naive storage at k=64: int32 ids + float16 values, plus the float32 logsumexp.

@@ -16,7 +16,7 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ["TOKENIZERS_PARALLELISM"] = "false"
 
-WORKFLOW_FILES = ("Snakefile", "rules", "workflow_scripts", "config", "profiles", "environment.yml",
+WORKFLOW_FILES = ("Snakefile", "rules", "workflow_scripts", "teacher_logits", "config", "profiles", "environment.yml",
                   "report")
 
 

@@ -1,4 +1,4 @@
-"""Unit tests for workflow_scripts.batching: token-budget batches and windows."""
+"""Unit tests for teacher_logits.generation.batching: token-budget batches and windows."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import pytest
 os.environ["HF_HUB_OFFLINE"] = "1"
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from workflow_scripts import batching  # noqa: E402
+import teacher_logits.generation.batching as batching  # noqa: E402
 
 
 def lognormal_lengths(n: int, seed: int, mean: float = 5.0, sigma: float = 0.9, cap: int = 8192):

@@ -9,10 +9,10 @@ import pytest
 import yaml
 
 from conftest import REPO
-from workflow_scripts.chat import ChatRenderer, template_text
-from workflow_scripts.job import UserError
-from workflow_scripts.logit_store import LogitStore
-from workflow_scripts.shard_format import needed_rows
+from teacher_logits.chat import ChatRenderer, template_text
+from teacher_logits.errors import UserError
+from teacher_logits import LogitStore
+from teacher_logits.store.format import needed_rows
 
 # ChatML: the role header before the content, <|im_end|> (a stop token) after it.
 CHATML = (
@@ -277,7 +277,7 @@ def test_chat_settings_are_checked_at_plan_time(workflow, tmp_path):
 
 
 def test_chat_and_overflow_settings_enter_the_fingerprint_only_when_used(tmp_path):
-    from workflow_scripts.workflow_config import meaning_settings
+    from teacher_logits.config import meaning_settings
 
     config = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
     plain = meaning_settings(config)

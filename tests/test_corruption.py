@@ -123,7 +123,9 @@ CRASH_PROBE = """
 import json, sys
 from pathlib import Path
 sys.path.insert(0, sys.argv[1])
-from workflow_scripts.shard_format import ShardError, read_prepared, validate_shard
+from teacher_logits.errors import ShardError
+from teacher_logits.store.prepared import read_prepared
+from teacher_logits.store.validate import ShardExpectation, validate_shard
 shard, offset, index = Path(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
 store = shard.parents[1]
 plan = json.loads((store / "prepared" / "plan.json").read_text())
@@ -133,7 +135,7 @@ data[offset] ^= 0xFF
 trial = Path(sys.argv[5])
 trial.write_bytes(bytes(data))
 try:
-    validate_shard(trial, ids, offsets, input_ids, {}, plan["vocab_size"])
+    validate_shard(trial, ShardExpectation(ids, offsets, input_ids, {}, plan["vocab_size"]))
 except ShardError:
     pass
 """
@@ -275,7 +277,7 @@ def test_two_bad_shards_are_reported_together(store, tmp_path):
     assert all(f"shard {i} (" in result.stderr for i in (0, 2))
 
 
-# --- python -m workflow_scripts.verify on a copied store -------------------------------
+# --- python -m teacher_logits.verify on a copied store -------------------------------
 
 
 def copy_store(wf: Workflow, target):
@@ -297,7 +299,7 @@ def run_verify(store, *args, tmp_path):
         (poison / name).mkdir(parents=True, exist_ok=True)
         (poison / name / "__init__.py").write_text(f"raise ImportError('verify imported {name}')\n")
     env = {**os.environ, "PYTHONPATH": f"{poison}{os.pathsep}{REPO}"}
-    return subprocess.run([sys.executable, "-m", "workflow_scripts.verify", str(store), *args],
+    return subprocess.run([sys.executable, "-m", "teacher_logits.verify", str(store), *args],
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
 
 
@@ -414,7 +416,7 @@ def test_deep_verify_says_what_is_wrong_inside(store, tmp_path):
     (None, "snakemake --cores N <your usual --config/--configfile> --forcerun S"),
 ])
 def test_regenerate_hint_is_the_users_command_with_forcerun(monkeypatch, argv, expected):
-    from workflow_scripts import gather
+    import teacher_logits.gather as gather
 
     monkeypatch.setattr(gather, "_snakemake_argv", lambda: argv)
     assert gather.regenerate_hint(["S"]) == expected

@@ -1,4 +1,4 @@
-"""Unit tests for workflow_scripts.gpu_groups: parsing, grouping, masks and flock claims.
+"""Unit tests for teacher_logits.gpus: parsing, grouping, masks and flock claims.
 
 The lock tests use real processes (subprocess running ``python -c``) and real
 ``fcntl.flock`` locks in a per-test lock directory; nothing is mocked.
@@ -21,10 +21,16 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from workflow_scripts import gpu_groups  # noqa: E402
-from workflow_scripts.gpu_groups import GpuConfigError  # noqa: E402
+import teacher_logits.gpus as gpu_groups  # noqa: E402
+from teacher_logits.errors import GpuConfigError  # noqa: E402
 
 HOLDER = {"test": "pytest"}
+
+
+def claim_for(gpus, per_model, assignment="local", **kwargs):
+    """``gpu_claim`` on the device plan of a config with these GPU keys."""
+    config = {"gpus": gpus, "gpus_per_model": per_model, "gpu_assignment": assignment}
+    return gpu_groups.gpu_claim(gpu_groups.device_plan(config, environ={}), **kwargs)
 
 
 # --------------------------------------------------------------------------------------
@@ -154,10 +160,23 @@ def test_build_groups_accepts_string_per_model():
     assert gpu_groups.build_groups([0, 1, 2, 3], "2") == [(0, 1), (2, 3)]
 
 
-def test_groups_from_config_end_to_end():
-    assert gpu_groups.groups_from_config("0,1,2,3", "2") == [(0, 1), (2, 3)]
-    assert gpu_groups.groups_from_config("", 2) == []
-    assert gpu_groups.groups_from_config(None, 1) == []
+def test_device_plan_end_to_end():
+    plan = gpu_groups.device_plan({"gpus": "0,1,2,3", "gpus_per_model": "2"}, environ={})
+    assert plan.groups == ((0, 1), (2, 3)) and plan.mode == "local"
+    assert plan.gpus_per_job == 2 and plan.local_gpus == 4 and plan.wants_gpu
+    for empty in ("", None, []):
+        cpu = gpu_groups.device_plan({"gpus": empty, "gpus_per_model": 2}, environ={})
+        assert cpu.mode == "cpu" and cpu.groups == () and cpu.gpus_per_job == 0 and not cpu.wants_gpu
+    scheduler = gpu_groups.device_plan({"gpus": "", "gpus_per_model": 2,
+                                        "gpu_assignment": "scheduler"}, environ={})
+    assert scheduler.mode == "scheduler" and scheduler.gpus_per_job == 2
+    assert scheduler.local_gpus == 0  # a scheduler's jobs are not capped locally
+
+
+def test_device_plan_checks_ids_against_the_shell_mask():
+    with pytest.raises(GpuConfigError, match="exposes only 2 GPU"):
+        gpu_groups.device_plan({"gpus": "0,1,2,3", "gpus_per_model": 2},
+                               environ={"CUDA_VISIBLE_DEVICES": "4,5"})
 
 
 # --------------------------------------------------------------------------------------
@@ -222,69 +241,69 @@ def test_lock_dir_follows_env(lock_dir):
 @pytest.mark.parametrize("gpus", ["", None, []])
 def test_gpu_claim_cpu_mode_hides_gpus(lock_dir, gpus):
     environ = {}
-    with gpu_groups.gpu_claim(gpus, 2, environ=environ) as claim:
+    with claim_for(gpus, 2, environ=environ) as claim:
         assert environ["CUDA_VISIBLE_DEVICES"] == ""
         assert claim.cuda_visible_devices == ""
         assert claim.group_index is None
     # CPU mode also overrides an inherited mask
     environ = {"CUDA_VISIBLE_DEVICES": "0,1"}
-    with gpu_groups.gpu_claim(gpus, 1, environ=environ):
+    with claim_for(gpus, 1, environ=environ):
         assert environ["CUDA_VISIBLE_DEVICES"] == ""
     assert not lock_dir.exists() or not list(lock_dir.glob("*.lock"))
 
 
 def test_gpu_claim_scheduler_mode_keeps_mask_and_takes_no_lock(lock_dir):
     environ = {"CUDA_VISIBLE_DEVICES": "0,1"}
-    with gpu_groups.gpu_claim("0,1", 2, assignment="scheduler", environ=environ) as claim:
+    with claim_for("0,1", 2, assignment="scheduler", environ=environ) as claim:
         assert environ == {"CUDA_VISIBLE_DEVICES": "0,1"}
         assert claim.cuda_visible_devices == "0,1"
         assert claim.group_index is None
         # the same GPUs are still free for a local claim at the same time
         other_env = {}
-        with gpu_groups.gpu_claim("0,1", 2, environ=other_env, poll_seconds=0.01) as local:
+        with claim_for("0,1", 2, environ=other_env, poll_seconds=0.01) as local:
             assert other_env["CUDA_VISIBLE_DEVICES"] == "0,1"
             assert local.group_index == 0
 
 
 def test_gpu_claim_scheduler_mode_without_mask(lock_dir):
     environ = {}
-    with gpu_groups.gpu_claim("0,1", 2, assignment="scheduler", environ=environ) as claim:
+    with claim_for("0,1", 2, assignment="scheduler", environ=environ) as claim:
         assert claim.cuda_visible_devices == ""
         assert "CUDA_VISIBLE_DEVICES" not in environ
 
 
 def test_gpu_claim_rejects_unknown_assignment(lock_dir):
     with pytest.raises(GpuConfigError, match="local"):
-        with gpu_groups.gpu_claim("0,1", 2, assignment="slurm", environ={}):
+        with claim_for("0,1", 2, assignment="slurm", environ={}):
             pass
 
 
 def test_gpu_claim_local_mode_sets_group(lock_dir):
     environ = {}
-    with gpu_groups.gpu_claim("0,1,2,3", 2, environ=environ, poll_seconds=0.01) as first:
+    with claim_for("0,1,2,3", 2, environ=environ, poll_seconds=0.01) as first:
         assert environ["CUDA_VISIBLE_DEVICES"] == "0,1"
         assert first.cuda_visible_devices == "0,1"
         assert first.group_index == 0
         environ2 = {}
-        with gpu_groups.gpu_claim("0,1,2,3", 2, environ=environ2, poll_seconds=0.01) as second:
+        with claim_for("0,1,2,3", 2, environ=environ2, poll_seconds=0.01) as second:
             assert environ2["CUDA_VISIBLE_DEVICES"] == "2,3"
             assert second.group_index == 1
     # both released: a new claim starting at group 1 gets group 1
     environ3 = {}
-    with gpu_groups.gpu_claim("0,1,2,3", 2, first=1, environ=environ3, poll_seconds=0.01):
+    with claim_for("0,1,2,3", 2, first=1, environ=environ3, poll_seconds=0.01):
         assert environ3["CUDA_VISIBLE_DEVICES"] == "2,3"
 
 
 def test_gpu_claim_first_wraps_around(lock_dir):
     environ = {}
-    with gpu_groups.gpu_claim("0,1,2,3", 1, first=6, environ=environ, poll_seconds=0.01) as c:
+    with claim_for("0,1,2,3", 1, first=6, environ=environ, poll_seconds=0.01) as c:
         assert c.group_index == 2
         assert environ["CUDA_VISIBLE_DEVICES"] == "2"
 
 
 def test_gpu_claim_inherited_mask(lock_dir):
     environ = {"CUDA_VISIBLE_DEVICES": "4,5,6,7"}
-    with gpu_groups.gpu_claim("0,1,2,3", 2, environ=environ, poll_seconds=0.01) as claim:
+    with claim_for("0,1,2,3", 2, environ=environ, poll_seconds=0.01) as claim:
         assert environ["CUDA_VISIBLE_DEVICES"] == "4,5"
         assert claim.cuda_visible_devices == "4,5"
         # locks are named after the physical ids, not the indices
@@ -297,7 +316,7 @@ def test_gpu_claim_inherited_mask(lock_dir):
 
 def test_gpu_claim_uuid_mask_lock_files(lock_dir):
     environ = {"CUDA_VISIBLE_DEVICES": "GPU-aaa,MIG-GPU-bbb/1/0"}
-    with gpu_groups.gpu_claim("1", 1, environ=environ, poll_seconds=0.01) as claim:
+    with claim_for("1", 1, environ=environ, poll_seconds=0.01) as claim:
         assert environ["CUDA_VISIBLE_DEVICES"] == "MIG-GPU-bbb/1/0"
         assert claim.cuda_visible_devices == "MIG-GPU-bbb/1/0"
         locks = list(lock_dir.glob("*.lock"))
@@ -307,7 +326,7 @@ def test_gpu_claim_uuid_mask_lock_files(lock_dir):
 def test_gpu_claim_bad_mask_fails_at_once(lock_dir):
     start = time.monotonic()
     with pytest.raises(GpuConfigError, match="CUDA_VISIBLE_DEVICES"):
-        with gpu_groups.gpu_claim(
+        with claim_for(
             "0,1,2,3", 2, environ={"CUDA_VISIBLE_DEVICES": "4,5"}, poll_seconds=5
         ):
             pass
@@ -316,7 +335,7 @@ def test_gpu_claim_bad_mask_fails_at_once(lock_dir):
 
 def test_gpu_claim_releases_on_exception(lock_dir):
     with pytest.raises(RuntimeError):
-        with gpu_groups.gpu_claim("0,1", 2, environ={}, poll_seconds=0.01):
+        with claim_for("0,1", 2, environ={}, poll_seconds=0.01):
             raise RuntimeError("job failed")
     claim = gpu_groups.try_claim([(0, 1)], None, HOLDER, gpu_groups.lock_dir())
     assert claim is not None
@@ -362,14 +381,15 @@ CHILD = textwrap.dedent(
     from pathlib import Path
     args = json.loads(sys.argv[1])
     sys.path.insert(0, args["root"])
-    from workflow_scripts import gpu_groups
+    import teacher_logits.gpus as gpu_groups
     go = args.get("go")
     if go:
         while not Path(go).exists():
             time.sleep(0.005)
     environ = dict(args.get("environ", {}))
     with gpu_groups.gpu_claim(
-        args["gpus"], args["per_model"], environ=environ,
+        gpu_groups.device_plan({"gpus": args["gpus"], "gpus_per_model": args["per_model"]}, environ={}),
+        environ=environ,
         first=args.get("first", 0), poll_seconds=0.01,
     ) as claim:
         start = time.time()
@@ -431,7 +451,7 @@ def test_lock_exclusive_across_processes(lock_dir, tmp_path):
         # with two groups the parent gets the other one, whatever group it tries first
         for first in (0, 1):
             claim = gpu_groups.try_claim(
-                gpu_groups.groups_from_config("0,1,2,3", 2), None, HOLDER, directory, first=first
+                gpu_groups.build_groups([0, 1, 2, 3], 2), None, HOLDER, directory, first=first
             )
             assert claim is not None
             assert claim.cuda_visible_devices == "2,3"
@@ -539,7 +559,7 @@ def test_many_processes_never_share_a_group(lock_dir, tmp_path):
 
 def test_gpu_groups_imports_neither_snakemake_nor_torch():
     code = (
-        f"import sys; sys.path.insert(0, {str(ROOT)!r}); import workflow_scripts.gpu_groups; "
+        f"import sys; sys.path.insert(0, {str(ROOT)!r}); import teacher_logits.gpus; "
         "assert 'torch' not in sys.modules and 'snakemake' not in sys.modules, "
         "sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'snakemake'))"
     )

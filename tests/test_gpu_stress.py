@@ -22,7 +22,7 @@ import pytest
 import yaml
 from conftest import snakemake_bin
 
-from workflow_scripts.shard_format import read_attrs
+from teacher_logits.store.format import read_attrs
 
 NUM_SHARDS = 56
 STRESS = {

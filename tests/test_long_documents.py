@@ -5,8 +5,8 @@ import json
 import numpy as np
 import pytest
 
-from workflow_scripts.batching import long_document_windows
-from workflow_scripts.logit_store import LogitStore
+from teacher_logits.generation.batching import long_document_windows
+from teacher_logits import LogitStore
 
 
 @pytest.mark.parametrize("max_length,stride", [(10, 3), (8, 0), (5, 4), (64, 16)])

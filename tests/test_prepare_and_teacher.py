@@ -5,8 +5,8 @@ import json
 import numpy as np
 import pytest
 
-from workflow_scripts.job import UserError
-from workflow_scripts.prepare import load_texts, split_shards
+from teacher_logits.errors import UserError
+from teacher_logits.prepare import load_texts, split_shards
 
 TEXTS = ["first text", "second one", "", "fourth"]
 
@@ -79,7 +79,7 @@ def _tiny_model(arch: str):
 def test_topk_head_matches_the_models_own_logits(arch, chunked):
     import torch
 
-    from workflow_scripts.teacher import TopKHead
+    from teacher_logits.generation.teacher import TopKHead
 
     model = _tiny_model(arch)
     # A tiny chunk budget: 4 rows per chunk, so many chunks per batch.
@@ -108,7 +108,7 @@ def test_topk_head_never_projects_more_rows_than_a_chunk():
     """The output head only ever sees <= chunk_rows rows, so no [batch, seq, vocab] tensor."""
     import torch
 
-    from workflow_scripts.teacher import TopKHead
+    from teacher_logits.generation.teacher import TopKHead
 
     model = _tiny_model("llama")
     head = TopKHead(model, top_k=5, chunk_bytes=16 * 300 * 4)

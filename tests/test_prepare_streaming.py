@@ -16,24 +16,29 @@ import pytest
 import yaml
 
 from conftest import REPO
-from workflow_scripts import prepare as prepare_module
-from workflow_scripts.job import UserError
+import teacher_logits.prepare as prepare_module
+import teacher_logits.tokenization as tokenization
+from teacher_logits.errors import UserError
+from teacher_logits.layout import RunLayout
+from teacher_logits.settings import PrepareSettings
 
 
 def base_config(dataset: Path, **dataset_keys) -> dict:
     config = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
     config["dataset"].update(path=str(dataset), **dataset_keys)
     config["num_shards"] = 3
+    config["gpu_assignment"] = "local"  # as the Snakefile resolves it for a local run
     return config
 
 
 def run_prepare(config, demo_dir, out: Path, threads: int) -> dict:
-    out.mkdir(parents=True)
-    prepare_module.prepare(config, str(demo_dir / "teacher"), config["dataset"]["path"],
-                           str(out / "tokens.h5"), str(out / "plan.json"), threads)
-    with h5py.File(out / "tokens.h5") as f:
+    config = {**config, "teacher": {**config["teacher"], "path": str(demo_dir / "teacher")}}
+    layout = RunLayout(out)
+    layout.prepared_dir.mkdir(parents=True)
+    prepare_module.prepare(PrepareSettings.from_config(config, threads), layout)
+    with h5py.File(layout.tokens) as f:
         arrays = {name: f[name][:] for name in f}
-    return {"arrays": arrays, "plan": json.loads((out / "plan.json").read_text())}
+    return {"arrays": arrays, "plan": json.loads(layout.plan.read_text())}
 
 
 @pytest.mark.parametrize("kind", ["text", "chat"])
@@ -56,7 +61,7 @@ def test_several_processes_give_the_same_result_as_one(demo_dir, tmp_path, monke
     config["tokenize"]["max_length"] = 40
     one = run_prepare(config, demo_dir, tmp_path / "one", threads=1)
     # Tiny batches and a low per-process floor, so two processes share the work.
-    monkeypatch.setattr(prepare_module, "READ_BATCH_ROWS", 16)
+    monkeypatch.setattr(tokenization, "READ_BATCH_ROWS", 16)
     monkeypatch.setattr(prepare_module, "ROWS_PER_PROCESS", 50)
     two = run_prepare(config, demo_dir, tmp_path / "two", threads=2)
     assert one["arrays"].keys() == two["arrays"].keys()
@@ -77,11 +82,11 @@ def test_a_bad_row_in_a_tokenizer_process_is_one_clear_error(demo_dir, tmp_path,
     template = tmp_path / "t.jinja"
     template.write_text("{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %}")
     config = base_config(path, messages_field="messages", chat_template=str(template))
-    monkeypatch.setattr(prepare_module, "READ_BATCH_ROWS", 16)
+    monkeypatch.setattr(tokenization, "READ_BATCH_ROWS", 16)
     monkeypatch.setattr(prepare_module, "ROWS_PER_PROCESS", 50)
     with pytest.raises(UserError, match="dataset row 150, message 1: unknown role 'bot'"):
         run_prepare(config, demo_dir, tmp_path / "out", threads=2)
-    assert list((tmp_path / "out").iterdir()) == []  # no half-written tokens file
+    assert list((tmp_path / "out" / "prepared").iterdir()) == []  # no half-written tokens file
 
 
 def private_memory_of_tree(pid: int) -> int:
@@ -109,13 +114,16 @@ def peak_memory_of_prepare(tmp_path, demo_dir, dataset: Path, max_samples: int, 
     script = textwrap.dedent(f"""
         import sys, yaml
         sys.path.insert(0, {str(REPO)!r})
-        from workflow_scripts.prepare import prepare
+        from teacher_logits.layout import RunLayout
+        from teacher_logits.prepare import prepare
+        from teacher_logits.settings import PrepareSettings
         config = yaml.safe_load(open({str(REPO / "config" / "config.yaml")!r}))
         config["dataset"].update(path={str(dataset)!r}, max_samples={max_samples})
+        config["teacher"]["path"] = {str(demo_dir / "teacher")!r}
         config["tokenize"]["max_length"] = 128
         config["num_shards"] = 4
-        prepare(config, {str(demo_dir / "teacher")!r}, {str(dataset)!r},
-                {str(out / "tokens.h5")!r}, {str(out / "plan.json")!r}, threads=2)
+        config["gpu_assignment"] = "local"
+        prepare(PrepareSettings.from_config(config, threads=2), RunLayout({str(out)!r}))
     """)
     env = {**os.environ, "HF_DATASETS_CACHE": str(tmp_path / "hf_cache")}
     proc = subprocess.Popen([sys.executable, "-c", script], env=env)
@@ -131,9 +139,9 @@ def peak_memory_of_prepare(tmp_path, demo_dir, dataset: Path, max_samples: int, 
     watcher.start()
     assert proc.wait(timeout=3600) == 0
     watcher.join()
-    plan = json.loads((out / "plan.json").read_text())
+    plan = json.loads((out / "prepared" / "plan.json").read_text())
     assert plan["num_samples"] == max_samples
-    with h5py.File(out / "tokens.h5") as f:
+    with h5py.File(out / "prepared" / "tokens.h5") as f:
         assert f["offsets"][-1] == plan["num_tokens"] == f["input_ids"].shape[0]
     return peak, plan["num_tokens"]
 

@@ -1,4 +1,4 @@
-"""workflow_scripts.shard_check: a crash or a hang while checking a shard names that shard."""
+"""teacher_logits.store.isolated: a crash or a hang while checking a shard names that shard."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import signal
 import pytest
 from test_shard_format import make_data, validate, write_shard
 
-from workflow_scripts.shard_check import check_isolated, crash_message
+from teacher_logits.store.isolated import check_isolated, crash_message
 
 
 def _by_item(results):
@@ -24,7 +24,7 @@ def test_crash_of_one_check_is_reported_and_the_rest_go_on():
         if item == "abort":
             os.abort()
         if item == "bad":
-            from workflow_scripts.shard_format import ShardError
+            from teacher_logits.errors import ShardError
 
             raise ShardError("dataset 'x' is missing\nsecond line")
         if item == "boom":

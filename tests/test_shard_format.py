@@ -1,4 +1,4 @@
-"""Unit tests for workflow_scripts.shard_format: writing, reading and validating shards.
+"""Unit tests for teacher_logits.store:  writing, reading and validating shards.
 
 Real HDF5 files in tmp_path; corruption is done on the bytes / with h5py itself.
 """
@@ -17,8 +17,14 @@ import pytest
 os.environ["HF_HUB_OFFLINE"] = "1"
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from workflow_scripts import shard_format  # noqa: E402
-from workflow_scripts.shard_format import ShardError, ShardWriter  # noqa: E402
+from teacher_logits.layout import partial_path as temp_path_for  # noqa: E402
+from teacher_logits.store.codec import decode_topk, encode_topk  # noqa: E402
+from teacher_logits.store.format import COMPRESSIONS, FORMAT_VERSION, REQUIRED_ATTRS, compression_options, read_attrs  # noqa: E402
+from teacher_logits.store.prepared import PreparedTokens, read_prepared, write_prepared  # noqa: E402
+from teacher_logits.store.reader import read_sample  # noqa: E402
+from teacher_logits.store.validate import ShardExpectation, validate_shard  # noqa: E402
+from teacher_logits.errors import ShardError  # noqa: E402
+from teacher_logits.store.writer import ShardWriter  # noqa: E402
 
 TOP_K = 8
 VOCAB = 100
@@ -115,16 +121,16 @@ def write_shard(path: Path, data: Data, compression: str = "default", split: int
         raise
 
 
-def validate(path: Path, data: Data, **overrides):
+def validate(path: Path, data: Data, progress=None, **overrides):
     args = dict(
-        expected_sample_ids=data.sample_ids,
-        expected_offsets=data.offsets,
-        expected_input_ids=data.input_ids,
-        expected_attrs={k: data.attrs[k] for k in ("config_fingerprint", "shard_index")},
+        sample_ids=data.sample_ids,
+        offsets=data.offsets,
+        input_ids=data.input_ids,
+        attrs={k: data.attrs[k] for k in ("config_fingerprint", "shard_index")},
         vocab_size=VOCAB,
     )
     args.update(overrides)
-    return shard_format.validate_shard(path, **args)
+    return validate_shard(path, ShardExpectation(**args), progress=progress)
 
 
 @pytest.fixture
@@ -147,14 +153,14 @@ def test_write_commit_and_read_back(tmp_path, data):
     result = write_shard(path, data)
     assert result == path
     assert path.is_file()
-    assert not shard_format.temp_path_for(path).exists()
+    assert not temp_path_for(path).exists()
     assert sorted(p.name for p in path.parent.iterdir()) == ["shard_00003.h5"]
 
     with h5py.File(path, "r") as f:
-        attrs = shard_format.read_attrs(f)
-        for key in shard_format.REQUIRED_ATTRS:
+        attrs = read_attrs(f)
+        for key in REQUIRED_ATTRS:
             assert key in attrs
-        assert attrs["format_version"] == shard_format.FORMAT_VERSION == 2
+        assert attrs["format_version"] == FORMAT_VERSION == 2
         assert attrs["topk_encoding"] == "sorted_id_delta"
         assert attrs["top_k"] == TOP_K
         assert attrs["claims"] == data.attrs["claims"]
@@ -181,8 +187,8 @@ def test_write_commit_and_read_back(tmp_path, data):
         for position in range(len(data.sample_ids)):
             r0, r1 = int(data.offsets[position]), int(data.offsets[position + 1])
             for record in (
-                shard_format.read_sample(f, position),
-                shard_format.read_sample(f, position, offsets),
+                read_sample(f, position),
+                read_sample(f, position, offsets),
             ):
                 assert record["sample_id"] == data.sample_ids[position]
                 np.testing.assert_array_equal(record["input_ids"], data.input_ids[r0:r1])
@@ -202,20 +208,20 @@ def test_validate_shard_passes_with_sensible_summary(shard, data):
     np.testing.assert_array_equal(summary.offsets, data.offsets)
     assert summary.attrs["claims"] == data.attrs["claims"]
     # top-k mass: per row in (0, 1], so the sum lies between 0 and num_tokens
-    assert 0.0 < summary.topk_mass_sum / num_tokens < 1.0
-    assert summary.topk_mass_hist.sum() == num_tokens
+    assert 0.0 < summary.stats.topk_mass_sum / num_tokens < 1.0
+    assert summary.stats.topk_mass_hist.sum() == num_tokens
     logits = data.topk_logits.astype(np.float64)
     mass = np.exp(logits - data.logsumexp[:, None]).sum(axis=1)
-    assert summary.topk_mass_sum == pytest.approx(mass.sum(), rel=1e-4)
-    assert summary.entropy_sum == pytest.approx(data.entropy.astype(np.float64).sum(), rel=1e-3)
+    assert summary.stats.topk_mass_sum == pytest.approx(mass.sum(), rel=1e-4)
+    assert summary.stats.entropy_sum == pytest.approx(data.entropy.astype(np.float64).sum(), rel=1e-3)
     # next-token hits, counted independently
     rows = hits = 0
     for s in range(len(data.sample_ids)):
         for t in range(int(data.offsets[s]), int(data.offsets[s + 1]) - 1):
             rows += 1
             hits += int(data.input_ids[t + 1] in data.topk_ids[t])
-    assert summary.next_token_rows == rows == num_tokens - len(data.sample_ids)
-    assert summary.next_token_in_topk == hits
+    assert summary.stats.next_token_rows == rows == num_tokens - len(data.sample_ids)
+    assert summary.stats.next_token_in_topk == hits
     assert 0 < hits <= rows
 
 
@@ -223,16 +229,16 @@ def test_validate_without_entropy(tmp_path, data):
     path = write_shard(tmp_path / "s.h5", data, with_entropy=False)
     with h5py.File(path, "r") as f:
         assert "entropy" not in f
-        assert "entropy" not in shard_format.read_sample(f, 0)
+        assert "entropy" not in read_sample(f, 0)
     summary = validate(path, data)
-    assert summary.entropy_sum == 0.0
+    assert summary.stats.entropy_sum == 0.0
 
 
 def test_float32_values(tmp_path, data):
     path = write_shard(tmp_path / "s.h5", data, value_dtype="float32")
     with h5py.File(path, "r") as f:
         assert f["topk_logits"].dtype == np.float32
-        _, values = shard_format.decode_topk(f["topk_ids"][:], f["topk_logits"][:])
+        _, values = decode_topk(f["topk_ids"][:], f["topk_logits"][:])
         np.testing.assert_array_equal(values, data.topk_logits.astype(np.float32))
     validate(path, data)
 
@@ -240,7 +246,7 @@ def test_float32_values(tmp_path, data):
 def test_abort_removes_temp_file(tmp_path, data):
     path = tmp_path / "shard.h5"
     writer = ShardWriter(path, len(data.sample_ids), int(data.offsets[-1]), TOP_K)
-    temp = shard_format.temp_path_for(path)
+    temp = temp_path_for(path)
     assert temp.name == "shard.h5.partial"
     assert temp.exists()
     writer.write_block(data.sample_ids[:2], data.lengths[:2], arrays(data, 0, int(data.offsets[2])))
@@ -262,7 +268,7 @@ def test_commit_before_all_rows_raises(tmp_path, data):
         assert not path.exists()
     finally:
         writer.abort()
-    assert not shard_format.temp_path_for(path).exists()
+    assert not temp_path_for(path).exists()
     assert not path.exists()
 
 
@@ -279,10 +285,10 @@ def test_write_more_than_planned_raises(tmp_path, data):
 
 def test_new_writer_replaces_a_stale_partial(tmp_path, data):
     path = tmp_path / "shard.h5"
-    shard_format.temp_path_for(path).write_bytes(b"left behind by a killed job")
+    temp_path_for(path).write_bytes(b"left behind by a killed job")
     write_shard(path, data)
     validate(path, data)
-    assert not shard_format.temp_path_for(path).exists()
+    assert not temp_path_for(path).exists()
 
 
 # --------------------------------------------------------------------------------------
@@ -429,7 +435,7 @@ def test_validate_logsumexp_below_top_logit(shard, data):
 
 def test_validate_wrong_config_fingerprint(shard, data):
     with pytest.raises(ShardError, match="config_fingerprint"):
-        validate(shard, data, expected_attrs={"config_fingerprint": "cfg-other"})
+        validate(shard, data, attrs={"config_fingerprint": "cfg-other"})
 
 
 def test_validate_wrong_config_fingerprint_in_file(shard, data):
@@ -443,14 +449,14 @@ def test_validate_input_ids_differ(shard, data):
     expected = data.input_ids.copy()
     expected[6] = (expected[6] + 1) % VOCAB
     with pytest.raises(ShardError, match="input_ids differ.*row 6"):
-        validate(shard, data, expected_input_ids=expected)
+        validate(shard, data, input_ids=expected)
 
 
 def test_validate_sample_ids_differ(shard, data):
     expected = data.sample_ids.copy()
     expected[1] += 1
     with pytest.raises(ShardError, match="sample_ids differ"):
-        validate(shard, data, expected_sample_ids=expected)
+        validate(shard, data, sample_ids=expected)
 
 
 def test_validate_offsets_differ(shard, data):
@@ -460,7 +466,7 @@ def test_validate_offsets_differ(shard, data):
     i = int(np.flatnonzero(lengths > 1)[0])
     expected[i + 1] -= 1
     with pytest.raises(ShardError, match="offsets differ"):
-        validate(shard, data, expected_offsets=expected)
+        validate(shard, data, offsets=expected)
 
 
 def test_validate_shape_mismatch(shard, data):
@@ -468,7 +474,7 @@ def test_validate_shape_mismatch(shard, data):
     expected_ids = np.append(data.sample_ids, 9999)
     expected_offsets = np.append(data.offsets, data.offsets[-1] + 3)
     with pytest.raises(ShardError, match="shape"):
-        validate(shard, data, expected_sample_ids=expected_ids, expected_offsets=expected_offsets)
+        validate(shard, data, sample_ids=expected_ids, offsets=expected_offsets)
 
 
 # --------------------------------------------------------------------------------------
@@ -476,14 +482,14 @@ def test_validate_shape_mismatch(shard, data):
 # --------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("compression", shard_format.COMPRESSIONS)
+@pytest.mark.parametrize("compression", COMPRESSIONS)
 def test_every_compression_round_trips_exactly(tmp_path, compression):
     data = make_data(seed=11, num_samples=40)
     path = write_shard(tmp_path / f"{compression}.h5", data, compression=compression, split=17)
     with h5py.File(path, "r") as f:
         assert f["topk_logits"].fletcher32
         np.testing.assert_array_equal(f["input_ids"][:], data.input_ids)
-        ids, logits = shard_format.decode_topk(f["topk_ids"][:], f["topk_logits"][:])
+        ids, logits = decode_topk(f["topk_ids"][:], f["topk_logits"][:])
         np.testing.assert_array_equal(ids, data.topk_ids)
         assert logits.dtype == np.float16
         # bit-exact, not just close
@@ -494,17 +500,17 @@ def test_every_compression_round_trips_exactly(tmp_path, compression):
 
 
 def test_compression_options_contents():
-    for name in shard_format.COMPRESSIONS:
-        assert shard_format.compression_options(name)["fletcher32"] is True
-    assert shard_format.compression_options("gzip")["compression"] == "gzip"
-    assert shard_format.compression_options("lzf")["compression"] == "lzf"
-    assert "compression" not in shard_format.compression_options("none")
+    for name in COMPRESSIONS:
+        assert compression_options(name)["fletcher32"] is True
+    assert compression_options("gzip")["compression"] == "gzip"
+    assert compression_options("lzf")["compression"] == "lzf"
+    assert "compression" not in compression_options("none")
 
 
 def test_bogus_compression_raises(tmp_path):
     with pytest.raises(ShardError, match="bogus") as info:
-        shard_format.compression_options("bogus")
-    for name in shard_format.COMPRESSIONS:
+        compression_options("bogus")
+    for name in COMPRESSIONS:
         assert name in str(info.value)
 
 
@@ -520,11 +526,11 @@ def test_bogus_compression_in_writer(tmp_path):
 # --------------------------------------------------------------------------------------
 
 
-def make_prepared(seed: int = 3) -> shard_format.PreparedTokens:
+def make_prepared(seed: int = 3) -> PreparedTokens:
     rng = np.random.default_rng(seed)
     lengths = rng.integers(1, 20, 12)
     offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
-    return shard_format.PreparedTokens(
+    return PreparedTokens(
         sample_ids=np.array([0, 1, 2, 4, 5, 6, 8, 9, 10, 11, 13, 14], dtype=np.int64),
         offsets=offsets,
         input_ids=rng.integers(0, 50000, int(offsets[-1])).astype(np.int32),
@@ -535,10 +541,10 @@ def make_prepared(seed: int = 3) -> shard_format.PreparedTokens:
 def test_prepared_round_trip(tmp_path):
     prepared = make_prepared()
     path = tmp_path / "tokens.h5"
-    shard_format.write_prepared(path, prepared)
+    write_prepared(path, prepared)
     assert path.exists()
-    assert not shard_format.temp_path_for(path).exists()
-    back = shard_format.read_prepared(path)
+    assert not temp_path_for(path).exists()
+    back = read_prepared(path)
     for name in ("sample_ids", "offsets", "input_ids", "shard_bounds"):
         np.testing.assert_array_equal(getattr(back, name), getattr(prepared, name))
     assert back.sample_ids.dtype == np.int64
@@ -550,8 +556,8 @@ def test_prepared_round_trip(tmp_path):
 
 def test_prepared_shard_slice_rebases_offsets(tmp_path):
     prepared = make_prepared()
-    shard_format.write_prepared(tmp_path / "tokens.h5", prepared)
-    back = shard_format.read_prepared(tmp_path / "tokens.h5")
+    write_prepared(tmp_path / "tokens.h5", prepared)
+    back = read_prepared(tmp_path / "tokens.h5")
     pieces = []
     for shard in range(back.num_shards):
         ids, offsets, input_ids = back.shard_slice(shard)
@@ -607,7 +613,7 @@ def test_cpu_mode_empty_device_string_round_trips(tmp_path, data):
     data.attrs = {**data.attrs, "cuda_visible_devices": "", "claims": [
         {**data.attrs["claims"][0], "cuda_visible_devices": ""}]}
     path = write_shard(tmp_path / "cpu.h5", data)
-    summary = validate(path, data, expected_attrs={"cuda_visible_devices": ""})
+    summary = validate(path, data, attrs={"cuda_visible_devices": ""})
     assert summary.attrs["cuda_visible_devices"] == ""
     assert summary.attrs["claims"][0]["cuda_visible_devices"] == ""
 
@@ -642,7 +648,7 @@ import json, sys
 from pathlib import Path
 sys.path.insert(0, sys.argv[1]); sys.path.insert(0, sys.argv[2])
 import test_shard_format as t
-from workflow_scripts.shard_format import ShardError
+from teacher_logits.errors import ShardError
 work = Path(sys.argv[3])
 data = t.make_data(0)
 orig = t.write_shard(work / "s.h5", data, compression="none").read_bytes()
@@ -699,27 +705,29 @@ def test_encode_decode_round_trip_with_ties_and_signs(dtype, top_k):
     pool = np.array([9.5, 3.0, 0.5, 0.0, -0.0, -0.5, -3.0, -60000.0, -np.inf], dtype=dtype)
     values = rng.choice(pool, (50, top_k))
     values = -np.sort(-values, axis=1)
-    deltas, by_id = shard_format.encode_topk(ids, values)
+    deltas, by_id = encode_topk(ids, values)
     assert deltas.dtype == np.int32 and by_id.dtype == dtype
     assert (deltas[:, 1:] >= 1).all() and (deltas[:, 0] >= 0).all()
-    got_ids, got_values = shard_format.decode_topk(deltas, by_id)
+    got_ids, got_values = decode_topk(deltas, by_id)
     want_ids, want_values = canonical(ids, values)
     np.testing.assert_array_equal(got_ids, want_ids)
     np.testing.assert_array_equal(got_values.view(np.uint8), want_values.view(np.uint8))
     # decoding a canonical row gives it back bit for bit
-    again = shard_format.decode_topk(*shard_format.encode_topk(got_ids, got_values))
+    again = decode_topk(*encode_topk(got_ids, got_values))
     np.testing.assert_array_equal(again[0], got_ids)
 
 
 def test_encode_decode_empty():
-    deltas, values = shard_format.encode_topk(np.zeros((0, 4), np.int32), np.zeros((0, 4), np.float16))
-    ids, values = shard_format.decode_topk(deltas, values)
+    deltas, values = encode_topk(np.zeros((0, 4), np.int32), np.zeros((0, 4), np.float16))
+    ids, values = decode_topk(deltas, values)
     assert ids.shape == values.shape == (0, 4)
 
 
 def test_writer_buffers_rows_into_whole_chunks(tmp_path, monkeypatch):
     # Tiny chunks and odd write sizes: rows straddle chunk edges in every way.
-    monkeypatch.setattr(shard_format, "CHUNK_ROWS", 4)
+    import teacher_logits.store.writer
+
+    monkeypatch.setattr(teacher_logits.store.writer, "CHUNK_ROWS", 4)
     data = make_data(seed=3, num_samples=30)
     writer = ShardWriter(tmp_path / "s.h5", len(data.sample_ids), int(data.offsets[-1]), TOP_K)
     writer.add_samples(data.sample_ids, data.lengths)
@@ -733,7 +741,7 @@ def test_writer_buffers_rows_into_whole_chunks(tmp_path, monkeypatch):
     validate(path, data)
     with h5py.File(path, "r") as f:
         for position in range(len(data.sample_ids)):
-            record = shard_format.read_sample(f, position)
+            record = read_sample(f, position)
             a, b = int(data.offsets[position]), int(data.offsets[position + 1])
             np.testing.assert_array_equal(record["topk_ids"], data.topk_ids[a:b])
             np.testing.assert_array_equal(record["topk_logits"], data.topk_logits[a:b])

@@ -17,8 +17,8 @@ import yaml
 
 from conftest import demo_workflow, snakemake_bin
 from slurm_cluster import SlurmCluster, missing_requirements
-from workflow_scripts.logit_store import LogitStore
-from workflow_scripts.shard_format import read_attrs
+from teacher_logits import LogitStore
+from teacher_logits.store.format import read_attrs
 
 # Checked at import, so a machine without SLURM skips before the demo teacher is built.
 # CI must run these tests: there a missing requirement fails them instead.

@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from conftest import REPO
-from workflow_scripts.workflow_config import resolve_gpu_assignment
+from teacher_logits.gpus import resolve_gpu_assignment
 
 SLURM_PROFILE = ("--workflow-profile", "profiles/slurm")
 
@@ -113,22 +113,25 @@ def test_local_run_keeps_local_assignment(workflow):
 
 @pytest.mark.parametrize("gpus", ["", "0,1,2,3"])
 def test_scheduler_assignment_keeps_what_slurm_set_whatever_gpus_says(tmp_path, monkeypatch, gpus):
-    from workflow_scripts import gpu_groups
+    import teacher_logits.gpus as gpu_groups
 
     monkeypatch.setenv(gpu_groups.LOCK_DIR_ENV, str(tmp_path / "locks"))
     environ = {"CUDA_VISIBLE_DEVICES": "2,3"}
-    with gpu_groups.gpu_claim(gpus, 2, assignment="scheduler", environ=environ) as claim:
+    def plan(per_model, assignment):
+        config = {"gpus": gpus, "gpus_per_model": per_model, "gpu_assignment": assignment}
+        return gpu_groups.device_plan(config, environ={})
+
+    with gpu_groups.gpu_claim(plan(2, "scheduler"), environ=environ) as claim:
         assert environ == {"CUDA_VISIBLE_DEVICES": "2,3"}
         assert claim.cuda_visible_devices == "2,3" and claim.group_index is None
     assert not (tmp_path / "locks").exists()
     # A mask of UUIDs or MIG ids passes through as it is.
     mig = "MIG-4f1c2a3e-1b2c-4d5e-8f90-123456789abc"
     environ = {"CUDA_VISIBLE_DEVICES": mig}
-    with gpu_groups.gpu_claim(gpus, 1, assignment="scheduler", environ=environ) as claim:
+    with gpu_groups.gpu_claim(plan(1, "scheduler"), environ=environ) as claim:
         assert claim.cuda_visible_devices == mig == environ["CUDA_VISIBLE_DEVICES"]
     with pytest.raises(gpu_groups.GpuConfigError, match="local"):
-        with gpu_groups.gpu_claim(gpus, 1, assignment="auto", environ={}):
-            pass
+        plan(1, "auto")  # only the Snakefile resolves auto, before any job runs
 
 
 def test_scheduler_job_without_a_gpu_fails_in_one_line(workflow):

@@ -12,22 +12,18 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO
-from workflow_scripts.disk_estimate import (
-    FILE_OVERHEAD_BYTES,
-    bytes_per_token,
-    check_shard_fits,
-    uncompressed_bytes_per_token,
-)
-from workflow_scripts.job import UserError
-from workflow_scripts.run_stats import busy_seconds
-from workflow_scripts.status import lock_held, log_error
+from teacher_logits.disk import FILE_OVERHEAD_BYTES, bytes_per_token, check_shard_fits, uncompressed_bytes_per_token
+from teacher_logits.errors import UserError
+from teacher_logits.run_stats import busy_seconds
+from teacher_logits.layout import RunLayout, job_record_for
+from teacher_logits.status import job_error, lock_held
 
 RUN = {"num_shards": 3, "dataset": {"max_samples": 60}, "generation": {"threads": 1, "batch_tokens": 2048}}
 OUT = "results/demo"
 
 
 def status(wf, *args, check=True):
-    result = subprocess.run([sys.executable, "-m", "workflow_scripts.status", OUT, *args],
+    result = subprocess.run([sys.executable, "-m", "teacher_logits.status", OUT, *args],
                             cwd=wf.root, capture_output=True, text=True, timeout=120)
     if check:
         assert result.returncode == 0, result.stderr
@@ -87,9 +83,8 @@ def test_status_through_a_run(workflow):
     parts.mkdir()
     (parts / "progress.json").write_text(json.dumps(
         {"rows_done": half, "rows_total": plan["shards"][1]["num_tokens"], "updated_at": time.time() - 5}))
-    log = workflow.path(OUT, "logs/generate/shard_00001.log")
-    started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(time.time() - 20))
-    log.write_text(f"{started} INFO shard 1: a job that is working\n")
+    record = job_record_for(workflow.path(OUT, "logs/generate/shard_00001.log"))
+    record.write_text(json.dumps({"job": "generate", "state": "running", "started_at": time.time() - 20}))
     lock = os.open(shards_dir / "shard_00001.lock", os.O_RDWR | os.O_CREAT)
     try:
         fcntl.flock(lock, fcntl.LOCK_EX)
@@ -191,17 +186,19 @@ def test_lock_held_sees_another_holder_and_releases_its_probe(tmp_path):
     ("raise ValueError('something unexpected')", "ValueError: something unexpected"),
     ("log.info('all fine')", None),
 ])
-def test_log_error_reads_what_run_job_writes(tmp_path, body, expected):
+def test_job_error_reads_the_record_run_job_writes(tmp_path, body, expected):
     log_path = tmp_path / "job.log"
     script = (
         "import logging\n"
-        "from workflow_scripts.job import run_job, UserError\n"
+        "from teacher_logits.errors import UserError\n"
+        "from teacher_logits.job import run_job\n"
         "log = logging.getLogger('x')\n"
         f"def main():\n    log.info('working')\n    {body}\n"
         f"run_job('x', {str(log_path)!r}, main)\n"
     )
     subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, timeout=120)
-    assert log_error(log_path) == expected
+    assert job_error(log_path) == expected
+    assert json.loads(job_record_for(log_path).read_text())["state"] == ("failed" if expected else "done")
 
 
 def _plan(num_tokens: int, num_samples: int = 10) -> dict:
@@ -210,25 +207,24 @@ def _plan(num_tokens: int, num_samples: int = 10) -> dict:
                        {"index": 1, "num_tokens": 1000, "num_samples": 10}]}
 
 
-CONFIG = {"storage": {"value_dtype": "float16"}, "generation": {"store_entropy": True}}
-
-
 def test_bytes_per_token_is_measured_once_a_shard_exists(tmp_path):
     plan = _plan(2000)
-    estimate = bytes_per_token(plan, tmp_path)
+    layout = RunLayout(tmp_path)
+    estimate = bytes_per_token(plan, layout)
     assert not estimate.measured and estimate.bytes_per_token == 4 + 64 * 4 + 64 * 2 + 4 + 2
     # HDF5 allocates whole chunks of 1024 rows: 2000 tokens take 2048 rows uncompressed.
     assert estimate.shard_bytes(2000, 10) == 2048 * estimate.bytes_per_token + 160 + FILE_OVERHEAD_BYTES
-    (tmp_path / "shard_00001.h5").write_bytes(b"\0" * 150_000)  # 1000 tokens
-    estimate = bytes_per_token(plan, tmp_path)
+    layout.shards_dir.mkdir()
+    layout.shard(1).write_bytes(b"\0" * 150_000)  # 1000 tokens
+    estimate = bytes_per_token(plan, layout)
     assert estimate.measured and estimate.bytes_per_token == 150
 
 
 def test_check_shard_fits_against_the_real_free_space(tmp_path):
-    output = tmp_path / "shards" / "shard_00000.h5"
-    check_shard_fits(CONFIG, _plan(1000), 0, output)  # a few hundred KB fits anywhere
+    layout = RunLayout(tmp_path)
+    check_shard_fits(layout, _plan(1000), 0, "float16", True)  # a few hundred KB fits anywhere
     with pytest.raises(UserError) as error:
-        check_shard_fits(CONFIG, _plan(10**16), 0, output)  # petabytes fit nowhere
+        check_shard_fits(layout, _plan(10**16), 0, "float16", True)  # petabytes fit nowhere
     message = str(error.value)
     assert message.startswith("disk full: shard 0 needs about")
     assert "upper bound before compression" in message and "bytes) are free under" in message

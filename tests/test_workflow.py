@@ -8,8 +8,8 @@ import h5py
 import numpy as np
 import pytest
 
-from workflow_scripts.logit_store import LogitStore
-from workflow_scripts.shard_format import read_attrs
+from teacher_logits import LogitStore
+from teacher_logits.store.format import read_attrs
 
 GPU_RUN = {"gpus": "0,1,2,3", "gpus_per_model": 2, "allow_cpu": True, "num_shards": 6,
            "generation": {"threads": 1, "batch_tokens": 2048},
@@ -254,15 +254,15 @@ def test_reader_installs_as_a_package_without_the_workflow(workflow, tmp_path):
     source.mkdir()
     # Build from a copy: setuptools writes build/ and egg-info next to the sources.
     shutil.copy2(REPO / "pyproject.toml", source)
-    shutil.copytree(REPO / "workflow_scripts", source / "workflow_scripts",
+    shutil.copytree(REPO / "teacher_logits", source / "teacher_logits",
                     ignore=shutil.ignore_patterns("__pycache__"))
     subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps",
                     "--no-build-isolation", "--target", str(target), str(source)],
                    check=True, capture_output=True, timeout=300)
     workflow.run("--cores", "2", config={"num_shards": 1, "dataset": {"max_samples": 10}})
-    code = ("import sys, workflow_scripts.logit_store as m; s = m.LogitStore(sys.argv[1]); "
+    code = ("import sys, teacher_logits as m; s = m.LogitStore(sys.argv[1]); "
             "assert len(s) == 10 and s[3]['topk_ids'].shape[1] == 64; "
-            "assert 'snakemake' not in sys.modules and 'torch' not in sys.modules; "
+            "assert not {'snakemake', 'torch', 'transformers'} & set(sys.modules); "
             "print(m.__file__)")
     result = subprocess.run([sys.executable, "-c", code, str(workflow.path("results/demo"))],
                             cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(target)},
