@@ -26,8 +26,11 @@ from common import (  # noqa: E402
     Timer, bench_teacher, emit, machine, prepared_shard, skewed_lengths, table, workflow_config,
 )
 
-import teacher_logits.generation.shard_job as gen  # noqa: E402
 from teacher_logits.generation.batching import padding_fraction, plan_batches, windows  # noqa: E402
+from teacher_logits.generation.provenance import library_versions  # noqa: E402
+from teacher_logits.generation.shard_job import WINDOW_BATCHES, generate  # noqa: E402
+from teacher_logits.layout import RunLayout  # noqa: E402
+from teacher_logits.settings import GenerateSettings  # noqa: E402
 from teacher_logits.store.format import read_attrs  # noqa: E402
 from teacher_logits.store.prepared import read_prepared  # noqa: E402
 
@@ -52,7 +55,7 @@ def floor_run(head, input_ids, offsets, batch_tokens, top_k):
     lengths = np.diff(offsets)
     device = head.input_device
     with torch.inference_mode(), Timer() as timer:
-        for w0, w1 in windows(lengths, gen.WINDOW_BATCHES * batch_tokens):
+        for w0, w1 in windows(lengths, WINDOW_BATCHES * batch_tokens):
             sub = offsets[w0 : w1 + 1] - offsets[w0]
             window_ids = input_ids[offsets[w0] : offsets[w1]]
             for batch in plan_batches(np.diff(sub), batch_tokens):
@@ -69,13 +72,15 @@ def floor_run(head, input_ids, offsets, batch_tokens, top_k):
     return timer.seconds
 
 
-def pipeline_run(config, folder, tokens, plan, index):
-    """generate.generate(): prepared tokens in -> shard on disk; minus the teacher load."""
-    output = folder / f"shard_{index}" / "shard_00000.h5"
+def pipeline_run(config, folder, prepared: RunLayout, index):
+    """The generate job: prepared tokens in -> shard on disk; minus the teacher load."""
+    run = RunLayout(folder / f"run_{index}")
+    run.output_dir.mkdir(parents=True)
+    run.prepared_dir.symlink_to(prepared.prepared_dir.resolve())
+    settings = GenerateSettings.from_config(config, threads=int(config["generation"]["threads"]))
     with Timer() as timer:
-        gen.generate(config, 0, str(tokens), str(plan), str(Path(tokens).parent / "regenerate.token"),
-                     str(output), int(config["generation"]["threads"]))
-    with h5py.File(output, "r") as f:
+        generate(settings, run, 0)
+    with h5py.File(run.shard(0), "r") as f:
         load = float(read_attrs(f)["teacher_load_seconds"])
     return timer.seconds - load, load
 
@@ -169,7 +174,7 @@ def main(argv=None):
     batch_tokens = 32768 if cuda else 4096
     repeats = 2 if args.quick else 3
     lengths = skewed_lengths(num_tokens, max_length)
-    tokens, plan = prepared_shard(work / "prepared", lengths, 32000, top_k)
+    prepared_run = prepared_shard(RunLayout(work / "prepared"), lengths, 32000, top_k)
     try:
         import hdf5plugin  # noqa: F401
         compression = "default"
@@ -180,21 +185,23 @@ def main(argv=None):
     if cuda:
         config["teacher"]["dtype"] = "bfloat16"
         config["gpus"] = "0"
-    prepared = read_prepared(tokens)
+    prepared = read_prepared(prepared_run.tokens)
     _, offsets, input_ids = prepared.shard_slice(0)
+
+    from teacher_logits.generation.teacher import load_top_k_head
 
     claim = type("Claim", (), {"cuda_visible_devices": "0" if cuda else "", "hostname": ""})()
     with Timer() as load_timer:
-        head = gen.load_head(config, claim, wants_gpu=cuda)
+        head = load_top_k_head(GenerateSettings.from_config(config, threads), claim)
     floor_s, pipe_s, loads, plain_s = [], [], [], []
     plain = {**config, "generation": {**config["generation"], "store_entropy": False}}
     floor_run(head, input_ids, offsets[: 40] - 0, batch_tokens, top_k)  # warm-up: kernels, caches
     for rep in range(repeats):
         floor_s.append(floor_run(head, input_ids, offsets, batch_tokens, top_k))
-        seconds, load = pipeline_run(config, work / "runs", tokens, plan, rep)
+        seconds, load = pipeline_run(config, work / "runs", prepared_run, rep)
         pipe_s.append(seconds)
         loads.append(load)
-        plain_s.append(pipeline_run(plain, work / "runs_plain", tokens, plan, rep)[0])
+        plain_s.append(pipeline_run(plain, work / "runs_plain", prepared_run, rep)[0])
     total = int(offsets[-1])
     floor_tps, pipe_tps = total / min(floor_s), total / min(pipe_s)
     plain_tps = total / min(plain_s)
@@ -244,7 +251,7 @@ def main(argv=None):
                  "mfu": flops / peak_flops if peak_flops else None,
                  "floor_mfu": (2 * dense + attention) * floor_tps / peak_flops if peak_flops else None,
                  "peak_gpu_memory_bytes": torch.cuda.max_memory_allocated(),
-                 "versions": gen.library_versions(), "compression": compression}
+                 "versions": library_versions(), "compression": compression}
         print(f"  {name}: MFU {extra['mfu'] or 0:.1%} (floor {extra['floor_mfu'] or 0:.1%}), peak GPU "
               f"memory {extra['peak_gpu_memory_bytes'] / 2**30:.1f} GiB; {extra['versions']}")
     emit({"bench": "generate", "machine": machine(), "device": args.device, "threads": threads,

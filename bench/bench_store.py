@@ -23,7 +23,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
-    DEMO_DIR, NAIVE_BYTES_PER_TOKEN, Timer, emit, machine, prepared_shard, table,
+    DEMO_DIR, NAIVE_BYTES_PER_TOKEN, Timer, demo_assets, emit, machine, prepared_shard, table,
 )
 
 from teacher_logits.store.codec import encode_topk  # noqa: E402
@@ -44,10 +44,7 @@ def demo_rows(num_docs: int):
     from teacher_logits.generation.compute import compute_window
     from teacher_logits.generation.teacher import TopKHead, load_teacher
 
-    teacher = DEMO_DIR / "teacher"
-    if not (teacher / "config.json").exists():
-        raise SystemExit(f"no demo teacher at {teacher}: run `make demo` (or snakemake "
-                         "--cores 2 resources/demo/teacher) first, or set TEACHER_LOGITS_DEMO_DIR")
+    teacher = demo_assets() / "teacher"
     tokenizer = AutoTokenizer.from_pretrained(teacher)
     texts = [json.loads(line)["text"] for line in
              (DEMO_DIR / "corpus.jsonl").read_text().splitlines()[:num_docs]]
@@ -131,24 +128,23 @@ def build_store(folder, lengths, input_ids, rows, vocab, num_shards=4):
     """prepare's files + shards + gather's index: a store as the workflow leaves it."""
     from teacher_logits.gather import gather
 
-    tokens_path, plan_path = prepared_shard(folder / "prepared", lengths, vocab, TOP_K,
-                                            num_shards=num_shards, input_ids=input_ids)
-    prepared = read_prepared(tokens_path)
-    plan = json.loads(plan_path.read_text())
-    shard_paths = []
+    from teacher_logits.layout import RunLayout
+
+    layout = prepared_shard(RunLayout(folder), lengths, vocab, TOP_K, num_shards=num_shards,
+                            input_ids=input_ids)
+    prepared = read_prepared(layout.tokens)
+    plan = json.loads(layout.plan.read_text())
     for shard in range(num_shards):
         sample_ids, offsets, ids = prepared.shard_slice(shard)
         r0 = int(prepared.offsets[prepared.shard_bounds[shard]])
         block = {k: v[r0 : r0 + len(ids)] for k, v in rows.items()}
-        path = folder / "shards" / f"shard_{shard:05d}.h5"
+        path = layout.shard(shard)
         write_shard(path, np.diff(offsets), ids, block, "default", sample_ids)
         with h5py.File(path, "r+") as f:
             f.attrs["shard_index"], f.attrs["num_shards"] = shard, num_shards
-        shard_paths.append(str(path))
-    (plan_path).write_text(json.dumps(plan))
+    layout.plan.write_text(json.dumps(plan))
     with Timer() as t:
-        gather(str(plan_path), str(tokens_path), shard_paths, str(folder / "index.h5"),
-               str(folder / "manifest.json"))
+        gather(layout)
     return folder, t.seconds
 
 

@@ -19,6 +19,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+from teacher_logits.layout import RunLayout  # noqa: E402
 from teacher_logits.store.prepared import PreparedTokens, write_prepared  # noqa: E402
 
 DEMO_DIR = Path(os.environ.get("TEACHER_LOGITS_DEMO_DIR", REPO / "resources" / "demo"))
@@ -68,16 +69,30 @@ def skewed_lengths(num_tokens: int, max_length: int, seed: int = 0, low: int = 2
     return np.array(lengths, dtype=np.int64)
 
 
-def prepared_shard(folder: Path, lengths: np.ndarray, vocab: int, top_k: int, seed: int = 0,
-                   num_shards: int = 1, input_ids: np.ndarray | None = None) -> tuple[Path, Path]:
-    """tokens.h5 + plan.json, as prepare writes them, for ``lengths`` random-token samples."""
-    folder.mkdir(parents=True, exist_ok=True)
+def demo_assets(demo_dir: Path = DEMO_DIR) -> Path:
+    """The workflow's demo corpus and teacher, built as its demo rules build them (once)."""
+    from teacher_logits.demo import build_corpus, build_teacher
+
+    corpus, teacher = demo_dir / "corpus.jsonl", demo_dir / "teacher"
+    if not corpus.exists():
+        demo_dir.mkdir(parents=True, exist_ok=True)
+        build_corpus(str(corpus), 2000)
+    if not (teacher / "config.json").exists():
+        print(f"building the demo teacher in {teacher} (once, about 2 minutes)", flush=True)
+        build_teacher(str(corpus), str(teacher), train_steps=300, threads=2)
+    return demo_dir
+
+
+def prepared_shard(layout: RunLayout, lengths: np.ndarray, vocab: int, top_k: int, seed: int = 0,
+                   num_shards: int = 1, input_ids: np.ndarray | None = None) -> RunLayout:
+    """prepare's files (tokens, plan, regenerate token) in ``layout`` for ``lengths`` samples."""
+    layout.prepared_dir.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
     if input_ids is None:
         input_ids = rng.integers(3, vocab, int(offsets[-1])).astype(np.int32)
     bounds = np.linspace(0, len(lengths), num_shards + 1).astype(np.int64)
-    write_prepared(folder / "tokens.h5", PreparedTokens(
+    write_prepared(layout.tokens, PreparedTokens(
         sample_ids=np.arange(len(lengths), dtype=np.int64), offsets=offsets,
         input_ids=input_ids, shard_bounds=bounds))
     plan = {
@@ -89,9 +104,9 @@ def prepared_shard(folder: Path, lengths: np.ndarray, vocab: int, top_k: int, se
                     "num_tokens": int(offsets[bounds[i + 1]] - offsets[bounds[i]])}
                    for i in range(num_shards)],
     }
-    (folder / "plan.json").write_text(json.dumps(plan))
-    (folder / "regenerate.token").write_text("bench\n")
-    return folder / "tokens.h5", folder / "plan.json"
+    layout.plan.write_text(json.dumps(plan))
+    layout.regenerate_token.write_text("bench\n")
+    return layout
 
 
 def workflow_config(teacher: Path, top_k: int = 64, batch_tokens: int = 4096, threads: int = 2,
