@@ -23,7 +23,14 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
-    Timer, bench_teacher, emit, machine, prepared_shard, skewed_lengths, table, workflow_config,
+    Timer,
+    bench_teacher,
+    emit,
+    machine,
+    prepared_shard,
+    skewed_lengths,
+    table,
+    workflow_config,
 )
 
 from teacher_logits.generation.batching import padding_fraction, plan_batches, windows  # noqa: E402
@@ -92,7 +99,9 @@ def naive_run(model, input_ids, offsets, top_k, path, max_samples):
     rows_written = 0
     with torch.inference_mode(), h5py.File(path, "w") as f, Timer() as timer:
         ids_ds = f.create_dataset("topk_ids", (0, top_k), maxshape=(None, top_k), dtype=np.int32)
-        val_ds = f.create_dataset("topk_logits", (0, top_k), maxshape=(None, top_k), dtype=np.float16)
+        val_ds = f.create_dataset(
+            "topk_logits", (0, top_k), maxshape=(None, top_k), dtype=np.float16
+        )
         lse_ds = f.create_dataset("logsumexp", (0,), maxshape=(None,), dtype=np.float32)
         for b0 in range(0, max_samples, 4):
             batch = np.arange(b0, min(b0 + 4, max_samples))
@@ -104,8 +113,11 @@ def naive_run(model, input_ids, offsets, top_k, path, max_samples):
             keep = mask.bool().cpu()
             top, values, lse = top.cpu()[keep], values.cpu()[keep], lse.cpu()[keep]
             n = len(lse)
-            for ds, data in ((ids_ds, top.numpy().astype(np.int32)),
-                             (val_ds, values.numpy().astype(np.float16)), (lse_ds, lse.numpy())):
+            for ds, data in (
+                (ids_ds, top.numpy().astype(np.int32)),
+                (val_ds, values.numpy().astype(np.float16)),
+                (lse_ds, lse.numpy()),
+            ):
                 ds.resize(rows_written + n, axis=0)
                 ds[rows_written:] = data
             rows_written += n
@@ -146,8 +158,13 @@ print(after - before)
 
 
 def memory_probe(rows, vocab=32000, hidden=512, chunk_bytes=32 << 20):
-    code = MEMORY_PROBE.format(repo=str(Path(__file__).resolve().parents[1]), vocab=vocab,
-                               hidden=hidden, rows=rows, chunk_bytes=chunk_bytes)
+    code = MEMORY_PROBE.format(
+        repo=str(Path(__file__).resolve().parents[1]),
+        vocab=vocab,
+        hidden=hidden,
+        rows=rows,
+        chunk_bytes=chunk_bytes,
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     return int(out.stdout.strip().splitlines()[-1])
 
@@ -177,11 +194,13 @@ def main(argv=None):
     prepared_run = prepared_shard(RunLayout(work / "prepared"), lengths, 32000, top_k)
     try:
         import hdf5plugin  # noqa: F401
+
         compression = "default"
     except ImportError:  # the GPU machine may lack it: a fast filter h5py has built in
         compression = "lzf"
-    config = workflow_config(teacher, top_k=top_k, batch_tokens=batch_tokens, threads=threads,
-                             compression=compression)
+    config = workflow_config(
+        teacher, top_k=top_k, batch_tokens=batch_tokens, threads=threads, compression=compression
+    )
     if cuda:
         config["teacher"]["dtype"] = "bfloat16"
         config["gpus"] = "0"
@@ -195,7 +214,7 @@ def main(argv=None):
         head = load_top_k_head(GenerateSettings.from_config(config, threads), claim)
     floor_s, pipe_s, loads, plain_s = [], [], [], []
     plain = {**config, "generation": {**config["generation"], "store_entropy": False}}
-    floor_run(head, input_ids, offsets[: 40] - 0, batch_tokens, top_k)  # warm-up: kernels, caches
+    floor_run(head, input_ids, offsets[:40] - 0, batch_tokens, top_k)  # warm-up: kernels, caches
     for rep in range(repeats):
         floor_s.append(floor_run(head, input_ids, offsets, batch_tokens, top_k))
         seconds, load = pipeline_run(config, work / "runs", prepared_run, rep)
@@ -209,8 +228,9 @@ def main(argv=None):
 
     # The naive script on the same samples (on the GPU, the first 400).
     naive_samples = min(len(lengths), 400) if cuda else len(lengths)
-    naive_s, naive_rows = naive_run(head.model, input_ids, offsets, top_k, work / "naive.h5",
-                                    naive_samples)
+    naive_s, naive_rows = naive_run(
+        head.model, input_ids, offsets, top_k, work / "naive.h5", naive_samples
+    )
     naive_tps = naive_rows / naive_s
 
     # Memory of the top-k step: grows with rows only through the [rows, k] results.
@@ -220,23 +240,42 @@ def main(argv=None):
         peak = memory_probe(rows)
         full = rows * 32000 * 4
         results = rows * (64 * 8 + 8)
-        memory.append({"rows": rows, "peak_bytes": peak, "full_logits_bytes": full,
-                       "results_bytes": results})
+        memory.append(
+            {"rows": rows, "peak_bytes": peak, "full_logits_bytes": full, "results_bytes": results}
+        )
 
     n_params = sum(p.numel() for p in head.model.parameters())
-    table(f"Generation on {machine()} ({args.device}, {threads} threads); teacher: random Llama, "
-          f"{n_params / 1e6:.0f}M parameters, vocab 32000; {total} tokens, lengths "
-          f"{lengths.min()}-{lengths.max()} (mean {lengths.mean():.0f}), padding {pad:.1%}",
-          ["run", "tokens/s", "ratio", "seconds (best)"],
-          [["floor: forward + topk + logsumexp", floor_tps, 1.0, min(floor_s)],
-           ["pipeline: generate job, tokens -> shard", pipe_tps, pipe_tps / floor_tps, min(pipe_s)],
-           ["pipeline, store_entropy=false", plain_tps, plain_tps / floor_tps, min(plain_s)],
-           ["naive: 4 per batch, full logits, h5py", naive_tps, naive_tps / floor_tps, naive_s]])
+    table(
+        f"Generation on {machine()} ({args.device}, {threads} threads); teacher: random Llama, "
+        f"{n_params / 1e6:.0f}M parameters, vocab 32000; {total} tokens, lengths "
+        f"{lengths.min()}-{lengths.max()} (mean {lengths.mean():.0f}), padding {pad:.1%}",
+        ["run", "tokens/s", "ratio", "seconds (best)"],
+        [
+            ["floor: forward + topk + logsumexp", floor_tps, 1.0, min(floor_s)],
+            [
+                "pipeline: generate job, tokens -> shard",
+                pipe_tps,
+                pipe_tps / floor_tps,
+                min(pipe_s),
+            ],
+            ["pipeline, store_entropy=false", plain_tps, plain_tps / floor_tps, min(plain_s)],
+            ["naive: 4 per batch, full logits, h5py", naive_tps, naive_tps / floor_tps, naive_s],
+        ],
+    )
     print(f"  teacher load {np.median(loads):.2f} s (in the job), {load_timer.seconds:.2f} s here")
-    table("Top-k step memory: chunks of 32 MiB of float32 logits, vocab 32000, hidden 512",
-          ["rows", "peak RSS growth MiB", "full logits MiB", "results MiB"],
-          [[m["rows"], m["peak_bytes"] / 2**20, m["full_logits_bytes"] / 2**20,
-            m["results_bytes"] / 2**20] for m in memory])
+    table(
+        "Top-k step memory: chunks of 32 MiB of float32 logits, vocab 32000, hidden 512",
+        ["rows", "peak RSS growth MiB", "full logits MiB", "results MiB"],
+        [
+            [
+                m["rows"],
+                m["peak_bytes"] / 2**20,
+                m["full_logits_bytes"] / 2**20,
+                m["results_bytes"] / 2**20,
+            ]
+            for m in memory
+        ],
+    )
     extra = {}
     if cuda:
         # Model FLOPs per token: 2 x parameters outside the embedding + attention.
@@ -247,20 +286,43 @@ def main(argv=None):
         name = torch.cuda.get_device_name()
         peak_flops = next((v for k, v in peak.items() if k in name), None)
         flops = (2 * dense + attention) * pipe_tps
-        extra = {"gpu": name, "model_flops_per_s": flops,
-                 "mfu": flops / peak_flops if peak_flops else None,
-                 "floor_mfu": (2 * dense + attention) * floor_tps / peak_flops if peak_flops else None,
-                 "peak_gpu_memory_bytes": torch.cuda.max_memory_allocated(),
-                 "versions": library_versions(), "compression": compression}
-        print(f"  {name}: MFU {extra['mfu'] or 0:.1%} (floor {extra['floor_mfu'] or 0:.1%}), peak GPU "
-              f"memory {extra['peak_gpu_memory_bytes'] / 2**30:.1f} GiB; {extra['versions']}")
-    emit({"bench": "generate", "machine": machine(), "device": args.device, "threads": threads,
-          "teacher_params": n_params, "tokens": total, "padding_fraction": pad,
-          "floor_tokens_per_s": floor_tps, "pipeline_tokens_per_s": pipe_tps,
-          "floor_ratio": pipe_tps / floor_tps, "naive_tokens_per_s": naive_tps,
-          "floor_ratio_without_entropy": plain_tps / floor_tps, "plain_seconds": plain_s,
-          "naive_ratio": pipe_tps / naive_tps, "teacher_load_seconds": float(np.median(loads)),
-          "floor_seconds": floor_s, "pipeline_seconds": pipe_s, "topk_memory": memory, **extra})
+        extra = {
+            "gpu": name,
+            "model_flops_per_s": flops,
+            "mfu": flops / peak_flops if peak_flops else None,
+            "floor_mfu": (2 * dense + attention) * floor_tps / peak_flops if peak_flops else None,
+            "peak_gpu_memory_bytes": torch.cuda.max_memory_allocated(),
+            "versions": library_versions(),
+            "compression": compression,
+        }
+        print(
+            f"  {name}: MFU {extra['mfu'] or 0:.1%} (floor {extra['floor_mfu'] or 0:.1%}), peak GPU "
+            f"memory {extra['peak_gpu_memory_bytes'] / 2**30:.1f} GiB; {extra['versions']}"
+        )
+    emit(
+        {
+            "bench": "generate",
+            "machine": machine(),
+            "device": args.device,
+            "threads": threads,
+            "teacher_params": n_params,
+            "tokens": total,
+            "padding_fraction": pad,
+            "floor_tokens_per_s": floor_tps,
+            "pipeline_tokens_per_s": pipe_tps,
+            "floor_ratio": pipe_tps / floor_tps,
+            "naive_tokens_per_s": naive_tps,
+            "floor_ratio_without_entropy": plain_tps / floor_tps,
+            "plain_seconds": plain_s,
+            "naive_ratio": pipe_tps / naive_tps,
+            "teacher_load_seconds": float(np.median(loads)),
+            "floor_seconds": floor_s,
+            "pipeline_seconds": pipe_s,
+            "topk_memory": memory,
+            **extra,
+        }
+    )
+
 
 if __name__ == "__main__":
     main()

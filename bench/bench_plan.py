@@ -16,7 +16,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import REPO, Timer, emit, machine, table  # noqa: E402
 
-BARE = '''
+BARE = """
 N = int(config["num_shards"])
 
 
@@ -48,7 +48,7 @@ rule gather:
         "out/index.h5",
     shell:
         "touch {output}"
-'''
+"""
 
 
 def snakemake() -> str:
@@ -59,9 +59,13 @@ def plan_seconds(folder: Path, shards: int, repeats: int) -> float:
     best = float("inf")
     for _ in range(repeats):
         with Timer() as t:
-            subprocess.run([snakemake(), "-n", "--cores", "1", "--config", f"num_shards={shards}"],
-                           cwd=folder, check=True, stdout=subprocess.DEVNULL,
-                           stderr=subprocess.DEVNULL)
+            subprocess.run(
+                [snakemake(), "-n", "--cores", "1", "--config", f"num_shards={shards}"],
+                cwd=folder,
+                check=True,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
         best = min(best, t.seconds)
     return best
 
@@ -74,8 +78,16 @@ def main(argv=None):
     work = Path(tempfile.mkdtemp(prefix="bench_plan_"))
     ours, bare = work / "workflow", work / "bare"
     ours.mkdir()
-    for name in ("Snakefile", "rules", "config", "workflow_scripts", "teacher_logits", "report", "profiles",
-                 "environment.yml"):
+    for name in (
+        "Snakefile",
+        "rules",
+        "config",
+        "workflow_scripts",
+        "teacher_logits",
+        "report",
+        "profiles",
+        "environment.yml",
+    ):
         source = REPO / name
         (shutil.copytree if source.is_dir() else shutil.copy)(source, ours / name)
     bare.mkdir()
@@ -88,8 +100,11 @@ def main(argv=None):
         result[f"plan_seconds_{shards}"] = ours_s
         result[f"bare_plan_seconds_{shards}"] = bare_s
         result[f"plan_ratio_{shards}"] = ours_s / bare_s
-    table(f"snakemake -n on {machine()} (best of runs)", ["shards", "workflow s", "bare s", "ratio"],
-          rows)
+    table(
+        f"snakemake -n on {machine()} (best of runs)",
+        ["shards", "workflow s", "bare s", "ratio"],
+        rows,
+    )
     emit(result)
     shutil.rmtree(work, ignore_errors=True)
 

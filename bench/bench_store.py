@@ -23,15 +23,22 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
-    DEMO_DIR, NAIVE_BYTES_PER_TOKEN, Timer, demo_assets, emit, machine, prepared_shard, table,
+    DEMO_DIR,
+    NAIVE_BYTES_PER_TOKEN,
+    Timer,
+    demo_assets,
+    emit,
+    machine,
+    prepared_shard,
+    table,
 )
 
-from teacher_logits.store.codec import encode_topk  # noqa: E402
-from teacher_logits.store.format import CHUNK_ROWS, COMPRESSIONS  # noqa: E402
-from teacher_logits import LogitStore  # noqa: E402
-from teacher_logits.store.codec import decode_topk  # noqa: E402
-from teacher_logits.store.prepared import read_prepared  # noqa: E402
-from teacher_logits.store.writer import ShardWriter  # noqa: E402
+import teacher_logits.store.writer as shard_writer
+from teacher_logits import LogitStore
+from teacher_logits.store.codec import decode_topk
+from teacher_logits.store.format import COMPRESSIONS
+from teacher_logits.store.prepared import read_prepared
+from teacher_logits.store.writer import ShardWriter
 
 TOP_K = 64
 
@@ -46,8 +53,10 @@ def demo_rows(num_docs: int):
 
     teacher = demo_assets() / "teacher"
     tokenizer = AutoTokenizer.from_pretrained(teacher)
-    texts = [json.loads(line)["text"] for line in
-             (DEMO_DIR / "corpus.jsonl").read_text().splitlines()[:num_docs]]
+    texts = [
+        json.loads(line)["text"]
+        for line in (DEMO_DIR / "corpus.jsonl").read_text().splitlines()[:num_docs]
+    ]
     token_lists = [ids[:2048] for ids in tokenizer(texts)["input_ids"] if ids]
     lengths = np.array([len(t) for t in token_lists], dtype=np.int64)
     input_ids = np.concatenate(token_lists).astype(np.int32)
@@ -65,12 +74,12 @@ def demo_rows(num_docs: int):
 @contextmanager
 def rank_order_layout():
     """Write top-k rows as they come (format version 1's layout) for comparison."""
-    saved = encode_topk
-    encode_topk = lambda ids, values: (ids, values)
+    saved = shard_writer.encode_topk
+    shard_writer.encode_topk = lambda ids, values: (ids, values)
     try:
         yield
     finally:
-        encode_topk = saved
+        shard_writer.encode_topk = saved
 
 
 def write_shard(path, lengths, input_ids, rows, compression, sample_ids=None):
@@ -82,10 +91,21 @@ def write_shard(path, lengths, input_ids, rows, compression, sample_ids=None):
         block = {k: v[r0 : r0 + step] for k, v in rows.items()}
         block["input_ids"] = input_ids[r0 : r0 + step]
         writer.write_rows(block)
-    writer.commit({"shard_index": 0, "num_shards": 1, "teacher_fingerprint": "bench",
-                   "tokenizer_fingerprint": "bench", "config_fingerprint": "bench",
-                   "cuda_visible_devices": "", "hostname": "", "started_at": 0.0,
-                   "finished_at": 0.0, "versions": {}, "claims": []})
+    writer.commit(
+        {
+            "shard_index": 0,
+            "num_shards": 1,
+            "teacher_fingerprint": "bench",
+            "tokenizer_fingerprint": "bench",
+            "config_fingerprint": "bench",
+            "cuda_visible_devices": "",
+            "hostname": "",
+            "started_at": 0.0,
+            "finished_at": 0.0,
+            "versions": {},
+            "claims": [],
+        }
+    )
 
 
 def read_all(path, decode: bool) -> None:
@@ -117,21 +137,28 @@ def storage_options(folder, lengths, input_ids, rows):
         with h5py.File(path, "r") as f:
             topk = sum(f[n].id.get_storage_size() for n in ("topk_ids", "topk_logits", "logsumexp"))
         size = path.stat().st_size
-        results.append({"layout": layout, "compression": compression,
-                        "bytes_per_token": size / tokens, "topk_lse_bytes_per_token": topk / tokens,
-                        "fraction_of_naive": size / tokens / NAIVE_BYTES_PER_TOKEN,
-                        "write_mb_per_s": naive_mb / w.seconds, "read_mb_per_s": naive_mb / r.seconds})
+        results.append(
+            {
+                "layout": layout,
+                "compression": compression,
+                "bytes_per_token": size / tokens,
+                "topk_lse_bytes_per_token": topk / tokens,
+                "fraction_of_naive": size / tokens / NAIVE_BYTES_PER_TOKEN,
+                "write_mb_per_s": naive_mb / w.seconds,
+                "read_mb_per_s": naive_mb / r.seconds,
+            }
+        )
     return results
 
 
 def build_store(folder, lengths, input_ids, rows, vocab, num_shards=4):
     """prepare's files + shards + gather's index: a store as the workflow leaves it."""
     from teacher_logits.gather import gather
-
     from teacher_logits.layout import RunLayout
 
-    layout = prepared_shard(RunLayout(folder), lengths, vocab, TOP_K, num_shards=num_shards,
-                            input_ids=input_ids)
+    layout = prepared_shard(
+        RunLayout(folder), lengths, vocab, TOP_K, num_shards=num_shards, input_ids=input_ids
+    )
     prepared = read_prepared(layout.tokens)
     plan = json.loads(layout.plan.read_text())
     for shard in range(num_shards):
@@ -151,21 +178,23 @@ def build_store(folder, lengths, input_ids, rows, vocab, num_shards=4):
 def read_random(store_dir, seconds: float, seed=0) -> tuple[float, int]:
     store = LogitStore(store_dir)
     order = np.random.default_rng(seed).permutation(len(store))
-    tokens, start = 0, time.perf_counter()
-    for n, i in enumerate(order):
+    tokens, samples, start = 0, 0, time.perf_counter()
+    for i in order:
         tokens += len(store[int(i)]["input_ids"])
+        samples += 1
         if time.perf_counter() - start > seconds:
             break
     store.close()
-    return tokens / (time.perf_counter() - start), n + 1
+    return tokens / (time.perf_counter() - start), samples
 
 
 def read_loader(store_dir, workers: int) -> float:
     from torch.utils.data import DataLoader
 
     store = LogitStore(store_dir)
-    loader = DataLoader(store, batch_size=16, shuffle=True, num_workers=workers,
-                        collate_fn=LogitStore.collate)
+    loader = DataLoader(
+        store, batch_size=16, shuffle=True, num_workers=workers, collate_fn=LogitStore.collate
+    )
     tokens, start = 0, time.perf_counter()
     for batch in loader:
         tokens += int(batch["attention_mask"].sum())
@@ -182,53 +211,102 @@ def main(argv=None):
     with Timer() as t:
         lengths, input_ids, rows, vocab = demo_rows(700 if args.quick else 2000)
     tokens = len(input_ids)
-    print(f"demo teacher top-{TOP_K} of {len(lengths)} demo documents, {tokens} tokens "
-          f"(mean length {lengths.mean():.0f}) in {t.seconds:.0f} s")
+    print(
+        f"demo teacher top-{TOP_K} of {len(lengths)} demo documents, {tokens} tokens "
+        f"(mean length {lengths.mean():.0f}) in {t.seconds:.0f} s"
+    )
 
     storage = storage_options(work / "storage", lengths, input_ids, rows)
-    table(f"Storage at k={TOP_K} on {machine()}: demo teacher (trained Llama, vocab {vocab}), "
-          f"demo corpus, teacher in bfloat16; naive = {NAIVE_BYTES_PER_TOKEN} B/token (int32 ids, float16 values, "
-          "float32 logsumexp); MB/s of naive bytes, one thread",
-          ["layout", "compression", "B/token (file)", "of naive", "top-k+lse B/token",
-           "write MB/s", "read MB/s"],
-          [[s["layout"], s["compression"], s["bytes_per_token"], f"{s['fraction_of_naive']:.1%}",
-            s["topk_lse_bytes_per_token"], s["write_mb_per_s"], s["read_mb_per_s"]]
-           for s in storage])
-    default = next(s for s in storage if s["layout"] == "sorted id deltas"
-                   and s["compression"] == "default")
+    table(
+        f"Storage at k={TOP_K} on {machine()}: demo teacher (trained Llama, vocab {vocab}), "
+        f"demo corpus, teacher in bfloat16; naive = {NAIVE_BYTES_PER_TOKEN} B/token (int32 ids, float16 values, "
+        "float32 logsumexp); MB/s of naive bytes, one thread",
+        [
+            "layout",
+            "compression",
+            "B/token (file)",
+            "of naive",
+            "top-k+lse B/token",
+            "write MB/s",
+            "read MB/s",
+        ],
+        [
+            [
+                s["layout"],
+                s["compression"],
+                s["bytes_per_token"],
+                f"{s['fraction_of_naive']:.1%}",
+                s["topk_lse_bytes_per_token"],
+                s["write_mb_per_s"],
+                s["read_mb_per_s"],
+            ]
+            for s in storage
+        ],
+    )
+    default = next(
+        s for s in storage if s["layout"] == "sorted id deltas" and s["compression"] == "default"
+    )
 
     # Chunk layout: random-order reads against bytes per token.
     layouts = []
-    saved = CHUNK_ROWS
+    saved = shard_writer.CHUNK_ROWS
     for chunk_rows in (256, 1024, 4096):
-        CHUNK_ROWS = chunk_rows
+        shard_writer.CHUNK_ROWS = chunk_rows
         try:
-            folder, gather_s = build_store(work / f"store_{chunk_rows}", lengths, input_ids, rows, vocab)
+            folder, gather_s = build_store(
+                work / f"store_{chunk_rows}", lengths, input_ids, rows, vocab
+            )
         finally:
-            CHUNK_ROWS = saved
+            shard_writer.CHUNK_ROWS = saved
         size = sum(p.stat().st_size for p in (folder / "shards").glob("*.h5"))
         tps, samples = read_random(folder, 6 if args.quick else 20)
-        layouts.append({"chunk_rows": chunk_rows, "bytes_per_token": size / tokens,
-                        "reader_tokens_per_s": tps, "samples_read": samples,
-                        "gather_tokens_per_s": tokens / gather_s, "folder": str(folder)})
-    table("Random-order reads (LogitStore, one process) by HDF5 chunk rows",
-          ["chunk rows", "B/token", "reader tokens/s", "gather tokens/s"],
-          [[c["chunk_rows"], c["bytes_per_token"], c["reader_tokens_per_s"],
-            c["gather_tokens_per_s"]] for c in layouts])
+        layouts.append(
+            {
+                "chunk_rows": chunk_rows,
+                "bytes_per_token": size / tokens,
+                "reader_tokens_per_s": tps,
+                "samples_read": samples,
+                "gather_tokens_per_s": tokens / gather_s,
+                "folder": str(folder),
+            }
+        )
+    table(
+        "Random-order reads (LogitStore, one process) by HDF5 chunk rows",
+        ["chunk rows", "B/token", "reader tokens/s", "gather tokens/s"],
+        [
+            [
+                c["chunk_rows"],
+                c["bytes_per_token"],
+                c["reader_tokens_per_s"],
+                c["gather_tokens_per_s"],
+            ]
+            for c in layouts
+        ],
+    )
     chosen = next(c for c in layouts if c["chunk_rows"] == saved)
     loader_tps = read_loader(chosen["folder"], 4)
-    print(f"  chunk rows in use: {saved}; DataLoader, 4 workers, batch 16: {loader_tps:,.0f} tokens/s")
+    print(
+        f"  chunk rows in use: {saved}; DataLoader, 4 workers, batch 16: {loader_tps:,.0f} tokens/s"
+    )
 
-    emit({"bench": "store", "machine": machine(), "tokens": tokens,
-          "mean_sample_length": float(lengths.mean()), "storage": storage,
-          "storage_fraction_of_naive": default["fraction_of_naive"],
-          "storage_bytes_per_token": default["bytes_per_token"],
-          "storage_read_mb_per_s": default["read_mb_per_s"],
-          "storage_write_mb_per_s": default["write_mb_per_s"],
-          "chunk_layouts": [{k: v for k, v in c.items() if k != "folder"} for c in layouts],
-          "chunk_rows": saved, "gather_tokens_per_s": chosen["gather_tokens_per_s"],
-          "reader_tokens_per_s": chosen["reader_tokens_per_s"],
-          "reader_loader4_tokens_per_s": loader_tps})
+    emit(
+        {
+            "bench": "store",
+            "machine": machine(),
+            "tokens": tokens,
+            "mean_sample_length": float(lengths.mean()),
+            "storage": storage,
+            "storage_fraction_of_naive": default["fraction_of_naive"],
+            "storage_bytes_per_token": default["bytes_per_token"],
+            "storage_read_mb_per_s": default["read_mb_per_s"],
+            "storage_write_mb_per_s": default["write_mb_per_s"],
+            "chunk_layouts": [{k: v for k, v in c.items() if k != "folder"} for c in layouts],
+            "chunk_rows": saved,
+            "gather_tokens_per_s": chosen["gather_tokens_per_s"],
+            "reader_tokens_per_s": chosen["reader_tokens_per_s"],
+            "reader_loader4_tokens_per_s": loader_tps,
+        }
+    )
     if not args.work:
         shutil.rmtree(work, ignore_errors=True)
 

@@ -39,8 +39,9 @@ def machine() -> str:
     return f"{cpu}, {os.cpu_count()} cores"
 
 
-def bench_teacher(path: Path, layers: int = 8, hidden: int = 512, vocab: int = 32000,
-                  dtype: str = "float32") -> Path:
+def bench_teacher(
+    path: Path, layers: int = 8, hidden: int = 512, vocab: int = 32000, dtype: str = "float32"
+) -> Path:
     """A random-weight Llama shaped like a real LM (the body dominates), saved once."""
     if (path / "config.json").exists():
         return path
@@ -49,10 +50,17 @@ def bench_teacher(path: Path, layers: int = 8, hidden: int = 512, vocab: int = 3
 
     torch.manual_seed(0)
     config = LlamaConfig(
-        vocab_size=vocab, hidden_size=hidden, intermediate_size=int(hidden * 8 / 3 // 64 * 64),
-        num_hidden_layers=layers, num_attention_heads=max(1, hidden // 64),
-        num_key_value_heads=max(1, hidden // 128), max_position_embeddings=8192,
-        pad_token_id=0, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False,
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=int(hidden * 8 / 3 // 64 * 64),
+        num_hidden_layers=layers,
+        num_attention_heads=max(1, hidden // 64),
+        num_key_value_heads=max(1, hidden // 128),
+        max_position_embeddings=8192,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+        tie_word_embeddings=False,
     )
     model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, dtype))
     model.save_pretrained(path)
@@ -83,8 +91,15 @@ def demo_assets(demo_dir: Path = DEMO_DIR) -> Path:
     return demo_dir
 
 
-def prepared_shard(layout: RunLayout, lengths: np.ndarray, vocab: int, top_k: int, seed: int = 0,
-                   num_shards: int = 1, input_ids: np.ndarray | None = None) -> RunLayout:
+def prepared_shard(
+    layout: RunLayout,
+    lengths: np.ndarray,
+    vocab: int,
+    top_k: int,
+    seed: int = 0,
+    num_shards: int = 1,
+    input_ids: np.ndarray | None = None,
+) -> RunLayout:
     """prepare's files (tokens, plan, regenerate token) in ``layout`` for ``lengths`` samples."""
     layout.prepared_dir.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
@@ -92,32 +107,55 @@ def prepared_shard(layout: RunLayout, lengths: np.ndarray, vocab: int, top_k: in
     if input_ids is None:
         input_ids = rng.integers(3, vocab, int(offsets[-1])).astype(np.int32)
     bounds = np.linspace(0, len(lengths), num_shards + 1).astype(np.int64)
-    write_prepared(layout.tokens, PreparedTokens(
-        sample_ids=np.arange(len(lengths), dtype=np.int64), offsets=offsets,
-        input_ids=input_ids, shard_bounds=bounds))
+    write_prepared(
+        layout.tokens,
+        PreparedTokens(
+            sample_ids=np.arange(len(lengths), dtype=np.int64),
+            offsets=offsets,
+            input_ids=input_ids,
+            shard_bounds=bounds,
+        ),
+    )
     plan = {
-        "num_shards": num_shards, "top_k": top_k, "vocab_size": vocab,
-        "teacher_fingerprint": "bench", "tokenizer_fingerprint": "bench",
-        "config_fingerprint": "bench", "dropped": [], "truncated_samples": 0,
+        "num_shards": num_shards,
+        "top_k": top_k,
+        "vocab_size": vocab,
+        "teacher_fingerprint": "bench",
+        "tokenizer_fingerprint": "bench",
+        "config_fingerprint": "bench",
+        "dropped": [],
+        "truncated_samples": 0,
         "settings": {"storage": {"value_dtype": "float16"}, "generation": {"store_entropy": True}},
-        "shards": [{"index": i, "num_samples": int(bounds[i + 1] - bounds[i]),
-                    "num_tokens": int(offsets[bounds[i + 1]] - offsets[bounds[i]])}
-                   for i in range(num_shards)],
+        "shards": [
+            {
+                "index": i,
+                "num_samples": int(bounds[i + 1] - bounds[i]),
+                "num_tokens": int(offsets[bounds[i + 1]] - offsets[bounds[i]]),
+            }
+            for i in range(num_shards)
+        ],
     }
     layout.plan.write_text(json.dumps(plan))
     layout.regenerate_token.write_text("bench\n")
     return layout
 
 
-def workflow_config(teacher: Path, top_k: int = 64, batch_tokens: int = 4096, threads: int = 2,
-                    compression: str = "default", commit_every_s: float = 60.0) -> dict:
+def workflow_config(
+    teacher: Path,
+    top_k: int = 64,
+    batch_tokens: int = 4096,
+    threads: int = 2,
+    compression: str = "default",
+    commit_every_s: float = 60.0,
+) -> dict:
     """The config a generate job sees, with the defaults of config/config.yaml."""
     import yaml
 
     config = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
     config["teacher"].update(path=str(teacher), dtype="float32")
-    config["generation"].update(top_k=top_k, batch_tokens=batch_tokens, threads=threads,
-                                commit_every_s=commit_every_s)
+    config["generation"].update(
+        top_k=top_k, batch_tokens=batch_tokens, threads=threads, commit_every_s=commit_every_s
+    )
     config["storage"]["compression"] = compression
     config["gpus"] = ""
     # What the Snakefile resolves `auto` to outside a cluster executor.

@@ -56,11 +56,20 @@ def main(argv=None):
     for key, op, bound, what in TARGETS:
         value = merged.get(key)
         met = value is not None and (value >= bound if op == ">=" else value <= bound)
-        rows.append([what, value if value is not None else "n/a", f"{op} {bound:g}",
-                     "met" if met else "NOT met"])
+        rows.append(
+            [
+                what,
+                value if value is not None else "n/a",
+                f"{op} {bound:g}",
+                "met" if met else "NOT met",
+            ]
+        )
         merged[f"{key}_target_met"] = met
-    table(f"Targets on {merged['machine']} ({merged['seconds']:.0f} s)",
-          ["measure", "value", "target", ""], rows)
+    table(
+        f"Targets on {merged['machine']} ({merged['seconds']:.0f} s)",
+        ["measure", "value", "target", ""],
+        rows,
+    )
     emit(merged)
 
 

@@ -134,9 +134,9 @@ class ChatRenderer:
             # Markers hug the stripped content, so templates that `trim` it still match.
             lead = content[: len(content) - len(content.lstrip())]
             trail = content[len(content.rstrip()) :]
-            marked.append({**message, "content": (
-                f"{lead}{_OPEN}{i}{_SEP}{core}{_CLOSE}{i}{_SEP}{trail}"
-            )})
+            marked.append(
+                {**message, "content": (f"{lead}{_OPEN}{i}{_SEP}{core}{_CLOSE}{i}{_SEP}{trail}")}
+            )
         rendered, spans = _strip_markers(self._render(row, marked), messages, self.train_roles)
         if rendered is None or rendered != text:
             # The template rewrites content (cut a marker off, changed the text): find each
@@ -144,7 +144,9 @@ class ChatRenderer:
             spans = _search_spans(row, text, messages, self.train_roles)
         return text, spans
 
-    def loss_mask(self, offsets: np.ndarray, ids: np.ndarray, spans, text_length: int) -> np.ndarray:
+    def loss_mask(
+        self, offsets: np.ndarray, ids: np.ndarray, spans, text_length: int
+    ) -> np.ndarray:
         """uint8 per token: 1 on trained content and its end of turn (see the module docstring)."""
         starts, ends = offsets[:, 0], offsets[:, 1]
         mask = np.zeros(len(ids), dtype=np.uint8)

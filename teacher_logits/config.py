@@ -47,9 +47,7 @@ def check_unknown_keys(config: dict, schema: dict, where: str = "") -> None:
             close = difflib.get_close_matches(str(key), list(properties), n=1)
             hint = f"; did you mean '{where}{close[0]}'?" if close else ""
             known = ", ".join(sorted(properties))
-            raise ConfigError(
-                f"unknown config key '{where}{key}'{hint} (known keys here: {known})"
-            )
+            raise ConfigError(f"unknown config key '{where}{key}'{hint} (known keys here: {known})")
         sub = properties[key]
         if isinstance(value, dict) and sub.get("type") == "object" and "properties" in sub:
             check_unknown_keys(value, sub, f"{where}{key}.")
@@ -145,9 +143,7 @@ PARQUET_MAGIC = b"PAR1"
 def _check_output_dir(output_dir: str) -> None:
     out = Path(output_dir)
     if out.exists() and not out.is_dir():
-        raise ConfigError(
-            f"output_dir: {out} is a file, not a folder; choose another output_dir"
-        )
+        raise ConfigError(f"output_dir: {out} is a file, not a folder; choose another output_dir")
     existing = out
     while not existing.exists() and existing != existing.parent:
         existing = existing.parent

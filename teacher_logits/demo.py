@@ -13,7 +13,6 @@ from __future__ import annotations
 import ast
 import json
 import logging
-import sys
 import sysconfig
 import time
 from pathlib import Path
@@ -133,7 +132,9 @@ def build_teacher(
         schedule.step()
         optimizer.zero_grad(set_to_none=True)
         if step % 50 == 0 or step == train_steps - 1:
-            log.info("step %d/%d loss %.3f (%.0f s)", step, train_steps, loss.item(), time.time() - start)
+            log.info(
+                "step %d/%d loss %.3f (%.0f s)", step, train_steps, loss.item(), time.time() - start
+            )
     model.eval()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -74,8 +74,11 @@ class Estimate:
     def shard_bytes(self, num_tokens: int, num_samples: int) -> int:
         if self.measured:
             return int(num_tokens * self.bytes_per_token + num_samples * SAMPLE_BYTES)
-        return int(allocated_rows(num_tokens) * self.bytes_per_token + num_samples * SAMPLE_BYTES
-                   + FILE_OVERHEAD_BYTES)
+        return int(
+            allocated_rows(num_tokens) * self.bytes_per_token
+            + num_samples * SAMPLE_BYTES
+            + FILE_OVERHEAD_BYTES
+        )
 
 
 def allocated_rows(num_tokens: int) -> int:
@@ -84,8 +87,9 @@ def allocated_rows(num_tokens: int) -> int:
     return -(-num_tokens // chunk) * chunk
 
 
-def bytes_per_token(plan: dict, layout: RunLayout, value_dtype: str | None = None,
-                    store_entropy: bool | None = None) -> Estimate:
+def bytes_per_token(
+    plan: dict, layout: RunLayout, value_dtype: str | None = None, store_entropy: bool | None = None
+) -> Estimate:
     """Bytes per token: measured once a shard is finished, else the uncompressed size.
 
     Compression (zstd by default) typically stores a top-k row in well under half
@@ -113,8 +117,9 @@ def human_bytes(n: float) -> str:
     return f"{n:.1f} PB"  # pragma: no cover - the loop returns at TB
 
 
-def check_shard_fits(layout: RunLayout, plan: dict, shard: int, value_dtype: str,
-                     store_entropy: bool) -> None:
+def check_shard_fits(
+    layout: RunLayout, plan: dict, shard: int, value_dtype: str, store_entropy: bool
+) -> None:
     """Refuse to start a shard whose file cannot fit in the free space of its folder."""
     output = layout.shard(shard)
     entry = plan["shards"][shard]

@@ -55,10 +55,16 @@ def tokenizer_fingerprint(path: str | Path) -> str:
     return _digest(parts)
 
 
-def config_fingerprint(settings: dict, teacher_fp: str, tokenizer_fp: str, format_version: int) -> str:
+def config_fingerprint(
+    settings: dict, teacher_fp: str, tokenizer_fp: str, format_version: int
+) -> str:
     blob = json.dumps(
-        {"settings": settings, "teacher": teacher_fp, "tokenizer": tokenizer_fp,
-         "format_version": format_version},
+        {
+            "settings": settings,
+            "teacher": teacher_fp,
+            "tokenizer": tokenizer_fp,
+            "format_version": format_version,
+        },
         sort_keys=True,
     )
     return _digest([blob])

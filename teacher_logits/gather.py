@@ -56,7 +56,9 @@ def shard_entry(index: int, path: str, relative: str, summary) -> dict:
         "job_started_at": attrs.get("job_started_at"),
         "teacher_load_seconds": attrs.get("teacher_load_seconds"),
         "generation_seconds": generation_seconds,
-        "tokens_per_second": summary.num_tokens / generation_seconds if generation_seconds else None,
+        "tokens_per_second": summary.num_tokens / generation_seconds
+        if generation_seconds
+        else None,
         "mean_topk_mass": summary.stats.topk_mass_sum / max(summary.num_rows, 1),
         "next_token_in_topk_fraction": (
             summary.stats.next_token_in_topk / max(summary.stats.next_token_rows, 1)
@@ -96,7 +98,8 @@ def run_statistics(summaries: list, shards: list[dict], plan: dict, index_path: 
         "mean_entropy_nats": (
             sum(s.stats.entropy_sum for s in with_entropy)
             / max(sum(s.num_rows for s in with_entropy), 1)
-            if with_entropy else None
+            if with_entropy
+            else None
         ),
         # null when no shard stored the entropy dataset (generation.store_entropy=false).
         "entropy_histogram": {
@@ -104,7 +107,9 @@ def run_statistics(summaries: list, shards: list[dict], plan: dict, index_path: 
             "bin_edges": entropy_bins(plan["vocab_size"]).tolist(),
             "counts": sum(s.stats.entropy_hist for s in with_entropy).tolist(),
             "num_tokens": sum(s.num_rows for s in with_entropy),
-        } if with_entropy else None,
+        }
+        if with_entropy
+        else None,
         "next_token_in_topk_fraction": hits / max(next_rows, 1),
         "next_token_rows": next_rows,
         "bytes_per_token": shard_bytes / max(total_tokens, 1),
@@ -150,9 +155,8 @@ def regenerate_hint(shard_paths: list[str]) -> str:
     """The user's own command with ``--forcerun`` for the bad shards, or a template."""
     argv = _snakemake_argv()
     if argv is None:
-        return (
-            "snakemake --cores N <your usual --config/--configfile> --forcerun "
-            + " ".join(shlex.quote(p) for p in shard_paths)
+        return "snakemake --cores N <your usual --config/--configfile> --forcerun " + " ".join(
+            shlex.quote(p) for p in shard_paths
         )
     kept, dropping = [], False
     for arg in argv:
@@ -166,7 +170,8 @@ def regenerate_hint(shard_paths: list[str]) -> str:
         kept.append(arg)
     # A --config left without values would be a usage error.
     kept = [
-        arg for i, arg in enumerate(kept)
+        arg
+        for i, arg in enumerate(kept)
         if arg not in ("--config", "-C") or (i + 1 < len(kept) and not kept[i + 1].startswith("-"))
     ]
     return shlex.join([*kept, "--forcerun", *shard_paths])
@@ -194,8 +199,13 @@ def gather(layout: RunLayout, workers: int | None = None) -> None:
         prepared = read_prepared_shard(tokens_path, index)
         sample_ids, offsets, input_ids = prepared.shard_slice(0)
         expected = ShardExpectation(
-            sample_ids, offsets, input_ids, {**expected_common, "shard_index": index},
-            plan["vocab_size"], prepared.loss_mask, masked_only,
+            sample_ids,
+            offsets,
+            input_ids,
+            {**expected_common, "shard_index": index},
+            plan["vocab_size"],
+            prepared.loss_mask,
+            masked_only,
         )
         return validate_shard(shard_paths[index], expected, progress=progress)
 
@@ -242,7 +252,9 @@ def gather(layout: RunLayout, workers: int | None = None) -> None:
         f.attrs["num_tokens"] = int(lengths.sum())
         f.attrs["has_loss_mask"] = all(s.loss_mask_ones is not None for _, _, s in summaries)
         f.attrs["masked_only"] = masked_only
-        f.create_dataset("shard_paths", data=np.array(relative, dtype=object), dtype=h5py.string_dtype())
+        f.create_dataset(
+            "shard_paths", data=np.array(relative, dtype=object), dtype=h5py.string_dtype()
+        )
         f.create_dataset("sample_ids", data=all_ids[order])
         f.create_dataset("sample_shard", data=shard_of[order])
         f.create_dataset("sample_position", data=position[order])
@@ -283,6 +295,10 @@ def gather(layout: RunLayout, workers: int | None = None) -> None:
     seconds = time.time() - start
     log.info(
         "gathered %d shards, %d samples, %d tokens in %.1f s (%.0f tokens/s); mean top-k mass %.3f",
-        len(summaries), len(all_ids), total_tokens, seconds, total_tokens / max(seconds, 1e-9),
+        len(summaries),
+        len(all_ids),
+        total_tokens,
+        seconds,
+        total_tokens / max(seconds, 1e-9),
         manifest["stats"]["mean_topk_mass"],
     )

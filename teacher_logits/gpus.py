@@ -20,10 +20,10 @@ import os
 import re
 import socket
 import time
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Sequence
 
 from .errors import GpuConfigError
 
@@ -160,8 +160,12 @@ def device_plan(config: dict, environ=os.environ) -> DevicePlan:
         for group in groups:
             physical_devices(group, environ.get("CUDA_VISIBLE_DEVICES"))
     mode = "scheduler" if assignment == "scheduler" else ("local" if groups else "cpu")
-    return DevicePlan(mode, tuple(groups), int(config.get("gpus_per_model", 1)),
-                      bool(config.get("allow_cpu", False)))
+    return DevicePlan(
+        mode,
+        tuple(groups),
+        int(config.get("gpus_per_model", 1)),
+        bool(config.get("allow_cpu", False)),
+    )
 
 
 def physical_devices(group: Sequence[int], inherited_mask: str | None) -> list[str]:

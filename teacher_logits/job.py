@@ -63,15 +63,21 @@ def run_job(name: str, log_path: str | None, main, *args, **kwargs):
     the lock a working job holds.
     """
     log = setup_logging(log_path, name)
-    record = {"job": name, "state": "running", "pid": os.getpid(),
-              "hostname": socket.gethostname(), "started_at": time.time()}
+    record = {
+        "job": name,
+        "state": "running",
+        "pid": os.getpid(),
+        "hostname": socket.gethostname(),
+        "started_at": time.time(),
+    }
     write_job_record(log_path, record)
     try:
         result = main(*args, **kwargs)
     except UserError as exc:
         log.error("%s", exc)
-        write_job_record(log_path, {**record, "state": "failed", "finished_at": time.time(),
-                                    "error": str(exc)})
+        write_job_record(
+            log_path, {**record, "state": "failed", "finished_at": time.time(), "error": str(exc)}
+        )
         sys.exit(1)
     except Exception as exc:
         # Python prints the traceback on the console; keep a copy in the job's log too.
@@ -79,8 +85,9 @@ def run_job(name: str, log_path: str | None, main, *args, **kwargs):
             with open(log_path, "a") as handle:
                 traceback.print_exc(file=handle)
         error = " ".join(f"{type(exc).__name__}: {exc}".split())
-        write_job_record(log_path, {**record, "state": "failed", "finished_at": time.time(),
-                                    "error": error})
+        write_job_record(
+            log_path, {**record, "state": "failed", "finished_at": time.time(), "error": error}
+        )
         raise
     write_job_record(log_path, {**record, "state": "done", "finished_at": time.time()})
     return result

@@ -13,7 +13,12 @@ from pathlib import Path
 import numpy as np
 
 from .errors import ConfigError, DataError, GpuConfigError, TeacherError
-from .fingerprints import WEIGHT_SUFFIXES, config_fingerprint, teacher_fingerprint, tokenizer_fingerprint
+from .fingerprints import (
+    WEIGHT_SUFFIXES,
+    config_fingerprint,
+    teacher_fingerprint,
+    tokenizer_fingerprint,
+)
 from .layout import RunLayout
 from .settings import PrepareSettings
 from .store.format import FORMAT_VERSION
@@ -32,8 +37,9 @@ def _brief(exc: Exception, limit: int = 300) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def load_column(path: Path, split: str, column: str, max_samples: int | None,
-                key: str = "dataset.text_field"):
+def load_column(
+    path: Path, split: str, column: str, max_samples: int | None, key: str = "dataset.text_field"
+):
     """The dataset reduced to ``column``, row order preserved, memory-mapped (never loaded
     whole): ``datasets`` converts files to Arrow once and maps them from disk."""
     import datasets
@@ -141,7 +147,9 @@ def chat_renderer(settings: PrepareSettings, tokenizer):
     from .chat import ChatRenderer, stop_token_ids, template_text
 
     return ChatRenderer(
-        tokenizer, template_text(tokenizer, settings.chat_template), list(settings.train_roles),
+        tokenizer,
+        template_text(tokenizer, settings.chat_template),
+        list(settings.train_roles),
         stop_token_ids(tokenizer, settings.teacher.path),
     )
 
@@ -166,16 +174,21 @@ def prepare(settings: PrepareSettings, layout: RunLayout) -> None:
     """Tokenize the dataset into ``layout.tokens`` and plan its shards in ``layout.plan``."""
     check_cuda(settings)
     teacher_path, dataset_path = settings.teacher.path, settings.dataset_path
-    tokenizer, vocab_size = check_teacher(teacher_path, settings.top_k,
-                                          settings.teacher.trust_remote_code)
+    tokenizer, vocab_size = check_teacher(
+        teacher_path, settings.top_k, settings.teacher.trust_remote_code
+    )
     chat = chat_renderer(settings, tokenizer)
     key = "dataset.messages_field" if chat else "dataset.text_field"
     column = settings.messages_field if chat else settings.text_field
     data = load_column(dataset_path, settings.split, column, settings.max_samples, key)
     num_rows = len(data)
     processes = max(1, min(settings.threads, -(-num_rows // ROWS_PER_PROCESS)))
-    log.info("%d rows in %s (memory-mapped); tokenizing in %d process(es)",
-             num_rows, dataset_path, processes)
+    log.info(
+        "%d rows in %s (memory-mapped); tokenizing in %d process(es)",
+        num_rows,
+        dataset_path,
+        processes,
+    )
 
     work = Tokenization(tokenizer, settings.max_length, settings.overflow, chat)
     writer = PreparedWriter(layout.tokens, with_loss_mask=chat is not None)
@@ -203,15 +216,25 @@ def prepare(settings: PrepareSettings, layout: RunLayout) -> None:
         raise
 
     plan = shard_plan(settings, vocab_size, num_rows, kept_rows, offsets, bounds)
-    plan.update(dropped=dropped, truncated_samples=counts["truncated"],
-                split_samples=counts["split"])
+    plan.update(
+        dropped=dropped, truncated_samples=counts["truncated"], split_samples=counts["split"]
+    )
     if chat is not None:
-        plan["loss_mask"] = {"ones": counts["trained"], "zeros": int(offsets[-1]) - counts["trained"]}
+        plan["loss_mask"] = {
+            "ones": counts["trained"],
+            "zeros": int(offsets[-1]) - counts["trained"],
+        }
     layout.plan.write_text(json.dumps(plan, indent=1))
     log.info(
         "prepared %d samples, %d tokens (%d truncated to %d, %d longer kept whole, %d dropped) "
-        "in %d shards", len(kept_rows), offsets[-1], counts["truncated"], settings.max_length,
-        counts["split"], len(dropped), settings.num_shards,
+        "in %d shards",
+        len(kept_rows),
+        offsets[-1],
+        counts["truncated"],
+        settings.max_length,
+        counts["split"],
+        len(dropped),
+        settings.num_shards,
     )
     if chat is not None:
         log.info("loss mask: %d of %d tokens trained on", counts["trained"], offsets[-1])
@@ -230,8 +253,9 @@ def check_samples_kept(settings: PrepareSettings, kept: int, num_rows: int) -> N
         )
 
 
-def shard_plan(settings: PrepareSettings, vocab_size: int, num_rows: int, kept_rows, offsets,
-               bounds) -> dict:
+def shard_plan(
+    settings: PrepareSettings, vocab_size: int, num_rows: int, kept_rows, offsets, bounds
+) -> dict:
     """``plan.json``: the shards' sizes and the fingerprints every shard must carry."""
     teacher_fp = teacher_fingerprint(settings.teacher.path)
     tokenizer_fp = tokenizer_fingerprint(settings.teacher.path)
@@ -249,8 +273,9 @@ def shard_plan(settings: PrepareSettings, vocab_size: int, num_rows: int, kept_r
         "vocab_size": vocab_size,
         "teacher_fingerprint": teacher_fp,
         "tokenizer_fingerprint": tokenizer_fp,
-        "config_fingerprint": config_fingerprint(settings.meaning, teacher_fp, tokenizer_fp,
-                                                 FORMAT_VERSION),
+        "config_fingerprint": config_fingerprint(
+            settings.meaning, teacher_fp, tokenizer_fp, FORMAT_VERSION
+        ),
         "settings": settings.meaning,
         "shards": [
             {

@@ -27,7 +27,9 @@ def _pyplot():
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    plt.rcParams.update({"font.size": 10, "axes.titlesize": 12, "axes.grid": True, "grid.alpha": 0.3})
+    plt.rcParams.update(
+        {"font.size": 10, "axes.titlesize": 12, "axes.grid": True, "grid.alpha": 0.3}
+    )
     return plt
 
 
@@ -54,11 +56,15 @@ def _shard_axis(ax):
 
 
 def _legend_above(ax, **kwargs):
-    ax.legend(loc="lower right", bbox_to_anchor=(1.0, 1.0), frameon=False, borderaxespad=0.2, **kwargs)
+    ax.legend(
+        loc="lower right", bbox_to_anchor=(1.0, 1.0), frameon=False, borderaxespad=0.2, **kwargs
+    )
 
 
 def _note(ax, text):
-    ax.text(0.5, 0.5, text, ha="center", va="center", transform=ax.transAxes, fontsize=11, wrap=True)
+    ax.text(
+        0.5, 0.5, text, ha="center", va="center", transform=ax.transAxes, fontsize=11, wrap=True
+    )
     ax.set_axis_off()
 
 
@@ -73,8 +79,15 @@ def timeline(manifest: dict, path: str) -> None:
                 continue
             # Only the claim that finished the shard has a measured teacher load.
             load = shard.get("teacher_load_seconds") if number == len(claims) - 1 else None
-            bars.append((group_label(claim.get("cuda_visible_devices"), claim.get("hostname")),
-                         claim["started_at"], claim["finished_at"], load or 0.0, shard["index"]))
+            bars.append(
+                (
+                    group_label(claim.get("cuda_visible_devices"), claim.get("hostname")),
+                    claim["started_at"],
+                    claim["finished_at"],
+                    load or 0.0,
+                    shard["index"],
+                )
+            )
     groups = sorted({b[0] for b in bars})
     height = min(2.0 + 0.45 * len(groups), 24.0)
     fig, ax = plt.subplots(figsize=(10, height))
@@ -89,11 +102,28 @@ def timeline(manifest: dict, path: str) -> None:
             y = row[group]
             x0, width = (start - t0) / scale, (end - start) / scale
             load_w = min(load, end - start) / scale
-            ax.barh(y, load_w, left=x0, height=0.6, color=LOAD_COLOR, edgecolor="white", linewidth=0.5)
-            ax.barh(y, width - load_w, left=x0 + load_w, height=0.6, color=GENERATION_COLOR,
-                    edgecolor="white", linewidth=0.5)
+            ax.barh(
+                y, load_w, left=x0, height=0.6, color=LOAD_COLOR, edgecolor="white", linewidth=0.5
+            )
+            ax.barh(
+                y,
+                width - load_w,
+                left=x0 + load_w,
+                height=0.6,
+                color=GENERATION_COLOR,
+                edgecolor="white",
+                linewidth=0.5,
+            )
             if width > span / scale / 40:
-                ax.text(x0 + width / 2, y, str(index), ha="center", va="center", color="white", fontsize=8)
+                ax.text(
+                    x0 + width / 2,
+                    y,
+                    str(index),
+                    ha="center",
+                    va="center",
+                    color="white",
+                    fontsize=8,
+                )
         ax.set_yticks(range(len(groups)), groups)
         ax.invert_yaxis()
         ax.set_xlabel(f"time since the first shard started ({unit})")
@@ -101,10 +131,14 @@ def timeline(manifest: dict, path: str) -> None:
         ax.grid(axis="y", visible=False)
         from matplotlib.patches import Patch
 
-        _legend_above(ax, ncol=2, handles=[
-            Patch(color=LOAD_COLOR, label="teacher load"),
-            Patch(color=GENERATION_COLOR, label="generation (label: shard)"),
-        ])
+        _legend_above(
+            ax,
+            ncol=2,
+            handles=[
+                Patch(color=LOAD_COLOR, label="teacher load"),
+                Patch(color=GENERATION_COLOR, label="generation (label: shard)"),
+            ],
+        )
     ax.set_title(f"Shard timeline: {len(shards)} shards on {len(groups)} GPU group(s)", loc="left")
     fig.tight_layout()
     fig.savefig(path, dpi=DPI)
@@ -117,12 +151,22 @@ def throughput(manifest: dict, path: str) -> None:
     groups = group_summary(shards)
     colors = _group_colors([g["group"] for g in groups])
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4), gridspec_kw={"width_ratios": [3, 2]})
-    speeds = [(s["index"], s.get("tokens_per_second"), group_label(s.get("cuda_visible_devices"),
-                                                                    s.get("hostname"))) for s in shards]
+    speeds = [
+        (
+            s["index"],
+            s.get("tokens_per_second"),
+            group_label(s.get("cuda_visible_devices"), s.get("hostname")),
+        )
+        for s in shards
+    ]
     known = [(i, v, g) for i, v, g in speeds if v]
     if known:
-        left.bar([i for i, _, _ in known], [v for _, v, _ in known], width=0.8,
-                 color=[colors[g] for _, _, g in known])
+        left.bar(
+            [i for i, _, _ in known],
+            [v for _, v, _ in known],
+            width=0.8,
+            color=[colors[g] for _, _, g in known],
+        )
         _shard_axis(left)
         left.set_ylabel("tokens/s (generation, teacher load excluded)")
         left.set_title("Tokens/s per shard (color: GPU group)")
@@ -131,8 +175,11 @@ def throughput(manifest: dict, path: str) -> None:
     with_speed = [g for g in groups if g["tokens_per_second"]]
     if with_speed:
         ys = range(len(with_speed))
-        right.barh(ys, [g["tokens_per_second"] for g in with_speed],
-                   color=[colors[g["group"]] for g in with_speed])
+        right.barh(
+            ys,
+            [g["tokens_per_second"] for g in with_speed],
+            color=[colors[g["group"]] for g in with_speed],
+        )
         right.set_yticks(ys, [g["group"] for g in with_speed])
         right.invert_yaxis()
         for y, g in zip(ys, with_speed):
@@ -144,8 +191,11 @@ def throughput(manifest: dict, path: str) -> None:
         _note(right, "no GPU group timing")
     overall = manifest["stats"].get("throughput", {}).get("tokens_per_second")
     if overall:
-        fig.suptitle(f"Overall {overall:,.0f} tokens/s of wall time with any job running "
-                     f"({manifest['num_tokens']:,} tokens)", fontsize=11)
+        fig.suptitle(
+            f"Overall {overall:,.0f} tokens/s of wall time with any job running "
+            f"({manifest['num_tokens']:,} tokens)",
+            fontsize=11,
+        )
     fig.tight_layout()
     fig.savefig(path, dpi=DPI)
     plt.close(fig)
@@ -155,8 +205,15 @@ def _histogram(ax, hist: dict, mean: float | None, xlabel: str, color: str):
     edges, counts = hist["bin_edges"], hist["counts"]
     total = max(sum(counts), 1)
     widths = [b - a for a, b in zip(edges[:-1], edges[1:])]
-    ax.bar(edges[:-1], [100 * c / total for c in counts], width=widths, align="edge",
-           color=color, edgecolor="white", linewidth=0.5)
+    ax.bar(
+        edges[:-1],
+        [100 * c / total for c in counts],
+        width=widths,
+        align="edge",
+        color=color,
+        edgecolor="white",
+        linewidth=0.5,
+    )
     if mean is not None:
         ax.axvline(mean, color="black", linestyle="--", linewidth=1, label=f"mean {mean:.3f}")
         ax.legend(loc="upper left")
@@ -168,11 +225,18 @@ def topk_mass(manifest: dict, path: str) -> None:
     plt = _pyplot()
     stats = manifest["stats"]
     fig, ax = plt.subplots(figsize=(8, 4))
-    _histogram(ax, stats["topk_mass_histogram"], stats["mean_topk_mass"],
-               f"probability mass in the teacher's top-{manifest['top_k']} (0 to 1)", GENERATION_COLOR)
+    _histogram(
+        ax,
+        stats["topk_mass_histogram"],
+        stats["mean_topk_mass"],
+        f"probability mass in the teacher's top-{manifest['top_k']} (0 to 1)",
+        GENERATION_COLOR,
+    )
     ax.set_xlim(0, 1)
-    ax.set_title(f"How much of the distribution the top-{manifest['top_k']} captured "
-                 f"({manifest['num_tokens']:,} tokens)")
+    ax.set_title(
+        f"How much of the distribution the top-{manifest['top_k']} captured "
+        f"({manifest['num_tokens']:,} tokens)"
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=DPI)
     plt.close(fig)
@@ -186,11 +250,18 @@ def entropy(manifest: dict, path: str) -> None:
     if not hist:
         _note(ax, "No entropy stored: the shards were written with generation.store_entropy=false")
     else:
-        _histogram(ax, hist, stats.get("mean_entropy_nats"),
-                   "entropy of the teacher's full next-token distribution (nats)", "#59a14f")
+        _histogram(
+            ax,
+            hist,
+            stats.get("mean_entropy_nats"),
+            "entropy of the teacher's full next-token distribution (nats)",
+            "#59a14f",
+        )
         ax.set_xlim(0, hist["bin_edges"][-1])
-        ax.set_title(f"Exact per-token entropy (upper end: ln(vocabulary {manifest['vocab_size']:,}) "
-                     f"= {hist['bin_edges'][-1]:.2f} nats, uniform)")
+        ax.set_title(
+            f"Exact per-token entropy (upper end: ln(vocabulary {manifest['vocab_size']:,}) "
+            f"= {hist['bin_edges'][-1]:.2f} nats, uniform)"
+        )
     fig.tight_layout()
     fig.savefig(path, dpi=DPI)
     plt.close(fig)
@@ -205,7 +276,13 @@ def next_token(manifest: dict, path: str) -> None:
     values = [(i, v) for i, v in values if v is not None]
     if values:
         ax.bar([i for i, _ in values], [100 * v for _, v in values], width=0.8, color="#b07aa1")
-    ax.axhline(100 * overall, color="black", linestyle="--", linewidth=1, label=f"all shards {100 * overall:.1f}%")
+    ax.axhline(
+        100 * overall,
+        color="black",
+        linestyle="--",
+        linewidth=1,
+        label=f"all shards {100 * overall:.1f}%",
+    )
     ax.set_ylim(0, 100)
     _shard_axis(ax)
     ax.set_ylabel("next token in the top-k (% of tokens)")
@@ -224,7 +301,9 @@ def storage(manifest: dict, path: str) -> None:
     left.bar([i for i, _ in per_token], [v for _, v in per_token], width=0.8, color="#76b7b2")
     raw = stats.get("uncompressed_bytes_per_token")
     if raw:
-        left.axhline(raw, color="black", linestyle="--", linewidth=1, label=f"uncompressed {raw:.0f}")
+        left.axhline(
+            raw, color="black", linestyle="--", linewidth=1, label=f"uncompressed {raw:.0f}"
+        )
         _legend_above(left)
     _shard_axis(left)
     left.set_ylabel("bytes per token on disk")
@@ -238,8 +317,13 @@ def storage(manifest: dict, path: str) -> None:
         right.invert_yaxis()
         total = max(sum(sizes), 1)
         for y, size in enumerate(sizes):
-            right.text(size / 1e6, y, f" {human_bytes(size)} ({100 * size / total:.0f}%)", va="center",
-                       fontsize=8)
+            right.text(
+                size / 1e6,
+                y,
+                f" {human_bytes(size)} ({100 * size / total:.0f}%)",
+                va="center",
+                fontsize=8,
+            )
         right.set_xlabel("MB on disk, all shards (compressed)")
         right.set_title("Where the bytes go")
         right.margins(x=0.35)
@@ -257,8 +341,14 @@ def storage(manifest: dict, path: str) -> None:
 
 def draw_all(manifest_path: str, outputs: dict) -> None:
     manifest = json.loads(Path(manifest_path).read_text())
-    drawers = {"timeline": timeline, "throughput": throughput, "topk_mass": topk_mass,
-               "entropy": entropy, "next_token": next_token, "storage": storage}
+    drawers = {
+        "timeline": timeline,
+        "throughput": throughput,
+        "topk_mass": topk_mass,
+        "entropy": entropy,
+        "next_token": next_token,
+        "storage": storage,
+    }
     for name in FIGURES:
         Path(outputs[name]).parent.mkdir(parents=True, exist_ok=True)
         drawers[name](manifest, outputs[name])

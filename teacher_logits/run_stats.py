@@ -36,7 +36,9 @@ def busy_seconds(intervals) -> float:
     time is what the workflow achieves while it runs.
     """
     total, current_start, current_end = 0.0, None, None
-    for start, end in sorted((float(s), float(e)) for s, e in intervals if s is not None and e is not None):
+    for start, end in sorted(
+        (float(s), float(e)) for s, e in intervals if s is not None and e is not None
+    ):
         if current_end is None or start > current_end:
             if current_end is not None:
                 total += current_end - current_start
@@ -59,7 +61,8 @@ def group_summary(shards: list[dict]) -> list[dict]:
     for shard in shards:
         label = group_label(shard.get("cuda_visible_devices"), shard.get("hostname"))
         entry = groups.setdefault(
-            label, {"group": label, "shards": 0, "tokens": 0, "generation_seconds": 0.0, "intervals": []}
+            label,
+            {"group": label, "shards": 0, "tokens": 0, "generation_seconds": 0.0, "intervals": []},
         )
         entry["shards"] += 1
         entry["tokens"] += int(shard["num_tokens"])
@@ -67,14 +70,18 @@ def group_summary(shards: list[dict]) -> list[dict]:
         if seconds is None:
             seconds = (shard.get("finished_at") or 0) - (shard.get("started_at") or 0)
         entry["generation_seconds"] += float(seconds)
-        entry["intervals"] += [(c.get("started_at"), c.get("finished_at")) for c in claims_of(shard)]
+        entry["intervals"] += [
+            (c.get("started_at"), c.get("finished_at")) for c in claims_of(shard)
+        ]
     out = []
     for label in sorted(groups):
         entry = groups[label]
         busy = busy_seconds(entry.pop("intervals"))
         entry["busy_seconds"] = busy
         entry["tokens_per_second"] = (
-            entry["tokens"] / entry["generation_seconds"] if entry["generation_seconds"] > 0 else None
+            entry["tokens"] / entry["generation_seconds"]
+            if entry["generation_seconds"] > 0
+            else None
         )
         out.append(entry)
     return out
@@ -86,4 +93,8 @@ def overall_rate(shards: list[dict]) -> dict:
     busy = busy_seconds(
         (c.get("started_at"), c.get("finished_at")) for s in shards for c in claims_of(s)
     )
-    return {"tokens": tokens, "busy_seconds": busy, "tokens_per_second": tokens / busy if busy > 0 else None}
+    return {
+        "tokens": tokens,
+        "busy_seconds": busy,
+        "tokens_per_second": tokens / busy if busy > 0 else None,
+    }

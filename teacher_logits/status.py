@@ -79,8 +79,15 @@ def finished_provenance(path: Path) -> dict:
             attrs = read_attrs(handle)
     except Exception:  # a corrupt shard is gather's to report; status just shows no timing
         return {}
-    keys = ("cuda_visible_devices", "hostname", "started_at", "finished_at", "claims",
-            "generation_seconds", "teacher_load_seconds")
+    keys = (
+        "cuda_visible_devices",
+        "hostname",
+        "started_at",
+        "finished_at",
+        "claims",
+        "generation_seconds",
+        "teacher_load_seconds",
+    )
     return {key: attrs.get(key) for key in keys}
 
 
@@ -103,7 +110,9 @@ def shard_state(layout: RunLayout, entry: dict, plan_mtime: float) -> dict:
 
     if shard_path.exists() and not running:
         if shard_path.stat().st_mtime >= plan_mtime:
-            state.update(state="done", rows_done=state["num_tokens"], **finished_provenance(shard_path))
+            state.update(
+                state="done", rows_done=state["num_tokens"], **finished_provenance(shard_path)
+            )
             return state
         state["note"] = "older than the plan: will be regenerated"
         state["rows_done"] = 0
@@ -129,8 +138,11 @@ def collect(output_dir: str | os.PathLike, now: float | None = None) -> dict:
     """Everything the status table shows, as plain data (also printed by ``--json``)."""
     layout = RunLayout(output_dir)
     now = time.time() if now is None else now
-    status: dict = {"output_dir": str(output_dir), "now": now,
-                    "free_bytes": free_bytes(layout.shards_dir)}
+    status: dict = {
+        "output_dir": str(output_dir),
+        "now": now,
+        "free_bytes": free_bytes(layout.shards_dir),
+    }
     plan = read_json(layout.plan)
     if plan is None:
         status["prepared"] = False
@@ -152,7 +164,9 @@ def collect(output_dir: str | os.PathLike, now: float | None = None) -> dict:
     intervals = []
     finished = [s for s in shards if s["state"] == "done" and s.get("started_at") is not None]
     for shard in finished:
-        intervals += [(c.get("started_at"), c.get("finished_at")) for c in shard.get("claims") or []]
+        intervals += [
+            (c.get("started_at"), c.get("finished_at")) for c in shard.get("claims") or []
+        ]
     for shard in shards:
         if shard["state"] == "in progress" and shard.get("job_started_at"):
             intervals.append((shard["job_started_at"], now))
@@ -164,8 +178,11 @@ def collect(output_dir: str | os.PathLike, now: float | None = None) -> dict:
     status["groups"] = group_summary(finished)
 
     estimate = bytes_per_token(plan, layout)
-    need = sum(estimate.shard_bytes(s["num_tokens"], s["num_samples"])
-               for s in shards if s["state"] != "done")
+    need = sum(
+        estimate.shard_bytes(s["num_tokens"], s["num_samples"])
+        for s in shards
+        if s["state"] != "done"
+    )
     total = sum(estimate.shard_bytes(s["num_tokens"], s["num_samples"]) for s in shards)
     status["disk"] = {
         "bytes_per_token": estimate.bytes_per_token,
@@ -199,8 +216,10 @@ def duration(seconds: float | None) -> str:
 def render(status: dict, show_all: bool = False) -> str:
     out_dir = status["output_dir"]
     if not status["prepared"]:
-        lines = [f"{out_dir}: prepare has not finished yet (no prepared/plan.json); "
-                 "nothing to count or estimate until it has."]
+        lines = [
+            f"{out_dir}: prepare has not finished yet (no prepared/plan.json); "
+            "nothing to count or estimate until it has."
+        ]
         if status.get("prepare_error"):
             lines.append(f"prepare failed: {status['prepare_error']}")
         lines.append(f"free disk under {out_dir}: {human_bytes(status['free_bytes'])}")
@@ -212,13 +231,18 @@ def render(status: dict, show_all: bool = False) -> str:
     lines = [f"{out_dir}: {n} shards, {planned:,} tokens planned"]
     lines.append(
         f"  done {counts['done']}   in progress {counts['in progress']}   "
-        f"pending {counts['pending']}" + (f" ({partly} partly done)" if partly else "")
+        f"pending {counts['pending']}"
+        + (f" ({partly} partly done)" if partly else "")
         + f"   failed {counts['failed']}"
     )
     rate = status["tokens_per_second"]
     lines.append(
         f"  tokens done {done:,} / {planned:,} ({100 * done / max(planned, 1):.1f}%)"
-        + (f"   {rate:,.0f} tokens/s over {duration(status['busy_seconds'])} of work" if rate else "")
+        + (
+            f"   {rate:,.0f} tokens/s over {duration(status['busy_seconds'])} of work"
+            if rate
+            else ""
+        )
     )
     if done < planned:
         eta = f"  ETA {duration(status['eta_seconds'])}"
@@ -246,9 +270,15 @@ def render(status: dict, show_all: bool = False) -> str:
             f"are free under {out_dir}/shards; free space or move output_dir before the run"
         )
 
-    rows = [s for s in status["shards"]
-            if show_all or s["state"] in ("in progress", "failed") or s["rows_done"] and s["state"] != "done"
-            or s["note"]]
+    rows = [
+        s
+        for s in status["shards"]
+        if show_all
+        or s["state"] in ("in progress", "failed")
+        or s["rows_done"]
+        and s["state"] != "done"
+        or s["note"]
+    ]
     if rows:
         lines += ["", f"{'shard':>6}  {'state':<12}{'tokens':>12}  {'done':>6}  note"]
         now = status["now"]
@@ -256,20 +286,32 @@ def render(status: dict, show_all: bool = False) -> str:
             pct = f"{100 * s['rows_done'] / max(s['num_tokens'], 1):5.1f}%"
             note = s.get("error") or s["note"]
             if s["state"] == "in progress" and s.get("updated_at"):
-                note = (note + "; " if note else "") + f"progress saved {duration(now - s['updated_at'])} ago"
+                note = (
+                    note + "; " if note else ""
+                ) + f"progress saved {duration(now - s['updated_at'])} ago"
             if s["state"] == "done" and s.get("generation_seconds"):
-                note = f"{s['num_tokens'] / s['generation_seconds']:,.0f} tokens/s on " \
-                       f"{s.get('cuda_visible_devices') or 'cpu'}"
-            lines.append(f"{s['index']:>6}  {s['state']:<12}{s['num_tokens']:>12,}  {pct:>6}  {note}")
+                note = (
+                    f"{s['num_tokens'] / s['generation_seconds']:,.0f} tokens/s on "
+                    f"{s.get('cuda_visible_devices') or 'cpu'}"
+                )
+            lines.append(
+                f"{s['index']:>6}  {s['state']:<12}{s['num_tokens']:>12,}  {pct:>6}  {note}"
+            )
     if not show_all and counts["done"] + counts["pending"] > len(rows):
         lines.append("(--all lists every shard)")
 
     if status["groups"]:
-        lines += ["", "finished shards by GPU group:", f"  {'group':<24}{'shards':>7}{'tokens':>14}{'tokens/s':>12}"]
+        lines += [
+            "",
+            "finished shards by GPU group:",
+            f"  {'group':<24}{'shards':>7}{'tokens':>14}{'tokens/s':>12}",
+        ]
         for group in status["groups"]:
             speed = group["tokens_per_second"]
-            lines.append(f"  {group['group']:<24}{group['shards']:>7}{group['tokens']:>14,}"
-                         f"{(f'{speed:,.0f}' if speed else '-'):>12}")
+            lines.append(
+                f"  {group['group']:<24}{group['shards']:>7}{group['tokens']:>14,}"
+                f"{(f'{speed:,.0f}' if speed else '-'):>12}"
+            )
     return "\n".join(lines)
 
 
@@ -279,12 +321,19 @@ def main(argv: list[str] | None = None) -> int:
         description="Shards done, in progress, pending and failed; speed, ETA and disk needs of a run.",
     )
     parser.add_argument("output_dir", help="the run's output_dir (e.g. results/demo)")
-    parser.add_argument("--all", action="store_true", help="list every shard, not only the busy or failed ones")
-    parser.add_argument("--json", action="store_true", help="print the status as JSON for other tools")
+    parser.add_argument(
+        "--all", action="store_true", help="list every shard, not only the busy or failed ones"
+    )
+    parser.add_argument(
+        "--json", action="store_true", help="print the status as JSON for other tools"
+    )
     args = parser.parse_args(argv)
     if not Path(args.output_dir).is_dir():
-        print(f"status: {args.output_dir} does not exist yet; nothing has run there "
-              "(give the run's output_dir)", file=sys.stderr)
+        print(
+            f"status: {args.output_dir} does not exist yet; nothing has run there "
+            "(give the run's output_dir)",
+            file=sys.stderr,
+        )
         return 1
     status = collect(args.output_dir)
     print(json.dumps(status, indent=1) if args.json else render(status, args.all))

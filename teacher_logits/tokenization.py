@@ -28,7 +28,12 @@ class Tokenization:
     """
 
     def __init__(self, tokenizer, max_length: int, overflow: str, chat=None):
-        self.tokenizer, self.max_length, self.overflow, self.chat = tokenizer, max_length, overflow, chat
+        self.tokenizer, self.max_length, self.overflow, self.chat = (
+            tokenizer,
+            max_length,
+            overflow,
+            chat,
+        )
         tokenizer.model_max_length = max(max_length, 1) * 1000  # silence length warnings
 
     def batch(self, first_row: int, values: list) -> dict:
@@ -63,10 +68,12 @@ class Tokenization:
         return {
             "rows": np.asarray(kept, dtype=np.int64),
             "lengths": np.asarray(lengths, dtype=np.int64),
-            "input_ids": np.concatenate(id_parts).astype(np.int32) if id_parts
+            "input_ids": np.concatenate(id_parts).astype(np.int32)
+            if id_parts
             else np.zeros(0, dtype=np.int32),
-            "loss_mask": None if self.chat is None else (
-                np.concatenate(mask_parts) if mask_parts else np.zeros(0, dtype=np.uint8)),
+            "loss_mask": None
+            if self.chat is None
+            else (np.concatenate(mask_parts) if mask_parts else np.zeros(0, dtype=np.uint8)),
             "dropped": sorted(dropped, key=lambda d: d["sample_id"]),
             "truncated": truncated,
             "split": split,
@@ -95,7 +102,9 @@ class Tokenization:
         if too_long and self.overflow == "truncate":
             # The tokenizer's own truncation: post-processors (BOS/EOS) stay in place.
             again = self.tokenizer(
-                [items[i] for i in too_long], add_special_tokens=True, truncation=True,
+                [items[i] for i in too_long],
+                add_special_tokens=True,
+                truncation=True,
                 max_length=self.max_length,
             )["input_ids"]
             for i, ids in zip(too_long, again):
@@ -121,8 +130,10 @@ def tokenize_rows(data, column: str, work: Tokenization, processes: int):
     Rows are read from the memory-mapped dataset a batch at a time and only a few
     batches per process are in flight, so memory stays flat however big the data.
     """
-    batches = ((start, data[start : start + READ_BATCH_ROWS][column])
-               for start in range(0, len(data), READ_BATCH_ROWS))
+    batches = (
+        (start, data[start : start + READ_BATCH_ROWS][column])
+        for start in range(0, len(data), READ_BATCH_ROWS)
+    )
     if processes <= 1:
         for start, values in batches:
             yield work.batch(start, values)

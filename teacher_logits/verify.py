@@ -61,7 +61,9 @@ def _regenerate(shard_path: str) -> str:
 
 def checksum_problems(root: Path, manifest: dict, workers: int) -> list[str]:
     """One line per file that is missing, has another size, or another sha256."""
-    files = [(entry["path"], entry["sha256"], entry.get("bytes"), True) for entry in manifest["shards"]]
+    files = [
+        (entry["path"], entry["sha256"], entry.get("bytes"), True) for entry in manifest["shards"]
+    ]
     index = manifest.get("index")
     if index:
         files.append((index["path"], index["sha256"], index.get("bytes"), False))
@@ -69,9 +71,13 @@ def checksum_problems(root: Path, manifest: dict, workers: int) -> list[str]:
     def check(item):
         relative, expected, size, is_shard = item
         path = root / relative
-        fix = _regenerate(relative) if is_shard else (
-            "copy it again from the original store, or rerun gather there "
-            "(snakemake --cores N <your usual --config/--configfile> --forcerun gather)"
+        fix = (
+            _regenerate(relative)
+            if is_shard
+            else (
+                "copy it again from the original store, or rerun gather there "
+                "(snakemake --cores N <your usual --config/--configfile> --forcerun gather)"
+            )
         )
         if not path.is_file():
             return f"{relative}: missing; {fix}"
@@ -112,7 +118,9 @@ def deep_problems(root: Path, manifest: dict, workers: int) -> list[str]:
     try:
         expected = _expected_from_index(root, manifest)
     except Exception as exc:  # noqa: BLE001 - a damaged index is one more problem line
-        return [f"{INDEX_NAME}: unreadable ({type(exc).__name__}: {exc}); copy it again or rerun gather"]
+        return [
+            f"{INDEX_NAME}: unreadable ({type(exc).__name__}: {exc}); copy it again or rerun gather"
+        ]
     entries = {entry["index"]: entry for entry in manifest["shards"]}
     num_shards = manifest.get("num_shards", len(manifest["shards"]))
     common = {
@@ -135,8 +143,11 @@ def deep_problems(root: Path, manifest: dict, workers: int) -> list[str]:
         except Exception as exc:  # noqa: BLE001
             raise ShardError(f"input_ids unreadable ({type(exc).__name__}: {exc})") from None
         expectation = ShardExpectation(
-            sample_ids, offsets, input_ids,
-            {**common, "shard_index": index, "num_shards": num_shards}, manifest["vocab_size"],
+            sample_ids,
+            offsets,
+            input_ids,
+            {**common, "shard_index": index, "num_shards": num_shards},
+            manifest["vocab_size"],
         )
         summary = validate_shard(path, expectation, progress=progress)
         if summary.num_tokens != entry["num_tokens"] or summary.num_samples != entry["num_samples"]:
@@ -168,7 +179,10 @@ def verify(path: str | Path, deep: bool = False, workers: int | None = None) -> 
         )
     if deep:
         missing = {line.split(":", 1)[0] for line in problems if ": missing;" in line}
-        present = {**manifest, "shards": [e for e in manifest["shards"] if e["path"] not in missing]}
+        present = {
+            **manifest,
+            "shards": [e for e in manifest["shards"] if e["path"] not in missing],
+        }
         problems += deep_problems(root, present, workers)
     return problems
 
@@ -179,10 +193,17 @@ def main(argv: list[str] | None = None) -> int:
         description="Check a gathered store against the sha256 checksums in its manifest.json.",
     )
     parser.add_argument("output_dir", help="the store: the folder with index.h5 and manifest.json")
-    parser.add_argument("--deep", action="store_true",
-                        help="also re-validate every shard's contents (slower: reads all data)")
-    parser.add_argument("--workers", type=int, default=None,
-                        help="processes/threads to use (default: the CPUs available, at most 8)")
+    parser.add_argument(
+        "--deep",
+        action="store_true",
+        help="also re-validate every shard's contents (slower: reads all data)",
+    )
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="processes/threads to use (default: the CPUs available, at most 8)",
+    )
     args = parser.parse_args(argv)
     root = store_dir(args.output_dir)
     try:

@@ -58,6 +58,7 @@ class Chromium:
         # Our ends: we write commands to `to_browser`, read replies from `from_browser`.
         browser_in, self._to_browser = os.pipe()
         self._from_browser, browser_out = os.pipe()
+
         # The child must see them as fds 3 and 4. Moved out of the way first: either
         # may already be numbered 3 or 4 here. dup2'd descriptors are inheritable.
         def wire():
@@ -67,10 +68,18 @@ class Chromium:
             os.dup2(high_out, 4)
 
         self.process = subprocess.Popen(
-            [binary, *FLAGS, f"--user-data-dir={self.profile}", f"--window-size={width},{height}",
-             "about:blank"],
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-            preexec_fn=wire, close_fds=False,
+            [
+                binary,
+                *FLAGS,
+                f"--user-data-dir={self.profile}",
+                f"--window-size={width},{height}",
+                "about:blank",
+            ],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            preexec_fn=wire,
+            close_fds=False,
         )
         os.close(browser_in)
         os.close(browser_out)
@@ -86,12 +95,16 @@ class Chromium:
                 raise ChromiumError("no reply from Chromium in time")
             chunk = os.read(self._from_browser, 1 << 20)
             if not chunk:
-                raise ChromiumError(f"Chromium exited: {self.process.stderr.read().decode()[-2000:]}")
+                raise ChromiumError(
+                    f"Chromium exited: {self.process.stderr.read().decode()[-2000:]}"
+                )
             self._buffer += chunk
         message, self._buffer = self._buffer.split(b"\0", 1)
         return json.loads(message)
 
-    def send(self, method: str, params: dict | None = None, session: bool = True, timeout: float = 60):
+    def send(
+        self, method: str, params: dict | None = None, session: bool = True, timeout: float = 60
+    ):
         self._next_id += 1
         message = {"id": self._next_id, "method": method, "params": params or {}}
         if session and self.session:
@@ -109,20 +122,33 @@ class Chromium:
     def open(self, url: str) -> None:
         """Load ``url`` in the driver's tab (created on first use)."""
         if self.session is None:
-            target = self.send("Target.createTarget", {"url": "about:blank"}, session=False)["targetId"]
+            target = self.send("Target.createTarget", {"url": "about:blank"}, session=False)[
+                "targetId"
+            ]
             self.session = self.send(
                 "Target.attachToTarget", {"targetId": target, "flatten": True}, session=False
             )["sessionId"]
             self.send("Page.enable")
-            self.send("Emulation.setDeviceMetricsOverride",
-                      {"width": self.width, "height": self.height, "deviceScaleFactor": 1, "mobile": False})
+            self.send(
+                "Emulation.setDeviceMetricsOverride",
+                {
+                    "width": self.width,
+                    "height": self.height,
+                    "deviceScaleFactor": 1,
+                    "mobile": False,
+                },
+            )
         self.send("Page.navigate", {"url": url})
-        self.wait_for("document.readyState === 'complete' && location.href !== 'about:blank'",
-                      what=f"{url} to load")
+        self.wait_for(
+            "document.readyState === 'complete' && location.href !== 'about:blank'",
+            what=f"{url} to load",
+        )
 
     def evaluate(self, expression: str):
-        result = self.send("Runtime.evaluate", {"expression": expression, "returnByValue": True,
-                                                "awaitPromise": True})
+        result = self.send(
+            "Runtime.evaluate",
+            {"expression": expression, "returnByValue": True, "awaitPromise": True},
+        )
         if "exceptionDetails" in result:
             raise ChromiumError(f"{expression!r}: {result['exceptionDetails']}")
         return result["result"].get("value")

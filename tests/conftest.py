@@ -16,8 +16,16 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ["TOKENIZERS_PARALLELISM"] = "false"
 
-WORKFLOW_FILES = ("Snakefile", "rules", "workflow_scripts", "teacher_logits", "config", "profiles", "environment.yml",
-                  "report")
+WORKFLOW_FILES = (
+    "Snakefile",
+    "rules",
+    "workflow_scripts",
+    "teacher_logits",
+    "config",
+    "profiles",
+    "environment.yml",
+    "report",
+)
 
 
 def snakemake_bin() -> str:
@@ -48,11 +56,25 @@ class Workflow:
         full_env = {**os.environ, "TEACHER_LOGITS_GPU_LOCK_DIR": str(self.lock_dir), **(env or {})}
         return cmd, full_env
 
-    def run(self, *args, config: dict | None = None, check: bool = True, env: dict | None = None,
-            timeout: int = 900, **popen_kwargs) -> subprocess.CompletedProcess:
+    def run(
+        self,
+        *args,
+        config: dict | None = None,
+        check: bool = True,
+        env: dict | None = None,
+        timeout: int = 900,
+        **popen_kwargs,
+    ) -> subprocess.CompletedProcess:
         cmd, full_env = self.command(*args, config=config, env=env)
-        result = subprocess.run(cmd, cwd=self.root, env=full_env, capture_output=True, text=True,
-                                timeout=timeout, **popen_kwargs)
+        result = subprocess.run(
+            cmd,
+            cwd=self.root,
+            env=full_env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            **popen_kwargs,
+        )
         if check and result.returncode != 0:
             raise AssertionError(
                 f"{' '.join(cmd)} failed ({result.returncode}):\n{result.stdout[-4000:]}\n"
@@ -64,8 +86,14 @@ class Workflow:
         """Run snakemake in the background, in its own process group (kill it with ``killpg``)."""
         cmd, full_env = self.command(*args, config=config, env=env)
         log = open(self.root / f"background-{len(list(self.root.glob('background-*')))}.log", "w")
-        return subprocess.Popen(cmd, cwd=self.root, env=full_env, stdout=log,
-                                stderr=subprocess.STDOUT, start_new_session=True)
+        return subprocess.Popen(
+            cmd,
+            cwd=self.root,
+            env=full_env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
 
     def path(self, *parts) -> Path:
         return self.root.joinpath(*parts)

@@ -30,8 +30,10 @@ def missing_requirements() -> str | None:
         return "the SLURM tests start slurmctld/slurmd/munged and need root"
     missing = [tool for tool in DAEMONS + CLIENTS if shutil.which(tool, path=_sbin_path()) is None]
     if missing:
-        return (f"SLURM is not installed ({', '.join(missing)} missing); "
-                "`make slurm-deps` installs Debian's slurm-wlm and munge")
+        return (
+            f"SLURM is not installed ({', '.join(missing)} missing); "
+            "`make slurm-deps` installs Debian's slurm-wlm and munge"
+        )
     return None
 
 
@@ -67,8 +69,10 @@ class SlurmCluster:
     @property
     def env(self) -> dict:
         """Point SLURM's clients at this cluster (``bin/`` first: see ``_write_files``)."""
-        return {"SLURM_CONF": str(self.conf),
-                "PATH": os.pathsep.join([str(self.root / "bin"), _sbin_path()])}
+        return {
+            "SLURM_CONF": str(self.conf),
+            "PATH": os.pathsep.join([str(self.root / "bin"), _sbin_path()]),
+        }
 
     def _write_files(self) -> None:
         for sub in ("munge", "state", "spool", "log", "dev", "bin"):
@@ -125,7 +129,7 @@ ReturnToService=2
 SlurmdParameters=config_overrides
 MinJobAge=600
 KillWait=5
-Prolog={self.root / 'bin' / 'prolog'}
+Prolog={self.root / "bin" / "prolog"}
 PrologFlags=Alloc
 GresTypes=gpu
 NodeName={self.node} NodeAddr=127.0.0.1 CPUs={self.cpus} RealMemory={self.memory_mb} Gres=gpu:{NUM_GPUS} State=UNKNOWN
@@ -139,20 +143,31 @@ PartitionName=debug Nodes={self.node} Default=YES MaxTime=INFINITE State=UP
     def _spawn(self, name: str, cmd: list[str]) -> None:
         out = open(self.root / "log" / f"{name}.out", "w")
         self.procs[name] = subprocess.Popen(
-            cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            env={**os.environ, **self.env}, start_new_session=True,
+            cmd,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env={**os.environ, **self.env},
+            start_new_session=True,
         )
         out.close()
 
-    def start(self, timeout: float = 60) -> "SlurmCluster":
+    def start(self, timeout: float = 60) -> SlurmCluster:
         self._write_files()
         munge = self.root / "munge"
-        self._spawn("munged", [
-            _which("munged"), "--foreground", "--force",
-            f"--socket={self.munge_socket}", f"--key-file={munge / 'munge.key'}",
-            f"--pid-file={munge / 'munged.pid'}", f"--log-file={munge / 'munged.log'}",
-            f"--seed-file={munge / 'munged.seed'}",
-        ])
+        self._spawn(
+            "munged",
+            [
+                _which("munged"),
+                "--foreground",
+                "--force",
+                f"--socket={self.munge_socket}",
+                f"--key-file={munge / 'munge.key'}",
+                f"--pid-file={munge / 'munged.pid'}",
+                f"--log-file={munge / 'munged.log'}",
+                f"--seed-file={munge / 'munged.seed'}",
+            ],
+        )
         self._wait(lambda: self.munge_socket.exists(), timeout, "munged")
         # -i: ignore any saved state; this cluster lives only as long as the test.
         self._spawn("slurmctld", [_which("slurmctld"), "-D", "-i", "-f", str(self.conf)])
@@ -169,8 +184,10 @@ PartitionName=debug Nodes={self.node} Default=YES MaxTime=INFINITE State=UP
         while time.monotonic() < deadline:
             for name, proc in self.procs.items():
                 if proc.poll() is not None:
-                    raise RuntimeError(f"{name} exited ({proc.returncode}) while waiting for "
-                                       f"{what}:\n{self.logs()}")
+                    raise RuntimeError(
+                        f"{name} exited ({proc.returncode}) while waiting for "
+                        f"{what}:\n{self.logs()}"
+                    )
             if ready():
                 return
             time.sleep(0.5)
@@ -183,8 +200,14 @@ PartitionName=debug Nodes={self.node} Default=YES MaxTime=INFINITE State=UP
         return {job: gpus for job, _, gpus in (line.partition(" ") for line in lines)}
 
     def client(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-        return subprocess.run([_which(args[0]), *args[1:]], env={**os.environ, **self.env},
-                              capture_output=True, text=True, check=check, timeout=60)
+        return subprocess.run(
+            [_which(args[0]), *args[1:]],
+            env={**os.environ, **self.env},
+            capture_output=True,
+            text=True,
+            check=check,
+            timeout=60,
+        )
 
     def logs(self) -> str:
         parts = []
@@ -198,9 +221,10 @@ PartitionName=debug Nodes={self.node} Default=YES MaxTime=INFINITE State=UP
         if "slurmctld" in self.procs and self.procs["slurmctld"].poll() is None:
             self.client("scancel", "--full", "--quiet", "-u", "root", check=False)
             deadline = time.monotonic() + 20
-            while time.monotonic() < deadline and self.client(
-                "squeue", "-h", "-o", "%i", check=False
-            ).stdout.strip():
+            while (
+                time.monotonic() < deadline
+                and self.client("squeue", "-h", "-o", "%i", check=False).stdout.strip()
+            ):
                 time.sleep(0.5)
         for name in reversed(DAEMONS):
             proc = self.procs.get(name)

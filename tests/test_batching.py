@@ -116,7 +116,7 @@ def check_windows(lengths: np.ndarray, bounds: list[tuple[int, int]], window_tok
         return
     assert bounds[0][0] == 0
     assert bounds[-1][1] == len(lengths)
-    for (s0, s1), (t0, _) in zip(bounds, bounds[1:]):
+    for (_, s1), (t0, _) in zip(bounds, bounds[1:]):
         assert s1 == t0  # consecutive, no gap or overlap
     for s0, s1 in bounds:
         assert s1 > s0  # never empty

@@ -7,17 +7,15 @@ import h5py
 import numpy as np
 import pytest
 import yaml
-
 from conftest import REPO
+
+from teacher_logits import LogitStore
 from teacher_logits.chat import ChatRenderer, template_text
 from teacher_logits.errors import UserError
-from teacher_logits import LogitStore
 from teacher_logits.store.format import needed_rows
 
 # ChatML: the role header before the content, <|im_end|> (a stop token) after it.
-CHATML = (
-    "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
-)
+CHATML = "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
 # Quite another shape: plain-text headers, trimmed content, a text footer before the eos
 # after the assistant turn, system turns in brackets, and a closing line after everything.
 QA = (
@@ -49,8 +47,11 @@ def tokenizer(demo_dir):
 
 def stops_for(tokenizer, template):
     # ChatML models stop on <|im_end|> (their generation_config lists it); QA on eos.
-    return [tokenizer.convert_tokens_to_ids("<|im_end|>")] if template is CHATML else [
-        tokenizer.eos_token_id]
+    return (
+        [tokenizer.convert_tokens_to_ids("<|im_end|>")]
+        if template is CHATML
+        else [tokenizer.eos_token_id]
+    )
 
 
 def trained_pieces(tokenizer, ids, mask) -> list[str]:
@@ -67,11 +68,15 @@ def trained_pieces(tokenizer, ids, mask) -> list[str]:
     return pieces
 
 
-@pytest.mark.parametrize("template,expected", [
-    (CHATML, [" It is 4. <|im_end|>", "6<|im_end|>"]),
-    # Text the template puts after the answer, up to its end of turn, is generated too.
-    (QA, ["It is 4.\n--- end of answer ---</s>", "6\n--- end of answer ---</s>"]),
-], ids=["chatml", "text-around-turns"])
+@pytest.mark.parametrize(
+    "template,expected",
+    [
+        (CHATML, [" It is 4. <|im_end|>", "6<|im_end|>"]),
+        # Text the template puts after the answer, up to its end of turn, is generated too.
+        (QA, ["It is 4.\n--- end of answer ---</s>", "6\n--- end of answer ---</s>"]),
+    ],
+    ids=["chatml", "text-around-turns"],
+)
 def test_loss_mask_is_the_assistant_turns_with_their_end_of_turn(tokenizer, template, expected):
     renderer = ChatRenderer(tokenizer, template, ["assistant"], stops_for(tokenizer, template))
     [(ids, mask)] = renderer.encode([0], [CONVERSATION])
@@ -96,10 +101,14 @@ def test_train_roles_choose_the_turns(tokenizer, template):
 
 def test_content_repeated_in_the_template_text_is_located_exactly(tokenizer):
     """A reply that equals template words ('assistant', 'Answer') is not confused with them."""
-    conversation = [{"role": "user", "content": "assistant"},
-                    {"role": "assistant", "content": "Answer"}]
-    for template, expected in ((CHATML, ["Answer<|im_end|>"]),
-                               (QA, ["Answer\n--- end of answer ---</s>"])):
+    conversation = [
+        {"role": "user", "content": "assistant"},
+        {"role": "assistant", "content": "Answer"},
+    ]
+    for template, expected in (
+        (CHATML, ["Answer<|im_end|>"]),
+        (QA, ["Answer\n--- end of answer ---</s>"]),
+    ):
         renderer = ChatRenderer(tokenizer, template, ["assistant"], stops_for(tokenizer, template))
         [(ids, mask)] = renderer.encode([0], [conversation])
         assert trained_pieces(tokenizer, ids, mask) == expected
@@ -112,22 +121,27 @@ def test_template_that_rewrites_content(tokenizer):
     [(ids, mask)] = renderer.encode([0], [CONVERSATION[1:3]])
     assert trained_pieces(tokenizer, ids, mask) == [" IT IS 4. <|im_end|>"]
     # A template that cuts content apart leaves nothing to locate: a clear error.
-    cutting = ("{% for m in messages %}<{{ m.role }}>{{ m.content.split('4')[-1] }}"
-               "<|im_end|>{% endfor %}")
+    cutting = (
+        "{% for m in messages %}<{{ m.role }}>{{ m.content.split('4')[-1] }}<|im_end|>{% endfor %}"
+    )
     renderer = ChatRenderer(tokenizer, cutting, ["assistant"], stops_for(tokenizer, CHATML))
-    with pytest.raises(UserError, match="dataset row 7: the chat template changes the text of "
-                                        "message 1"):
+    with pytest.raises(
+        UserError, match="dataset row 7: the chat template changes the text of message 1"
+    ):
         renderer.encode([7], [CONVERSATION[1:3]])
 
 
-@pytest.mark.parametrize("messages,match", [
-    ([{"role": "wizard", "content": "hi"}], r"dataset row 3, message 0: unknown role 'wizard'"),
-    ([{"role": "user"}], r"dataset row 3, message 0 \(user\): no content"),
-    ([{"role": "user", "content": None}], r"message 0 \(user\): no content"),
-    ([{"role": "user", "content": [{"type": "text"}]}], r"no content"),
-    ("hello", r"dataset row 3: the messages field holds str, not a list"),
-    ([["user", "hi"]], r"dataset row 3, message 0: list instead of a \{role, content\}"),
-])
+@pytest.mark.parametrize(
+    "messages,match",
+    [
+        ([{"role": "wizard", "content": "hi"}], r"dataset row 3, message 0: unknown role 'wizard'"),
+        ([{"role": "user"}], r"dataset row 3, message 0 \(user\): no content"),
+        ([{"role": "user", "content": None}], r"message 0 \(user\): no content"),
+        ([{"role": "user", "content": [{"type": "text"}]}], r"no content"),
+        ("hello", r"dataset row 3: the messages field holds str, not a list"),
+        ([["user", "hi"]], r"dataset row 3, message 0: list instead of a \{role, content\}"),
+    ],
+)
 def test_bad_messages_are_clear_errors(tokenizer, messages, match):
     renderer = ChatRenderer(tokenizer, CHATML, ["assistant"], [])
     with pytest.raises(UserError, match=match):
@@ -136,8 +150,9 @@ def test_bad_messages_are_clear_errors(tokenizer, messages, match):
 
 def test_a_tokenizer_without_a_template_needs_one_given(tokenizer, tmp_path):
     assert tokenizer.chat_template is None  # the demo tokenizer has none
-    with pytest.raises(UserError, match="no chat template; give a Jinja template file as "
-                                        "dataset.chat_template"):
+    with pytest.raises(
+        UserError, match="no chat template; give a Jinja template file as dataset.chat_template"
+    ):
         template_text(tokenizer, None)
     path = tmp_path / "t.jinja"
     path.write_text(QA)
@@ -157,14 +172,22 @@ def chat_teacher(demo_dir, out, template=CHATML):
     tokenizer.chat_template = template
     torch.manual_seed(0)
     config = AutoConfig.for_model(
-        "llama", vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
-        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        "llama",
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
     model = AutoModelForCausalLM.from_config(config)
     model.generation_config = GenerationConfig(
-        eos_token_id=[tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>")])
+        eos_token_id=[tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>")]
+    )
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     return out
@@ -178,8 +201,10 @@ def chat_dataset(demo_dir, path, count=40):
         turns = [] if i % 3 else [{"role": "system", "content": "You answer about Python."}]
         for j in range(1 + i % 3):
             question, answer = texts[4 * i + 2 * j][:120], texts[4 * i + 2 * j + 1][:200]
-            turns += [{"role": "user", "content": question},
-                      {"role": "assistant", "content": f" {answer}\n" if j % 2 else answer}]
+            turns += [
+                {"role": "user", "content": question},
+                {"role": "assistant", "content": f" {answer}\n" if j % 2 else answer},
+            ]
         rows.append({"messages": turns, "id": i})
     rows[5]["messages"] = []  # dropped and listed, never fatal
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -193,8 +218,11 @@ def test_chat_workflow_loss_mask_and_masked_only_storage(workflow, demo_dir, tmp
     template.write_text(QA)
     config = {
         "teacher": {"path": str(teacher), "dtype": "float32"},
-        "dataset": {"path": str(tmp_path / "chat.jsonl"), "messages_field": "messages",
-                    "chat_template": str(template)},
+        "dataset": {
+            "path": str(tmp_path / "chat.jsonl"),
+            "messages_field": "messages",
+            "chat_template": str(template),
+        },
         "tokenize": {"max_length": 200},
         "storage": {"value_dtype": "float32"},
         "num_shards": 2,
@@ -259,16 +287,23 @@ def test_chat_workflow_loss_mask_and_masked_only_storage(workflow, demo_dir, tmp
 
 def test_chat_settings_are_checked_at_plan_time(workflow, tmp_path):
     cases = [
-        ({"dataset": {"chat_template": str(tmp_path / "x.jinja")}},
-         "dataset.chat_template is set but dataset.messages_field is null"),
-        ({"dataset": {"messages_field": "messages", "chat_template": str(tmp_path / "x.jinja")}},
-         f"dataset.chat_template: file {tmp_path / 'x.jinja'} does not exist"),
-        ({"generation": {"store_masked_only": True}},
-         "generation.store_masked_only needs a loss mask"),
-        ({"dataset": {"messages_field": "messages", "train_roles": ["robot"]}},
-         "dataset.train_roles.0: 'robot' is not one of"),
-        ({"dataset": {"messages_field": "messages", "train_roles": []}},
-         "dataset.train_roles"),
+        (
+            {"dataset": {"chat_template": str(tmp_path / "x.jinja")}},
+            "dataset.chat_template is set but dataset.messages_field is null",
+        ),
+        (
+            {"dataset": {"messages_field": "messages", "chat_template": str(tmp_path / "x.jinja")}},
+            f"dataset.chat_template: file {tmp_path / 'x.jinja'} does not exist",
+        ),
+        (
+            {"generation": {"store_masked_only": True}},
+            "generation.store_masked_only needs a loss mask",
+        ),
+        (
+            {"dataset": {"messages_field": "messages", "train_roles": ["robot"]}},
+            "dataset.train_roles.0: 'robot' is not one of",
+        ),
+        ({"dataset": {"messages_field": "messages", "train_roles": []}}, "dataset.train_roles"),
     ]
     for config, message in cases:
         result = workflow.run("-n", config=config, check=False)
@@ -291,7 +326,10 @@ def test_chat_and_overflow_settings_enter_the_fingerprint_only_when_used(tmp_pat
 
     config["tokenize"]["overflow"] = "split"
     assert meaning_settings(config)["tokenize"] == {
-        "max_length": 2048, "overflow": "split", "stride": 17}
+        "max_length": 2048,
+        "overflow": "split",
+        "stride": 17,
+    }
     config["dataset"]["messages_field"] = "messages"
     template = tmp_path / "t.jinja"
     template.write_text(CHATML)
@@ -299,5 +337,7 @@ def test_chat_and_overflow_settings_enter_the_fingerprint_only_when_used(tmp_pat
     chat = meaning_settings(config)
     assert chat["dataset"]["train_roles"] == ["user"]
     template.write_text(QA)  # the template's text counts, not its path
-    assert meaning_settings(config)["dataset"]["chat_template_sha256"] != chat["dataset"][
-        "chat_template_sha256"]
+    assert (
+        meaning_settings(config)["dataset"]["chat_template_sha256"]
+        != chat["dataset"]["chat_template_sha256"]
+    )

@@ -159,9 +159,18 @@ def crashing_offset(path) -> int:
     try:
         for offset in candidates:
             probe = subprocess.run(
-                [sys.executable, "-c", CRASH_PROBE, str(REPO), str(path), str(offset), str(BAD),
-                 str(trial)],
-                capture_output=True, timeout=300,
+                [
+                    sys.executable,
+                    "-c",
+                    CRASH_PROBE,
+                    str(REPO),
+                    str(path),
+                    str(offset),
+                    str(BAD),
+                    str(trial),
+                ],
+                capture_output=True,
+                timeout=300,
             )
             if probe.returncode == -signal.SIGSEGV:
                 return offset
@@ -251,8 +260,9 @@ def test_gather_names_the_bad_shard_and_the_command(store, tmp_path, damage, mes
 
     if damage is flip_crashing_metadata:
         # The printed command is the user's own one, and it repairs the store.
-        repair = subprocess.run(shlex.split(command), cwd=wf.root, capture_output=True,
-                                text=True, timeout=900)
+        repair = subprocess.run(
+            shlex.split(command), cwd=wf.root, capture_output=True, text=True, timeout=900
+        )
         assert repair.returncode == 0, repair.stderr[-3000:]
         counts = job_counts(repair.stdout + repair.stderr)
         assert counts.get("generate") == 1 and counts.get("gather") == 1
@@ -272,7 +282,8 @@ def test_two_bad_shards_are_reported_together(store, tmp_path):
     assert "2 shard(s) failed validation" in result.stderr
     assert re.search(
         r"--forcerun results/demo/shards/shard_00000.h5 results/demo/shards/shard_00002.h5$",
-        result.stderr, re.M,
+        result.stderr,
+        re.M,
     )
     assert all(f"shard {i} (" in result.stderr for i in (0, 2))
 
@@ -299,8 +310,14 @@ def run_verify(store, *args, tmp_path):
         (poison / name).mkdir(parents=True, exist_ok=True)
         (poison / name / "__init__.py").write_text(f"raise ImportError('verify imported {name}')\n")
     env = {**os.environ, "PYTHONPATH": f"{poison}{os.pathsep}{REPO}"}
-    return subprocess.run([sys.executable, "-m", "teacher_logits.verify", str(store), *args],
-                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", "teacher_logits.verify", str(store), *args],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
 
 
 def unused_btree_byte(path) -> int:
@@ -370,8 +387,18 @@ def _damage_manifest(root):
     return "manifest.json: unreadable"
 
 
-@pytest.mark.parametrize("damage", [_flip_unused, _flip_attribute_bit, _flip_data, _flip_index,
-                                    _truncate, _delete, _damage_manifest])
+@pytest.mark.parametrize(
+    "damage",
+    [
+        _flip_unused,
+        _flip_attribute_bit,
+        _flip_data,
+        _flip_index,
+        _truncate,
+        _delete,
+        _damage_manifest,
+    ],
+)
 def test_verify_catches_any_changed_byte(store, tmp_path, damage):
     base, _ = store
     copy = copy_store(base, tmp_path / "store")
@@ -391,7 +418,9 @@ def test_unused_space_flip_is_invisible_to_validation_but_not_to_verify(store, t
     deep = run_verify(copy, "--deep", tmp_path=tmp_path)
     # Only the checksum sees it: the deep check adds no second line for this shard.
     assert deep.returncode == 1
-    assert [line.split(":")[0] for line in deep.stdout.splitlines()[:-1]] == ["shards/shard_00001.h5"]
+    assert [line.split(":")[0] for line in deep.stdout.splitlines()[:-1]] == [
+        "shards/shard_00001.h5"
+    ]
 
 
 def test_deep_verify_says_what_is_wrong_inside(store, tmp_path):
@@ -406,15 +435,33 @@ def test_deep_verify_says_what_is_wrong_inside(store, tmp_path):
     assert "--forcerun <output_dir>/shards/shard_00001.h5" in lines[0]
 
 
-@pytest.mark.parametrize("argv,expected", [
-    (["snakemake", "--cores", "8", "--configfile", "my.yaml"],
-     "snakemake --cores 8 --configfile my.yaml --forcerun S"),
-    (["snakemake", "--cores", "8", "--forcerun", "gather", "prepare", "--config", "gpus=0,1"],
-     "snakemake --cores 8 --config gpus=0,1 --forcerun S"),
-    (["snakemake", "-n", "--config", "force_regenerate=true", "--cores", "2"],
-     "snakemake --cores 2 --forcerun S"),
-    (None, "snakemake --cores N <your usual --config/--configfile> --forcerun S"),
-])
+@pytest.mark.parametrize(
+    "argv,expected",
+    [
+        (
+            ["snakemake", "--cores", "8", "--configfile", "my.yaml"],
+            "snakemake --cores 8 --configfile my.yaml --forcerun S",
+        ),
+        (
+            [
+                "snakemake",
+                "--cores",
+                "8",
+                "--forcerun",
+                "gather",
+                "prepare",
+                "--config",
+                "gpus=0,1",
+            ],
+            "snakemake --cores 8 --config gpus=0,1 --forcerun S",
+        ),
+        (
+            ["snakemake", "-n", "--config", "force_regenerate=true", "--cores", "2"],
+            "snakemake --cores 2 --forcerun S",
+        ),
+        (None, "snakemake --cores N <your usual --config/--configfile> --forcerun S"),
+    ],
+)
 def test_regenerate_hint_is_the_users_command_with_forcerun(monkeypatch, argv, expected):
     import teacher_logits.gather as gather
 

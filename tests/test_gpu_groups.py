@@ -166,17 +166,21 @@ def test_device_plan_end_to_end():
     assert plan.gpus_per_job == 2 and plan.local_gpus == 4 and plan.wants_gpu
     for empty in ("", None, []):
         cpu = gpu_groups.device_plan({"gpus": empty, "gpus_per_model": 2}, environ={})
-        assert cpu.mode == "cpu" and cpu.groups == () and cpu.gpus_per_job == 0 and not cpu.wants_gpu
-    scheduler = gpu_groups.device_plan({"gpus": "", "gpus_per_model": 2,
-                                        "gpu_assignment": "scheduler"}, environ={})
+        assert (
+            cpu.mode == "cpu" and cpu.groups == () and cpu.gpus_per_job == 0 and not cpu.wants_gpu
+        )
+    scheduler = gpu_groups.device_plan(
+        {"gpus": "", "gpus_per_model": 2, "gpu_assignment": "scheduler"}, environ={}
+    )
     assert scheduler.mode == "scheduler" and scheduler.gpus_per_job == 2
     assert scheduler.local_gpus == 0  # a scheduler's jobs are not capped locally
 
 
 def test_device_plan_checks_ids_against_the_shell_mask():
     with pytest.raises(GpuConfigError, match="exposes only 2 GPU"):
-        gpu_groups.device_plan({"gpus": "0,1,2,3", "gpus_per_model": 2},
-                               environ={"CUDA_VISIBLE_DEVICES": "4,5"})
+        gpu_groups.device_plan(
+            {"gpus": "0,1,2,3", "gpus_per_model": 2}, environ={"CUDA_VISIBLE_DEVICES": "4,5"}
+        )
 
 
 # --------------------------------------------------------------------------------------
@@ -326,9 +330,7 @@ def test_gpu_claim_uuid_mask_lock_files(lock_dir):
 def test_gpu_claim_bad_mask_fails_at_once(lock_dir):
     start = time.monotonic()
     with pytest.raises(GpuConfigError, match="CUDA_VISIBLE_DEVICES"):
-        with claim_for(
-            "0,1,2,3", 2, environ={"CUDA_VISIBLE_DEVICES": "4,5"}, poll_seconds=5
-        ):
+        with claim_for("0,1,2,3", 2, environ={"CUDA_VISIBLE_DEVICES": "4,5"}, poll_seconds=5):
             pass
     assert time.monotonic() - start < 2
 
@@ -492,7 +494,9 @@ def test_claim_group_waits_until_holder_exits(lock_dir, tmp_path):
         t0 = time.monotonic()
         directory = gpu_groups.lock_dir()
         assert gpu_groups.try_claim([(0, 1)], None, HOLDER, directory) is None
-        claim = gpu_groups.claim_group([(0, 1)], None, HOLDER, poll_seconds=0.02, report_every_s=0.2)
+        claim = gpu_groups.claim_group(
+            [(0, 1)], None, HOLDER, poll_seconds=0.02, report_every_s=0.2
+        )
         waited = time.monotonic() - t0
         assert claim.cuda_visible_devices == "0,1"
         assert waited >= 0.5 * hold, f"claimed after {waited:.2f}s while the holder still held"
@@ -531,8 +535,14 @@ def test_many_processes_never_share_a_group(lock_dir, tmp_path):
             records.append(record)
             procs.append(
                 spawn_holder(
-                    lock_dir, tmp_path / f"ready-{i}", "0,1,2,3", 2, hold=0.2,
-                    go=str(go), record=str(record), first=i,
+                    lock_dir,
+                    tmp_path / f"ready-{i}",
+                    "0,1,2,3",
+                    2,
+                    hold=0.2,
+                    go=str(go),
+                    record=str(record),
+                    first=i,
                 )
             )
         time.sleep(0.3)  # let the interpreters start, then release them together
@@ -563,5 +573,7 @@ def test_gpu_groups_imports_neither_snakemake_nor_torch():
         "assert 'torch' not in sys.modules and 'snakemake' not in sys.modules, "
         "sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'snakemake'))"
     )
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60
+    )
     assert result.returncode == 0, result.stderr

@@ -75,8 +75,14 @@ def _done(wf) -> int:
 
 def _run_and_kill(wf, command, env, rng, kill_when_done: int | None, kills: int) -> list[int]:
     """Run the command; once `kill_when_done` shards exist, SIGKILL `kills` claim holders."""
-    process = subprocess.Popen(command, cwd=wf.root, env=env, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL, start_new_session=True)
+    process = subprocess.Popen(
+        command,
+        cwd=wf.root,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     killed: list[int] = []
     try:
         while process.poll() is None:
@@ -110,8 +116,9 @@ def test_many_jobs_with_kills_never_share_a_gpu(workflow):
     # Kill while jobs hold claims, at a few points of the run; each rerun is the same command.
     for kill_when_done in (4, 20, 40):
         killed += _run_and_kill(workflow, command, env, rng, kill_when_done, kills=2)
-    final = subprocess.run(command, cwd=workflow.root, env=env, capture_output=True, text=True,
-                           timeout=1800)
+    final = subprocess.run(
+        command, cwd=workflow.root, env=env, capture_output=True, text=True, timeout=1800
+    )
     assert final.returncode == 0, final.stderr[-4000:]
     assert len(killed) >= 3, f"only {len(killed)} jobs were killed: the test proved little"
 
@@ -131,7 +138,7 @@ def test_many_jobs_with_kills_never_share_a_gpu(workflow):
     assert groups_used == GROUPS
     for gpu, spans in intervals.items():
         spans.sort()
-        for (start_a, end_a, shard_a), (start_b, end_b, shard_b) in zip(spans, spans[1:]):
+        for (_start_a, end_a, shard_a), (start_b, _end_b, shard_b) in zip(spans, spans[1:]):
             assert start_b >= end_a, f"GPU {gpu} claimed by {shard_a} and {shard_b} at once"
 
     # No lock left behind: every GPU lock is free now, and Snakemake's own lock is gone.
@@ -142,8 +149,9 @@ def test_many_jobs_with_kills_never_share_a_gpu(workflow):
         finally:
             os.close(fd)
     assert not list(workflow.path(".snakemake", "locks").glob("*"))
-    again = subprocess.run(command, cwd=workflow.root, env=env, capture_output=True, text=True,
-                           timeout=600)
+    again = subprocess.run(
+        command, cwd=workflow.root, env=env, capture_output=True, text=True, timeout=600
+    )
     assert again.returncode == 0 and "Nothing to be done" in again.stdout + again.stderr
     manifest = workflow.manifest()
     assert len(manifest["shards"]) == NUM_SHARDS

@@ -5,8 +5,8 @@ import json
 import numpy as np
 import pytest
 
-from teacher_logits.generation.batching import long_document_windows
 from teacher_logits import LogitStore
+from teacher_logits.generation.batching import long_document_windows
 
 
 @pytest.mark.parametrize("max_length,stride", [(10, 3), (8, 0), (5, 4), (64, 16)])
@@ -70,12 +70,18 @@ def test_long_documents_are_kept_whole_and_match_the_windowed_forward(workflow, 
     max_length, stride = 64, 16
     longest = max(len(ids) for ids in token_ids)
     assert longest > 5 * max_length and min(len(ids) for ids in token_ids) < max_length
-    workflow.run("--cores", "2", config={
-        "dataset": {"path": str(tmp_path / "long.jsonl")},
-        "tokenize": {"max_length": max_length, "overflow": "split", "stride": stride},
-        "teacher": {"dtype": "float32"}, "storage": {"value_dtype": "float32"},
-        "num_shards": 2, "generation": {"top_k": 8, "batch_tokens": 256},
-    })
+    workflow.run(
+        "--cores",
+        "2",
+        config={
+            "dataset": {"path": str(tmp_path / "long.jsonl")},
+            "tokenize": {"max_length": max_length, "overflow": "split", "stride": stride},
+            "teacher": {"dtype": "float32"},
+            "storage": {"value_dtype": "float32"},
+            "num_shards": 2,
+            "generation": {"top_k": 8, "batch_tokens": 256},
+        },
+    )
     store = LogitStore(workflow.path("results/demo"))
     manifest = workflow.manifest()
     # One sample per document, whatever its length: windows are generate's inner detail.
@@ -92,14 +98,17 @@ def test_long_documents_are_kept_whole_and_match_the_windowed_forward(workflow, 
             continue  # a few short ones are enough
         expected = windowed_reference(model, ids, max_length, stride)
         assert expected.shape[0] == len(ids)
-        np.testing.assert_allclose(rec["logsumexp"], torch.logsumexp(expected, -1).numpy(),
-                                   atol=1e-4, rtol=1e-5)
-        np.testing.assert_allclose(rec["topk_logits"], torch.topk(expected, 8, -1).values.numpy(),
-                                   atol=1e-4, rtol=1e-5)
+        np.testing.assert_allclose(
+            rec["logsumexp"], torch.logsumexp(expected, -1).numpy(), atol=1e-4, rtol=1e-5
+        )
+        np.testing.assert_allclose(
+            rec["topk_logits"], torch.topk(expected, 8, -1).values.numpy(), atol=1e-4, rtol=1e-5
+        )
     # Windows are not a whole-document forward: the rows after the first window differ.
     ids = max(token_ids, key=len)
     with torch.no_grad():
         whole = model(torch.tensor([ids])).logits[0]
     rec = store.by_sample_id(token_ids.index(ids))
-    assert not np.allclose(rec["logsumexp"][max_length:], torch.logsumexp(whole, -1)[max_length:],
-                           atol=1e-3)
+    assert not np.allclose(
+        rec["logsumexp"][max_length:], torch.logsumexp(whole, -1)[max_length:], atol=1e-3
+    )

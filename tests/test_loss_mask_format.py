@@ -3,13 +3,12 @@
 import h5py
 import numpy as np
 import pytest
-
 from test_shard_format import VOCAB, arrays, make_data, validate, write_shard
-from teacher_logits.store.format import ABSENT_ROW_FILL, stored_row_offsets
-from teacher_logits.store.writer import ShardWriter
+
 from teacher_logits.errors import ShardError
-from teacher_logits.store.format import needed_rows
+from teacher_logits.store.format import ABSENT_ROW_FILL, needed_rows, stored_row_offsets
 from teacher_logits.store.reader import read_sample
+from teacher_logits.store.writer import ShardWriter
 
 
 def test_needed_rows_follow_the_next_token_inside_each_sample():
@@ -18,7 +17,8 @@ def test_needed_rows_follow_the_next_token_inside_each_sample():
     # Row t is used when loss_mask[t+1] is 1 and t+1 is in the same sample.
     np.testing.assert_array_equal(needed_rows(mask, offsets), [1, 1, 0, 0, 0, 0])
     np.testing.assert_array_equal(
-        stored_row_offsets(needed_rows(mask, offsets), offsets), [0, 2, 2, 2])
+        stored_row_offsets(needed_rows(mask, offsets), offsets), [0, 2, 2, 2]
+    )
 
 
 @pytest.fixture

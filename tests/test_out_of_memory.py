@@ -57,8 +57,9 @@ def test_out_of_memory_batches_are_split_and_logged(float32_head, samples, caplo
     input_ids, offsets = samples
     whole = compute_window(float32_head, input_ids, offsets, BATCH_TOKENS, pad_id=0)
     with caplog.at_level(logging.WARNING, logger="generate"):
-        split = compute_window(OutOfMemoryAbove(float32_head, 300), input_ids, offsets,
-                               BATCH_TOKENS, pad_id=0)
+        split = compute_window(
+            OutOfMemoryAbove(float32_head, 300), input_ids, offsets, BATCH_TOKENS, pad_id=0
+        )
     assert "out of memory on a batch of" in caplog.text
     assert "retrying it as two halves" in caplog.text
     # Every row is there, in its sample's place: float32 bounds (see float32_head).
@@ -66,8 +67,10 @@ def test_out_of_memory_batches_are_split_and_logged(float32_head, samples, caplo
         np.testing.assert_allclose(split[name], whole[name], rtol=1e-4, atol=1e-4, err_msg=name)
     # Ids agree wherever the teacher's ranking is not a near tie (gap above the bound).
     gaps = np.abs(np.diff(whole["topk_logits"], axis=1))
-    clear = np.concatenate([gaps[:, :1], np.minimum(gaps[:, 1:], gaps[:, :-1]), gaps[:, -1:]],
-                           axis=1) > 1e-3
+    clear = (
+        np.concatenate([gaps[:, :1], np.minimum(gaps[:, 1:], gaps[:, :-1]), gaps[:, -1:]], axis=1)
+        > 1e-3
+    )
     assert clear.mean() > 0.9
     np.testing.assert_array_equal(split["topk_ids"][clear], whole["topk_ids"][clear])
 

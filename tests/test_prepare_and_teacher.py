@@ -18,7 +18,9 @@ def _write_all_formats(tmp_path):
     json_array = tmp_path / "d.json"
     json_array.write_text(json.dumps([{"text": t, "other": i} for i, t in enumerate(TEXTS)]))
     jsonl = tmp_path / "d.jsonl"
-    jsonl.write_text("".join(json.dumps({"text": t, "other": i}) + "\n" for i, t in enumerate(TEXTS)))
+    jsonl.write_text(
+        "".join(json.dumps({"text": t, "other": i}) + "\n" for i, t in enumerate(TEXTS))
+    )
     parquet = tmp_path / "d.parquet"
     ds.to_parquet(str(parquet))
     saved = tmp_path / "saved"
@@ -26,7 +28,13 @@ def _write_all_formats(tmp_path):
     arrow_dir = tmp_path / "arrow_single"
     ds.save_to_disk(str(arrow_dir))
     arrow = next(arrow_dir.glob("*.arrow"))
-    return {"json": json_array, "jsonl": jsonl, "parquet": parquet, "save_to_disk": saved, "arrow": arrow}
+    return {
+        "json": json_array,
+        "jsonl": jsonl,
+        "parquet": parquet,
+        "save_to_disk": saved,
+        "arrow": arrow,
+    }
 
 
 def test_every_dataset_format_loads_in_row_order(tmp_path):
@@ -66,8 +74,15 @@ def _tiny_model(arch: str):
     from transformers import AutoConfig, AutoModelForCausalLM
 
     torch.manual_seed(0)
-    common = dict(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                  num_attention_heads=4, num_key_value_heads=2, head_dim=8)
+    common = dict(
+        vocab_size=300,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+    )
     if arch == "gemma2":
         config = AutoConfig.for_model("gemma2", final_logit_softcapping=5.0, **common)
     else:
@@ -98,8 +113,12 @@ def test_topk_head_matches_the_models_own_logits(arch, chunked):
         with torch.no_grad():
             rows.append(model(ids[b : b + 1, :n]).logits[0].float())
     expected = torch.cat(rows)
-    torch.testing.assert_close(result.logsumexp, torch.logsumexp(expected, -1), atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(result.logits, torch.topk(expected, 5, -1).values, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        result.logsumexp, torch.logsumexp(expected, -1), atol=1e-5, rtol=1e-5
+    )
+    torch.testing.assert_close(
+        result.logits, torch.topk(expected, 5, -1).values, atol=1e-5, rtol=1e-5
+    )
     if arch == "gemma2":
         assert result.logits.abs().max() <= 5.0 + 1e-4  # the soft-cap was applied
 

@@ -14,8 +14,8 @@ import h5py
 import numpy as np
 import pytest
 import yaml
-
 from conftest import REPO
+
 import teacher_logits.prepare as prepare_module
 import teacher_logits.tokenization as tokenization
 from teacher_logits.errors import UserError
@@ -50,12 +50,21 @@ def test_several_processes_give_the_same_result_as_one(demo_dir, tmp_path, monke
         rows = [{"text": t} for t in texts]
         config = base_config(path, max_samples=290)
     else:
-        rows = [{"messages": [{"role": "user", "content": t[:50]},
-                              {"role": "assistant", "content": t[50:200]}] if i != 17 else []}
-                for i, t in enumerate(texts)]
+        rows = [
+            {
+                "messages": [
+                    {"role": "user", "content": t[:50]},
+                    {"role": "assistant", "content": t[50:200]},
+                ]
+                if i != 17
+                else []
+            }
+            for i, t in enumerate(texts)
+        ]
         template = tmp_path / "t.jinja"
-        template.write_text("{% for m in messages %}<{{ m.role }}>{{ m.content }}{{ eos_token }}"
-                            "{% endfor %}")
+        template.write_text(
+            "{% for m in messages %}<{{ m.role }}>{{ m.content }}{{ eos_token }}{% endfor %}"
+        )
         config = base_config(path, messages_field="messages", chat_template=str(template))
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     config["tokenize"]["max_length"] = 40
@@ -74,8 +83,15 @@ def test_several_processes_give_the_same_result_as_one(demo_dir, tmp_path, monke
 
 
 def test_a_bad_row_in_a_tokenizer_process_is_one_clear_error(demo_dir, tmp_path, monkeypatch):
-    rows = [{"messages": [{"role": "user", "content": f"hi {i}"},
-                          {"role": "assistant", "content": "hello"}]} for i in range(200)]
+    rows = [
+        {
+            "messages": [
+                {"role": "user", "content": f"hi {i}"},
+                {"role": "assistant", "content": "hello"},
+            ]
+        }
+        for i in range(200)
+    ]
     rows[150]["messages"][1]["role"] = "bot"
     path = tmp_path / "chat.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -152,8 +168,9 @@ def test_a_million_samples_prepare_in_bounded_memory(demo_dir, tmp_path):
     two int64 numbers per sample (16 MB here), while the texts alone would take ~0.3 GB as
     Python strings, and their token ids ~0.2 GB even as int32 (several GB as lists)."""
     rng = np.random.default_rng(0)
-    words = np.array(" ".join(
-        json.loads(line)["text"] for line in (demo_dir / "corpus.jsonl").open()).split())
+    words = np.array(
+        " ".join(json.loads(line)["text"] for line in (demo_dir / "corpus.jsonl").open()).split()
+    )
     path = tmp_path / "million.jsonl"
     text_bytes = 0
     with path.open("w") as handle:
@@ -169,8 +186,10 @@ def test_a_million_samples_prepare_in_bounded_memory(demo_dir, tmp_path):
     small, _ = peak_memory_of_prepare(tmp_path, demo_dir, path, 50_000, "small")
     large, tokens = peak_memory_of_prepare(tmp_path, demo_dir, path, 1_000_000, "large")
     growth = large - small
-    print(f"\npeak private memory of prepare and its tokenizer processes: {small / 2**20:.0f} MiB "
-          f"at 50k rows, {large / 2**20:.0f} MiB at 1M rows ({tokens:,} tokens); the texts as "
-          f"Python strings: {in_memory / 2**20:.0f} MiB")
+    print(
+        f"\npeak private memory of prepare and its tokenizer processes: {small / 2**20:.0f} MiB "
+        f"at 50k rows, {large / 2**20:.0f} MiB at 1M rows ({tokens:,} tokens); the texts as "
+        f"Python strings: {in_memory / 2**20:.0f} MiB"
+    )
     assert growth < 64 * 2**20
     assert growth < in_memory / 5

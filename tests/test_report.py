@@ -11,12 +11,17 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-from conftest import REPO, Workflow, demo_workflow
 from chromium import Chromium, find_chromium
+from conftest import REPO, Workflow, demo_workflow
 
-RUN = {"gpus": "0,1", "gpus_per_model": 1, "allow_cpu": True, "num_shards": 4,
-       "generation": {"threads": 1, "batch_tokens": 2048}, "dataset": {"max_samples": 120}}
+RUN = {
+    "gpus": "0,1",
+    "gpus_per_model": 1,
+    "allow_cpu": True,
+    "num_shards": 4,
+    "generation": {"threads": 1, "batch_tokens": 2048},
+    "dataset": {"max_samples": 120},
+}
 FIGURES = {  # file name -> (report category, label shown in its results table)
     "timeline.png": ("1. Run", "timeline per GPU group"),
     "throughput.png": ("1. Run", "tokens/s per shard and group"),
@@ -43,18 +48,24 @@ def test_manifest_holds_the_report_statistics(finished_run):
     assert sum(stats["topk_mass_histogram"]["counts"]) == total
     entropy = stats["entropy_histogram"]
     assert sum(entropy["counts"]) == entropy["num_tokens"] == total
-    assert entropy["bin_edges"][0] == 0 and entropy["bin_edges"][-1] == pytest.approx(np.log(manifest["vocab_size"]))
+    assert entropy["bin_edges"][0] == 0 and entropy["bin_edges"][-1] == pytest.approx(
+        np.log(manifest["vocab_size"])
+    )
     assert 0 < stats["mean_entropy_nats"] < entropy["bin_edges"][-1]
     # Storage: per-dataset bytes add up to at most the files; compression beats raw rows.
     assert stats["total_bytes"] == sum(s["bytes"] for s in shards)
     assert 0 < sum(stats["dataset_bytes"].values()) <= stats["total_bytes"]
-    assert {"topk_ids", "topk_logits", "logsumexp", "entropy", "input_ids"} <= stats["dataset_bytes"].keys()
+    assert {"topk_ids", "topk_logits", "logsumexp", "entropy", "input_ids"} <= stats[
+        "dataset_bytes"
+    ].keys()
     assert stats["bytes_per_token"] < stats["uncompressed_bytes_per_token"] == 4 + 64 * 6 + 4 + 2
     assert stats["index_bytes"] > 0
     # Provenance per shard, and throughput per GPU group.
     for shard in shards:
         assert shard["generation_seconds"] > 0 and shard["teacher_load_seconds"] > 0
-        assert shard["tokens_per_second"] == pytest.approx(shard["num_tokens"] / shard["generation_seconds"])
+        assert shard["tokens_per_second"] == pytest.approx(
+            shard["num_tokens"] / shard["generation_seconds"]
+        )
         assert shard["job_started_at"] <= shard["claims"][-1]["started_at"] <= shard["finished_at"]
         assert 0 < shard["next_token_in_topk_fraction"] <= 1 and 0 < shard["mean_topk_mass"] <= 1
     groups = stats["throughput"]["groups"]
@@ -81,8 +92,11 @@ def test_report_renders_every_figure_in_chromium(finished_run, tmp_path):
         for name, (category, label) in FIGURES.items():
             # A fresh page per figure, then click the way a reader does: category, then the eye.
             page.open(report.as_uri())
-            page.wait_for("document.querySelector('#app') && document.querySelector('#app').innerText"
-                          ".includes('RESULTS')", what="the report's menu")
+            page.wait_for(
+                "document.querySelector('#app') && document.querySelector('#app').innerText"
+                ".includes('RESULTS')",
+                what="the report's menu",
+            )
             menu = page.evaluate("document.querySelector('#app').innerText")
             assert category in menu
             page.evaluate(_click_link(category))
@@ -103,15 +117,19 @@ def test_report_renders_every_figure_in_chromium(finished_run, tmp_path):
             )
             assert size[0] > 400 and size[1] > 200
             # The rendered DOM holds this very figure (its data URI names the file).
-            assert re.search(r'<img src="data:image/png;[^"]*filename=' + re.escape(name) + ";base64,",
-                             page.dom()), name
+            assert re.search(
+                r'<img src="data:image/png;[^"]*filename=' + re.escape(name) + ";base64,",
+                page.dom(),
+            ), name
             if shots is not None:
                 _save_small_screenshot(page, shots / f"report_{name}")
 
 
 def _click_link(text: str) -> str:
-    return (f"[...document.querySelectorAll('a')].filter(a => a.innerText.trim() === {json.dumps(text)})"
-            ".forEach(a => a.click())")
+    return (
+        f"[...document.querySelectorAll('a')].filter(a => a.innerText.trim() === {json.dumps(text)})"
+        ".forEach(a => a.click())"
+    )
 
 
 def _save_small_screenshot(page, path: Path) -> None:

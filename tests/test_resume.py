@@ -13,13 +13,11 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
-
 from conftest import REPO, demo_workflow
 
 sys.path.insert(0, str(REPO))
 from teacher_logits.generation.parts import CommittedParts, PartWriter, iter_part_rows  # noqa: E402
 from teacher_logits.generation.provenance import claims_from_parts  # noqa: E402
-from teacher_logits.store.codec import decode_topk  # noqa: E402
 from teacher_logits.store.format import read_attrs  # noqa: E402
 
 # Two shards of ~14k tokens in windows of 32 x 64 = 2048 tokens, each window its own
@@ -37,8 +35,13 @@ def store_datasets(root: Path) -> dict:
     out = {}
     for path in sorted((root / OUT / "shards").glob("shard_*.h5")) + [root / OUT / "index.h5"]:
         with h5py.File(path) as f:
-            f.visit(lambda name, f=f, path=path: out.__setitem__(
-                f"{path.name}:{name}", f[name][...]) if isinstance(f[name], h5py.Dataset) else None)
+            f.visit(
+                lambda name, f=f, path=path: (
+                    out.__setitem__(f"{path.name}:{name}", f[name][...])
+                    if isinstance(f[name], h5py.Dataset)
+                    else None
+                )
+            )
     return out
 
 
@@ -132,7 +135,7 @@ def f_rows(wf, shard):
 def test_kills_at_random_moments_resume_to_a_bit_identical_store(workflow, reference):
     expected = reference(RESUME)
     rng = random.Random(20261129)
-    for attempt in range(6):
+    for _attempt in range(6):
         proc = workflow.start("--cores", "2", config=RESUME)
         time.sleep(rng.uniform(1.0, 12.0))
         if proc.poll() is not None:
@@ -224,15 +227,24 @@ def test_disk_full_fails_clearly_keeps_earlier_work_and_resumes(workflow, refere
 
 def write_part(parts: CommittedParts, first_sample: int, first_row: int, rows: int, claim="0,1"):
     writer = PartWriter(parts.part_path(first_sample), first_sample, first_row, top_k=4)
-    writer.append(2, {
-        "topk_ids": np.arange(rows * 4, dtype=np.int32).reshape(rows, 4),
-        "topk_logits": np.ones((rows, 4), np.float32),
-        "logsumexp": np.full(rows, 3.0, np.float32),
-        "entropy": np.zeros(rows, np.float32),
-    })
-    path = writer.commit({"claim_cuda_visible_devices": claim, "claim_hostname": "h",
-                          "claim_started_at": 1.0 if claim == "0,1" else 5.0,
-                          "committed_at": 2.0 + first_sample, "compute_seconds": 1.0})
+    writer.append(
+        2,
+        {
+            "topk_ids": np.arange(rows * 4, dtype=np.int32).reshape(rows, 4),
+            "topk_logits": np.ones((rows, 4), np.float32),
+            "logsumexp": np.full(rows, 3.0, np.float32),
+            "entropy": np.zeros(rows, np.float32),
+        },
+    )
+    path = writer.commit(
+        {
+            "claim_cuda_visible_devices": claim,
+            "claim_hostname": "h",
+            "claim_started_at": 1.0 if claim == "0,1" else 5.0,
+            "committed_at": 2.0 + first_sample,
+            "compute_seconds": 1.0,
+        }
+    )
     parts.add(path, read_attrs_of(path))
 
 
@@ -254,7 +266,8 @@ def test_committed_parts_keep_order_and_drop_gaps_and_temp_files(tmp_path):
     again = CommittedParts(tmp_path / "p", IDENTITY, rows_total=100)
     assert (again.samples_done, again.rows_done) == (4, 17)
     assert [p.name for p in (tmp_path / "p").glob("part_*")] == sorted(
-        p.name for p, _ in again.parts)
+        p.name for p, _ in again.parts
+    )
     assert len(again.parts) == 2
     blocks = list(iter_part_rows(again.parts[1][0], block_rows=4))
     assert [r0 for r0, _ in blocks] == [0, 4]

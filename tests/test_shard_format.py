@@ -17,13 +17,19 @@ import pytest
 os.environ["HF_HUB_OFFLINE"] = "1"
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from teacher_logits.errors import ShardError  # noqa: E402
 from teacher_logits.layout import partial_path as temp_path_for  # noqa: E402
 from teacher_logits.store.codec import decode_topk, encode_topk  # noqa: E402
-from teacher_logits.store.format import COMPRESSIONS, FORMAT_VERSION, REQUIRED_ATTRS, compression_options, read_attrs  # noqa: E402
+from teacher_logits.store.format import (  # noqa: E402
+    COMPRESSIONS,
+    FORMAT_VERSION,
+    REQUIRED_ATTRS,
+    compression_options,
+    read_attrs,
+)
 from teacher_logits.store.prepared import PreparedTokens, read_prepared, write_prepared  # noqa: E402
 from teacher_logits.store.reader import read_sample  # noqa: E402
 from teacher_logits.store.validate import ShardExpectation, validate_shard  # noqa: E402
-from teacher_logits.errors import ShardError  # noqa: E402
 from teacher_logits.store.writer import ShardWriter  # noqa: E402
 
 TOP_K = 8
@@ -213,7 +219,9 @@ def test_validate_shard_passes_with_sensible_summary(shard, data):
     logits = data.topk_logits.astype(np.float64)
     mass = np.exp(logits - data.logsumexp[:, None]).sum(axis=1)
     assert summary.stats.topk_mass_sum == pytest.approx(mass.sum(), rel=1e-4)
-    assert summary.stats.entropy_sum == pytest.approx(data.entropy.astype(np.float64).sum(), rel=1e-3)
+    assert summary.stats.entropy_sum == pytest.approx(
+        data.entropy.astype(np.float64).sum(), rel=1e-3
+    )
     # next-token hits, counted independently
     rows = hits = 0
     for s in range(len(data.sample_ids)):
@@ -278,7 +286,9 @@ def test_write_more_than_planned_raises(tmp_path, data):
     writer = ShardWriter(path, n - 1, int(data.offsets[n - 1]), TOP_K)
     try:
         with pytest.raises(ShardError, match="more (rows|samples)"):
-            writer.write_block(data.sample_ids, data.lengths, arrays(data, 0, int(data.offsets[-1])))
+            writer.write_block(
+                data.sample_ids, data.lengths, arrays(data, 0, int(data.offsets[-1]))
+            )
     finally:
         writer.abort()
 
@@ -386,8 +396,9 @@ def test_shard_stores_ids_sorted_as_deltas(shard, data):
         assert [by_id[i] for i in ids[t]] == list(values[t].view(np.uint16))
 
 
-@pytest.mark.parametrize("delta, why", [(VOCAB, "outside the vocabulary"),
-                                        (-500, "repeated or unordered")])
+@pytest.mark.parametrize(
+    "delta, why", [(VOCAB, "outside the vocabulary"), (-500, "repeated or unordered")]
+)
 def test_validate_id_outside_vocab(shard, data, delta, why):
     with h5py.File(shard, "r+") as f:
         deltas = f["topk_ids"][2]
@@ -568,9 +579,7 @@ def test_prepared_shard_slice_rebases_offsets(tmp_path):
         assert offsets[-1] == len(input_ids)
         np.testing.assert_array_equal(np.diff(offsets), np.diff(prepared.offsets[s0 : s1 + 1]))
         r0 = int(prepared.offsets[s0])
-        np.testing.assert_array_equal(
-            input_ids, prepared.input_ids[r0 : int(prepared.offsets[s1])]
-        )
+        np.testing.assert_array_equal(input_ids, prepared.input_ids[r0 : int(prepared.offsets[s1])])
         # each sample's tokens are where the rebased offsets say
         for j in range(len(ids)):
             g = s0 + j
@@ -595,9 +604,9 @@ def test_shard_slice_feeds_a_valid_shard(tmp_path):
         lengths=np.diff(offsets),
         offsets=offsets,
         input_ids=input_ids,
-        topk_ids=np.stack([rng.choice(VOCAB, TOP_K, replace=False) for _ in range(num_tokens)]).astype(
-            np.int32
-        ),
+        topk_ids=np.stack(
+            [rng.choice(VOCAB, TOP_K, replace=False) for _ in range(num_tokens)]
+        ).astype(np.int32),
         topk_logits=logits,
         logsumexp=(np.log(np.exp(logits.astype(np.float64)).sum(axis=1)) + 0.5).astype(np.float32),
         entropy=rng.uniform(0, 3, num_tokens).astype(np.float16),
@@ -610,8 +619,11 @@ def test_shard_slice_feeds_a_valid_shard(tmp_path):
 
 
 def test_cpu_mode_empty_device_string_round_trips(tmp_path, data):
-    data.attrs = {**data.attrs, "cuda_visible_devices": "", "claims": [
-        {**data.attrs["claims"][0], "cuda_visible_devices": ""}]}
+    data.attrs = {
+        **data.attrs,
+        "cuda_visible_devices": "",
+        "claims": [{**data.attrs["claims"][0], "cuda_visible_devices": ""}],
+    }
     path = write_shard(tmp_path / "cpu.h5", data)
     summary = validate(path, data, attrs={"cuda_visible_devices": ""})
     assert summary.attrs["cuda_visible_devices"] == ""
@@ -672,13 +684,17 @@ def test_validate_header_byte_flips_are_all_shard_errors(tmp_path):
     root = Path(__file__).resolve().parents[1]
     result = subprocess.run(
         [sys.executable, "-c", FLIP_SCAN, str(root), str(root / "tests"), str(tmp_path), "800"],
-        capture_output=True, text=True, timeout=120,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert result.returncode == 0, f"validation crashed the interpreter: {result.stderr[-500:]}"
     import json
 
     escaped = json.loads(result.stdout.strip().splitlines()[-1])
-    assert not escaped, f"{len(escaped)} flips escaped as non-ShardError, e.g. {list(escaped.items())[:3]}"
+    assert not escaped, (
+        f"{len(escaped)} flips escaped as non-ShardError, e.g. {list(escaped.items())[:3]}"
+    )
 
 
 # --------------------------------------------------------------------------------------

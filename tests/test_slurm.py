@@ -14,31 +14,42 @@ import h5py
 import numpy as np
 import pytest
 import yaml
-
 from conftest import demo_workflow, snakemake_bin
 from slurm_cluster import SlurmCluster, missing_requirements
+
 from teacher_logits import LogitStore
 from teacher_logits.store.format import read_attrs
 
 # Checked at import, so a machine without SLURM skips before the demo teacher is built.
 # CI must run these tests: there a missing requirement fails them instead.
 MISSING = missing_requirements()
-pytestmark = [pytest.mark.slurm,
-              pytest.mark.skipif(bool(MISSING) and not os.environ.get("CI"), reason=str(MISSING))]
+pytestmark = [
+    pytest.mark.slurm,
+    pytest.mark.skipif(bool(MISSING) and not os.environ.get("CI"), reason=str(MISSING)),
+]
 
 # What a user of a cluster without accounting adds to the README's command; the
 # last flag only makes the test poll SLURM sooner than the plugin's 40 s default.
-SLURM_FLAGS = ("--workflow-profile", "profiles/slurm", "--slurm-status-command", "squeue",
-               "--slurm-no-account", "--slurm-init-seconds-before-status-checks", "1")
+SLURM_FLAGS = (
+    "--workflow-profile",
+    "profiles/slurm",
+    "--slurm-status-command",
+    "squeue",
+    "--slurm-no-account",
+    "--slurm-init-seconds-before-status-checks",
+    "1",
+)
 # Nested keys go through a config file; gpus_per_model on the command line, as the
 # README shows (a --config replaces the profile's config block: auto must still work).
 # Windows of 32 x 512 tokens, each committed: a shard is a few parts, so a cancel
 # lands mid-shard.
-CONFIG = {"num_shards": 4, "allow_cpu": True,
-          "generation": {"threads": 1, "batch_tokens": 512, "commit_every_s": 0}}
+CONFIG = {
+    "num_shards": 4,
+    "allow_cpu": True,
+    "generation": {"threads": 1, "batch_tokens": 512, "commit_every_s": 0},
+}
 COMMAND_LINE = ("--config", "gpus_per_model=2")
-DATASETS = ("sample_ids", "offsets", "input_ids", "topk_ids", "topk_logits", "logsumexp",
-            "entropy")
+DATASETS = ("sample_ids", "offsets", "input_ids", "topk_ids", "topk_logits", "logsumexp", "entropy")
 
 
 @pytest.fixture(scope="module")
@@ -67,9 +78,12 @@ def local_store(tmp_path_factory, demo_dir):
 def slurm_env(cluster) -> dict:
     # The jobs run `python -m snakemake` with the head's interpreter; PATH only has
     # to find SLURM's commands (and the cluster's srun, see slurm_cluster.py).
-    return {**cluster.env,
-            "PATH": os.pathsep.join([os.path.dirname(os.path.abspath(snakemake_bin())),
-                                     cluster.env["PATH"]])}
+    return {
+        **cluster.env,
+        "PATH": os.pathsep.join(
+            [os.path.dirname(os.path.abspath(snakemake_bin())), cluster.env["PATH"]]
+        ),
+    }
 
 
 def job_counts(output: str) -> dict:
@@ -95,8 +109,9 @@ def assert_same_store(got: dict, want: dict) -> None:
         if shard == "reader":
             continue
         for name in DATASETS:
-            np.testing.assert_array_equal(got[shard][name], want[shard][name],
-                                          err_msg=f"{shard}:{name}")
+            np.testing.assert_array_equal(
+                got[shard][name], want[shard][name], err_msg=f"{shard}:{name}"
+            )
     assert len(got["reader"]) == len(want["reader"])
     for a, b in zip(got["reader"], want["reader"]):
         assert a.keys() == b.keys()
@@ -128,12 +143,14 @@ def last_job_id(cluster) -> int:
 
 def test_slurm_run_matches_local_run(cluster, workflow, local_store):
     before = last_job_id(cluster)
-    result = workflow.run(*SLURM_FLAGS, *COMMAND_LINE, config=CONFIG, env=slurm_env(cluster),
-                          timeout=1500)
+    result = workflow.run(
+        *SLURM_FLAGS, *COMMAND_LINE, config=CONFIG, env=slurm_env(cluster), timeout=1500
+    )
     log = result.stdout + result.stderr
     counts = job_counts(log)
-    assert [counts.get(rule) for rule in ("regenerate_request", "prepare", "generate", "gather")] \
-        == [1, 1, 4, 1]
+    assert [
+        counts.get(rule) for rule in ("regenerate_request", "prepare", "generate", "gather")
+    ] == [1, 1, 4, 1]
     assert "localrule regenerate_request" in log  # no SLURM job for writing a token
 
     # Every shard ran in its own SLURM job with the GPUs SLURM gave it, untouched.
@@ -150,10 +167,11 @@ def test_slurm_run_matches_local_run(cluster, workflow, local_store):
     assert {c["cuda_visible_devices"] for c in claims.values()} == {"0,1", "2,3"}
     items = list(claims.values())
     for i, a in enumerate(items):
-        for b in items[i + 1:]:
+        for b in items[i + 1 :]:
             if a["started_at"] < b["finished_at"] and b["started_at"] < a["finished_at"]:
                 assert not set(a["cuda_visible_devices"].split(",")) & set(
-                    b["cuda_visible_devices"].split(",")), "two running shards shared a GPU"
+                    b["cuda_visible_devices"].split(",")
+                ), "two running shards shared a GPU"
 
     # SLURM allocated gpus_per_model GPUs to each generate job, none to prepare and gather.
     by_rule = {}
@@ -173,22 +191,39 @@ def test_scancel_mid_shard_then_rerun_resumes(cluster, workflow, local_store):
     config_file.write_text(yaml.safe_dump(CONFIG))
     # --retries 0: the cancelled shard fails this run instead of being resubmitted,
     # so the rerun below has to pick it up.
-    command = [snakemake_bin(), *SLURM_FLAGS, "--retries", "0", "--configfile", str(config_file),
-               *COMMAND_LINE]
-    env = {**os.environ, "TEACHER_LOGITS_GPU_LOCK_DIR": str(workflow.lock_dir),
-           **slurm_env(cluster)}
+    command = [
+        snakemake_bin(),
+        *SLURM_FLAGS,
+        "--retries",
+        "0",
+        "--configfile",
+        str(config_file),
+        *COMMAND_LINE,
+    ]
+    env = {
+        **os.environ,
+        "TEACHER_LOGITS_GPU_LOCK_DIR": str(workflow.lock_dir),
+        **slurm_env(cluster),
+    }
     shards = workflow.path("results/demo", "shards")
     with open(workflow.path("head.log"), "w") as head_log:
-        head = subprocess.Popen(command, cwd=workflow.root, env=env, stdout=head_log,
-                                stderr=subprocess.STDOUT)
+        head = subprocess.Popen(
+            command, cwd=workflow.root, env=env, stdout=head_log, stderr=subprocess.STDOUT
+        )
         try:
             # A shard with a committed part and no shard file yet is mid-shard.
             deadline = time.monotonic() + 900
             victim = None
             while victim is None and head.poll() is None and time.monotonic() < deadline:
-                victim = next((p.name.replace(".parts", ".h5") for p in sorted(
-                    shards.glob("shard_*.parts")) if list(p.glob("part_*.h5"))
-                    and not (shards / p.name.replace(".parts", ".h5")).exists()), None)
+                victim = next(
+                    (
+                        p.name.replace(".parts", ".h5")
+                        for p in sorted(shards.glob("shard_*.parts"))
+                        if list(p.glob("part_*.h5"))
+                        and not (shards / p.name.replace(".parts", ".h5")).exists()
+                    ),
+                    None,
+                )
                 time.sleep(0.05)
             assert victim is not None, workflow.path("head.log").read_text()[-4000:]
             job = job_of_shard(workflow, victim)
@@ -206,8 +241,9 @@ def test_scancel_mid_shard_then_rerun_resumes(cluster, workflow, local_store):
     assert len(done) == 3 and victim not in done
 
     # The same command again: only the cancelled shard and gather run.
-    rerun = subprocess.run(command, cwd=workflow.root, env=env, capture_output=True, text=True,
-                           timeout=1500)
+    rerun = subprocess.run(
+        command, cwd=workflow.root, env=env, capture_output=True, text=True, timeout=1500
+    )
     log = rerun.stdout + rerun.stderr
     assert rerun.returncode == 0, log[-6000:]
     counts = job_counts(log)
@@ -222,7 +258,9 @@ def test_scancel_mid_shard_then_rerun_resumes(cluster, workflow, local_store):
     for claim in claims:
         assert claim["cuda_visible_devices"] == cluster.gpu_assignments()[claim["scheduler_job_id"]]
     index = victim.removeprefix("shard_").removesuffix(".h5")
-    resumed_log = workflow.path("results/demo", "logs", "generate", f"shard_{index}.log").read_text()
+    resumed_log = workflow.path(
+        "results/demo", "logs", "generate", f"shard_{index}.log"
+    ).read_text()
     assert "resuming" in resumed_log, resumed_log
     assert_same_store(store_contents(workflow), local_store)
 

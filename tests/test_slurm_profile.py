@@ -7,8 +7,8 @@ import re
 
 import pytest
 import yaml
-
 from conftest import REPO
+
 from teacher_logits.gpus import resolve_gpu_assignment
 
 SLURM_PROFILE = ("--workflow-profile", "profiles/slurm")
@@ -26,7 +26,8 @@ def job_blocks(output: str) -> dict:
         if match:
             resources = re.search(r"^\s+resources: (.*)$", block, re.M)
             blocks.setdefault(match.group(2), []).append(
-                (bool(match.group(1)), resources.group(1) if resources else ""))
+                (bool(match.group(1)), resources.group(1) if resources else "")
+            )
     return blocks
 
 
@@ -70,10 +71,15 @@ def test_every_key_of_the_slurm_profile_is_explained():
             assert above >= 0 and lines[above].startswith("#"), f"no comment above {line!r}"
 
 
-@pytest.mark.parametrize("value,cluster,expected", [
-    ("auto", False, "local"), ("auto", True, "scheduler"),
-    ("local", True, "local"), ("scheduler", False, "scheduler"),
-])
+@pytest.mark.parametrize(
+    "value,cluster,expected",
+    [
+        ("auto", False, "local"),
+        ("auto", True, "scheduler"),
+        ("local", True, "local"),
+        ("scheduler", False, "scheduler"),
+    ],
+)
 def test_resolve_gpu_assignment(value, cluster, expected):
     assert resolve_gpu_assignment(value, cluster) == expected
 
@@ -117,6 +123,7 @@ def test_scheduler_assignment_keeps_what_slurm_set_whatever_gpus_says(tmp_path, 
 
     monkeypatch.setenv(gpu_groups.LOCK_DIR_ENV, str(tmp_path / "locks"))
     environ = {"CUDA_VISIBLE_DEVICES": "2,3"}
+
     def plan(per_model, assignment):
         config = {"gpus": gpus, "gpus_per_model": per_model, "gpu_assignment": assignment}
         return gpu_groups.device_plan(config, environ={})
@@ -136,11 +143,20 @@ def test_scheduler_assignment_keeps_what_slurm_set_whatever_gpus_says(tmp_path, 
 
 def test_scheduler_job_without_a_gpu_fails_in_one_line(workflow):
     # As a cluster job on a CPU-only partition would: the scheduler set no usable GPU.
-    result = workflow.run("--cores", "1", "--config", "gpu_assignment=scheduler", "num_shards=1",
-                          config={"dataset": {"max_samples": 20}}, check=False,
-                          env={"CUDA_VISIBLE_DEVICES": "0,1"})
+    result = workflow.run(
+        "--cores",
+        "1",
+        "--config",
+        "gpu_assignment=scheduler",
+        "num_shards=1",
+        config={"dataset": {"max_samples": 20}},
+        check=False,
+        env={"CUDA_VISIBLE_DEVICES": "0,1"},
+    )
     assert result.returncode != 0
-    message = ("the scheduler gave this job CUDA_VISIBLE_DEVICES='0,1' but CUDA sees no GPU; "
-               "run generate on a GPU partition")
+    message = (
+        "the scheduler gave this job CUDA_VISIBLE_DEVICES='0,1' but CUDA sees no GPU; "
+        "run generate on a GPU partition"
+    )
     assert message in result.stderr
     assert "Traceback" not in result.stderr

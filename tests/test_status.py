@@ -10,21 +10,35 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import REPO
-from teacher_logits.disk import FILE_OVERHEAD_BYTES, bytes_per_token, check_shard_fits, uncompressed_bytes_per_token
+
+from teacher_logits.disk import (
+    FILE_OVERHEAD_BYTES,
+    bytes_per_token,
+    check_shard_fits,
+    uncompressed_bytes_per_token,
+)
 from teacher_logits.errors import UserError
-from teacher_logits.run_stats import busy_seconds
 from teacher_logits.layout import RunLayout, job_record_for
+from teacher_logits.run_stats import busy_seconds
 from teacher_logits.status import job_error, lock_held
 
-RUN = {"num_shards": 3, "dataset": {"max_samples": 60}, "generation": {"threads": 1, "batch_tokens": 2048}}
+RUN = {
+    "num_shards": 3,
+    "dataset": {"max_samples": 60},
+    "generation": {"threads": 1, "batch_tokens": 2048},
+}
 OUT = "results/demo"
 
 
 def status(wf, *args, check=True):
-    result = subprocess.run([sys.executable, "-m", "teacher_logits.status", OUT, *args],
-                            cwd=wf.root, capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-m", "teacher_logits.status", OUT, *args],
+        cwd=wf.root,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     if check:
         assert result.returncode == 0, result.stderr
     return result
@@ -47,9 +61,13 @@ def test_status_through_a_run(workflow):
     # the rows): the status names its error.
     bad_data = workflow.path("numbers.jsonl")
     bad_data.write_text('{"text": 5}\n{"text": "fine"}\n')
-    bad = workflow.run("--cores", "1", f"{OUT}/prepared/plan.json",
-                       config={**RUN, "dataset": {**RUN.get("dataset", {}), "path": str(bad_data)}},
-                       check=False)
+    bad = workflow.run(
+        "--cores",
+        "1",
+        f"{OUT}/prepared/plan.json",
+        config={**RUN, "dataset": {**RUN.get("dataset", {}), "path": str(bad_data)}},
+        check=False,
+    )
     assert bad.returncode != 0
     text = status(workflow).stdout
     assert "prepare has not finished yet" in text
@@ -72,8 +90,15 @@ def test_status_through_a_run(workflow):
 
     # Shard 0 done for real; shard 2 fails for real (GPUs named, no CUDA, no allow_cpu).
     workflow.run("--cores", "1", f"{OUT}/shards/shard_00000.h5", config=RUN)
-    failed = workflow.run("--cores", "1", f"{OUT}/shards/shard_00002.h5", "--config", "gpus=0",
-                          config=RUN, check=False)
+    failed = workflow.run(
+        "--cores",
+        "1",
+        f"{OUT}/shards/shard_00002.h5",
+        "--config",
+        "gpus=0",
+        config=RUN,
+        check=False,
+    )
     assert failed.returncode != 0
 
     # Shard 1 in progress: a job holds its lock and has committed half its rows.
@@ -81,10 +106,19 @@ def test_status_through_a_run(workflow):
     half = plan["shards"][1]["num_tokens"] // 2
     parts = shards_dir / "shard_00001.parts"
     parts.mkdir()
-    (parts / "progress.json").write_text(json.dumps(
-        {"rows_done": half, "rows_total": plan["shards"][1]["num_tokens"], "updated_at": time.time() - 5}))
+    (parts / "progress.json").write_text(
+        json.dumps(
+            {
+                "rows_done": half,
+                "rows_total": plan["shards"][1]["num_tokens"],
+                "updated_at": time.time() - 5,
+            }
+        )
+    )
     record = job_record_for(workflow.path(OUT, "logs/generate/shard_00001.log"))
-    record.write_text(json.dumps({"job": "generate", "state": "running", "started_at": time.time() - 20}))
+    record.write_text(
+        json.dumps({"job": "generate", "state": "running", "started_at": time.time() - 20})
+    )
     lock = os.open(shards_dir / "shard_00001.lock", os.O_RDWR | os.O_CREAT)
     try:
         fcntl.flock(lock, fcntl.LOCK_EX)
@@ -94,7 +128,9 @@ def test_status_through_a_run(workflow):
         os.close(lock)
     shards = by_index(state)
     assert state["counts"] == {"done": 1, "in progress": 1, "pending": 0, "failed": 1}
-    assert shards[0]["state"] == "done" and shards[0]["rows_done"] == plan["shards"][0]["num_tokens"]
+    assert (
+        shards[0]["state"] == "done" and shards[0]["rows_done"] == plan["shards"][0]["num_tokens"]
+    )
     assert shards[1]["state"] == "in progress" and shards[1]["rows_done"] == half
     assert shards[2]["state"] == "failed"
     assert "CUDA sees no GPU" in shards[2]["error"] and "allow_cpu=true" in shards[2]["error"]
@@ -131,8 +167,9 @@ def test_status_through_a_run(workflow):
 
 def _can_mount_tmpfs(path: Path) -> bool:
     path.mkdir(parents=True, exist_ok=True)
-    result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(path)],
-                            capture_output=True)
+    result = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(path)], capture_output=True
+    )
     return result.returncode == 0
 
 
@@ -143,7 +180,9 @@ def test_generate_refuses_a_shard_that_cannot_fit(workflow, tmp_path):
     if os.geteuid() != 0 or not _can_mount_tmpfs(shards_dir):
         pytest.skip("mounting a small tmpfs needs root with CAP_SYS_ADMIN")
     try:
-        result = workflow.run("--cores", "1", f"{OUT}/shards/shard_00000.h5", config=RUN, check=False)
+        result = workflow.run(
+            "--cores", "1", f"{OUT}/shards/shard_00000.h5", config=RUN, check=False
+        )
         assert result.returncode != 0
         assert "disk full: shard 0 needs about" in result.stderr
         assert "free some space or point output_dir at a bigger disk" in result.stderr
@@ -180,12 +219,17 @@ def test_lock_held_sees_another_holder_and_releases_its_probe(tmp_path):
         os.close(holder)
 
 
-@pytest.mark.parametrize("body, expected", [
-    ("raise UserError('dataset.path: no rows; give a dataset with text in it')",
-     "dataset.path: no rows; give a dataset with text in it"),
-    ("raise ValueError('something unexpected')", "ValueError: something unexpected"),
-    ("log.info('all fine')", None),
-])
+@pytest.mark.parametrize(
+    "body, expected",
+    [
+        (
+            "raise UserError('dataset.path: no rows; give a dataset with text in it')",
+            "dataset.path: no rows; give a dataset with text in it",
+        ),
+        ("raise ValueError('something unexpected')", "ValueError: something unexpected"),
+        ("log.info('all fine')", None),
+    ],
+)
 def test_job_error_reads_the_record_run_job_writes(tmp_path, body, expected):
     log_path = tmp_path / "job.log"
     script = (
@@ -198,13 +242,20 @@ def test_job_error_reads_the_record_run_job_writes(tmp_path, body, expected):
     )
     subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, timeout=120)
     assert job_error(log_path) == expected
-    assert json.loads(job_record_for(log_path).read_text())["state"] == ("failed" if expected else "done")
+    assert json.loads(job_record_for(log_path).read_text())["state"] == (
+        "failed" if expected else "done"
+    )
 
 
 def _plan(num_tokens: int, num_samples: int = 10) -> dict:
-    return {"top_k": 64, "settings": {"storage": {"value_dtype": "float16"}, "generation": {"store_entropy": True}},
-            "shards": [{"index": 0, "num_tokens": num_tokens, "num_samples": num_samples},
-                       {"index": 1, "num_tokens": 1000, "num_samples": 10}]}
+    return {
+        "top_k": 64,
+        "settings": {"storage": {"value_dtype": "float16"}, "generation": {"store_entropy": True}},
+        "shards": [
+            {"index": 0, "num_tokens": num_tokens, "num_samples": num_samples},
+            {"index": 1, "num_tokens": 1000, "num_samples": 10},
+        ],
+    }
 
 
 def test_bytes_per_token_is_measured_once_a_shard_exists(tmp_path):
@@ -213,7 +264,10 @@ def test_bytes_per_token_is_measured_once_a_shard_exists(tmp_path):
     estimate = bytes_per_token(plan, layout)
     assert not estimate.measured and estimate.bytes_per_token == 4 + 64 * 4 + 64 * 2 + 4 + 2
     # HDF5 allocates whole chunks of 1024 rows: 2000 tokens take 2048 rows uncompressed.
-    assert estimate.shard_bytes(2000, 10) == 2048 * estimate.bytes_per_token + 160 + FILE_OVERHEAD_BYTES
+    assert (
+        estimate.shard_bytes(2000, 10)
+        == 2048 * estimate.bytes_per_token + 160 + FILE_OVERHEAD_BYTES
+    )
     layout.shards_dir.mkdir()
     layout.shard(1).write_bytes(b"\0" * 150_000)  # 1000 tokens
     estimate = bytes_per_token(plan, layout)

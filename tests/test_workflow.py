@@ -11,9 +11,14 @@ import pytest
 from teacher_logits import LogitStore
 from teacher_logits.store.format import read_attrs
 
-GPU_RUN = {"gpus": "0,1,2,3", "gpus_per_model": 2, "allow_cpu": True, "num_shards": 6,
-           "generation": {"threads": 1, "batch_tokens": 2048},
-           "dataset": {"max_samples": 300}}
+GPU_RUN = {
+    "gpus": "0,1,2,3",
+    "gpus_per_model": 2,
+    "allow_cpu": True,
+    "num_shards": 6,
+    "generation": {"threads": 1, "batch_tokens": 2048},
+    "dataset": {"max_samples": 300},
+}
 
 
 def shard_files(wf, output_dir="results/demo"):
@@ -30,9 +35,17 @@ def test_dry_run_plans_every_shard_without_torch(workflow, tmp_path):
     # A fake torch that explodes on import proves plan time never imports it.
     poison = tmp_path / "poison"
     (poison / "torch").mkdir(parents=True)
-    (poison / "torch" / "__init__.py").write_text("raise ImportError('torch imported at plan time')\n")
-    result = workflow.run("-n", "--config", "num_shards=5", "gpus=0,1,2,3", "gpus_per_model=2",
-                          env={"PYTHONPATH": str(poison)})
+    (poison / "torch" / "__init__.py").write_text(
+        "raise ImportError('torch imported at plan time')\n"
+    )
+    result = workflow.run(
+        "-n",
+        "--config",
+        "num_shards=5",
+        "gpus=0,1,2,3",
+        "gpus_per_model=2",
+        env={"PYTHONPATH": str(poison)},
+    )
     counts = job_counts(result.stdout + result.stderr)
     assert counts["generate"] == 5
     assert counts["prepare"] == 1 and counts["gather"] == 1
@@ -57,7 +70,7 @@ def test_gpu_groups_end_to_end_rerun_and_repair(workflow):
     # Both groups used, and no two overlapping jobs held the same group.
     assert {c[0] for c in claims} == {"0,1", "2,3"}
     for i, (group_a, start_a, end_a) in enumerate(claims):
-        for group_b, start_b, end_b in claims[i + 1:]:
+        for group_b, start_b, end_b in claims[i + 1 :]:
             if start_a < end_b and start_b < end_a:
                 assert group_a != group_b, "two running jobs shared a GPU group"
     # The workflow's own gpu cap (4 GPUs / 2 per model) holds with --cores 4 and no
@@ -131,9 +144,13 @@ def test_stored_topk_matches_unbatched_float32_forward(workflow, demo_dir):
     import torch
     from transformers import AutoModelForCausalLM
 
-    config = {"teacher": {"dtype": "float32"}, "storage": {"value_dtype": "float32"},
-              "num_shards": 2, "dataset": {"max_samples": 120},
-              "generation": {"top_k": 16, "batch_tokens": 4096, "threads": 2}}
+    config = {
+        "teacher": {"dtype": "float32"},
+        "storage": {"value_dtype": "float32"},
+        "num_shards": 2,
+        "dataset": {"max_samples": 120},
+        "generation": {"top_k": 16, "batch_tokens": 4096, "threads": 2},
+    }
     workflow.run("--cores", "2", config=config)
     store = LogitStore(workflow.path("results/demo"))
     model = AutoModelForCausalLM.from_pretrained(demo_dir / "teacher", dtype=torch.float32)
@@ -166,13 +183,21 @@ def _small_teacher(arch: str, demo_dir, out):
     tokenizer = AutoTokenizer.from_pretrained(demo_dir / "teacher")
     torch.manual_seed(0)
     if arch == "gpt2":  # learned absolute positions: wrong under left padding
-        config = AutoConfig.for_model("gpt2", vocab_size=len(tokenizer), n_embd=64, n_layer=2,
-                                      n_head=4, n_positions=1024)
+        config = AutoConfig.for_model(
+            "gpt2", vocab_size=len(tokenizer), n_embd=64, n_layer=2, n_head=4, n_positions=1024
+        )
     else:  # gemma2: final logit soft-capping after lm_head, so the head is not chunked
-        config = AutoConfig.for_model("gemma2", vocab_size=len(tokenizer), hidden_size=64,
-                                      intermediate_size=128, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-                                      final_logit_softcapping=3.0)
+        config = AutoConfig.for_model(
+            "gemma2",
+            vocab_size=len(tokenizer),
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=16,
+            final_logit_softcapping=3.0,
+        )
     AutoModelForCausalLM.from_config(config).save_pretrained(out)
     tokenizer.save_pretrained(out)
     return out
@@ -184,10 +209,17 @@ def test_other_architectures_match_their_own_forward(workflow, demo_dir, tmp_pat
     from transformers import AutoModelForCausalLM
 
     teacher = _small_teacher(arch, demo_dir, tmp_path / arch)
-    workflow.run("--cores", "2", config={
-        "teacher": {"path": str(teacher), "dtype": "float32"},
-        "storage": {"value_dtype": "float32"}, "num_shards": 1,
-        "dataset": {"max_samples": 40}, "generation": {"top_k": 8, "batch_tokens": 2048}})
+    workflow.run(
+        "--cores",
+        "2",
+        config={
+            "teacher": {"path": str(teacher), "dtype": "float32"},
+            "storage": {"value_dtype": "float32"},
+            "num_shards": 1,
+            "dataset": {"max_samples": 40},
+            "generation": {"top_k": 8, "batch_tokens": 2048},
+        },
+    )
     log = workflow.path("results/demo/logs/generate/shard_00000.log").read_text()
     assert ("chunked output head" in log) is (arch == "gpt2")
     store = LogitStore(workflow.path("results/demo"))
@@ -196,10 +228,12 @@ def test_other_architectures_match_their_own_forward(workflow, demo_dir, tmp_pat
         rec = store[i]
         with torch.no_grad():
             logits = model(torch.from_numpy(rec["input_ids"].astype(np.int64))[None]).logits[0]
-        np.testing.assert_allclose(rec["logsumexp"], torch.logsumexp(logits, -1).numpy(),
-                                   atol=1e-4, rtol=1e-5)
-        np.testing.assert_allclose(rec["topk_logits"], torch.topk(logits, 8, -1).values.numpy(),
-                                   atol=1e-4, rtol=1e-5)
+        np.testing.assert_allclose(
+            rec["logsumexp"], torch.logsumexp(logits, -1).numpy(), atol=1e-4, rtol=1e-5
+        )
+        np.testing.assert_allclose(
+            rec["topk_logits"], torch.topk(logits, 8, -1).values.numpy(), atol=1e-4, rtol=1e-5
+        )
 
 
 def test_reader_random_access_and_dataloader(workflow):
@@ -221,8 +255,9 @@ def test_reader_random_access_and_dataloader(workflow):
     assert seen == set(int(s) for s in store.sample_ids)
 
     # Padded batches through the reader's own collate, also with workers.
-    batched = torch.utils.data.DataLoader(store, batch_size=8, shuffle=True, num_workers=2,
-                                          collate_fn=LogitStore.collate)
+    batched = torch.utils.data.DataLoader(
+        store, batch_size=8, shuffle=True, num_workers=2, collate_fn=LogitStore.collate
+    )
     total = 0
     for batch in batched:
         lengths = batch["attention_mask"].sum(axis=1)
@@ -254,19 +289,43 @@ def test_reader_installs_as_a_package_without_the_workflow(workflow, tmp_path):
     source.mkdir()
     # Build from a copy: setuptools writes build/ and egg-info next to the sources.
     shutil.copy2(REPO / "pyproject.toml", source)
-    shutil.copytree(REPO / "teacher_logits", source / "teacher_logits",
-                    ignore=shutil.ignore_patterns("__pycache__"))
-    subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps",
-                    "--no-build-isolation", "--target", str(target), str(source)],
-                   check=True, capture_output=True, timeout=300)
+    shutil.copytree(
+        REPO / "teacher_logits",
+        source / "teacher_logits",
+        ignore=shutil.ignore_patterns("__pycache__"),
+    )
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--no-deps",
+            "--no-build-isolation",
+            "--target",
+            str(target),
+            str(source),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
     workflow.run("--cores", "2", config={"num_shards": 1, "dataset": {"max_samples": 10}})
-    code = ("import sys, teacher_logits as m; s = m.LogitStore(sys.argv[1]); "
-            "assert len(s) == 10 and s[3]['topk_ids'].shape[1] == 64; "
-            "assert not {'snakemake', 'torch', 'transformers'} & set(sys.modules); "
-            "print(m.__file__)")
-    result = subprocess.run([sys.executable, "-c", code, str(workflow.path("results/demo"))],
-                            cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(target)},
-                            capture_output=True, text=True, check=True)
+    code = (
+        "import sys, teacher_logits as m; s = m.LogitStore(sys.argv[1]); "
+        "assert len(s) == 10 and s[3]['topk_ids'].shape[1] == 64; "
+        "assert not {'snakemake', 'torch', 'transformers'} & set(sys.modules); "
+        "print(m.__file__)"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code, str(workflow.path("results/demo"))],
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(target)},
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     assert result.stdout.startswith(str(target))
 
 
@@ -274,8 +333,11 @@ def test_empty_texts_are_dropped_and_listed(workflow, tmp_path):
     rows = ["def f(): pass  # a normal text", "", "   \n\t", "another normal line of text here"] * 3
     data = tmp_path / "data.jsonl"
     data.write_text("".join(json.dumps({"content": t}) + "\n" for t in rows))
-    workflow.run("--cores", "2", config={"dataset": {"path": str(data), "text_field": "content"},
-                                         "num_shards": 2})
+    workflow.run(
+        "--cores",
+        "2",
+        config={"dataset": {"path": str(data), "text_field": "content"}, "num_shards": 2},
+    )
     manifest = workflow.manifest()
     dropped = {d["sample_id"] for d in manifest["dropped"]}
     assert dropped == {i for i, t in enumerate(rows) if not t.strip()}

@@ -42,13 +42,18 @@ def forward_batch(head, batch: np.ndarray, input_ids: np.ndarray, offsets: np.nd
         half = len(batch) // 2
         log.warning(
             "out of memory on a batch of %d samples x %d tokens; retrying it as two halves "
-            "(consider a smaller generation.batch_tokens)", len(batch), width,
+            "(consider a smaller generation.batch_tokens)",
+            len(batch),
+            width,
         )
-        return (forward_batch(head, batch[:half], input_ids, offsets, pad_id)
-                + forward_batch(head, batch[half:], input_ids, offsets, pad_id))
+        return forward_batch(head, batch[:half], input_ids, offsets, pad_id) + forward_batch(
+            head, batch[half:], input_ids, offsets, pad_id
+        )
 
 
-def compute_window(head, input_ids: np.ndarray, offsets: np.ndarray, batch_tokens: int, pad_id: int):
+def compute_window(
+    head, input_ids: np.ndarray, offsets: np.ndarray, batch_tokens: int, pad_id: int
+):
     """Top-k rows of the samples in one window, concatenated in sample order."""
     lengths = np.diff(offsets)
     num_rows = int(offsets[-1])
@@ -76,8 +81,15 @@ def compute_window(head, input_ids: np.ndarray, offsets: np.ndarray, batch_token
     return out
 
 
-def compute_window_split(head, input_ids: np.ndarray, offsets: np.ndarray, batch_tokens: int,
-                         pad_id: int, max_length: int, stride: int):
+def compute_window_split(
+    head,
+    input_ids: np.ndarray,
+    offsets: np.ndarray,
+    batch_tokens: int,
+    pad_id: int,
+    max_length: int,
+    stride: int,
+):
     """``compute_window`` where documents may be longer than ``max_length`` (overflow: split).
 
     Each long document is read in overlapping windows of at most ``max_length`` tokens

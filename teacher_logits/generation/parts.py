@@ -124,7 +124,10 @@ class CommittedParts:
         if reason and found:
             log.warning(
                 "discarding %d committed part(s) of %s from an earlier run: %s; starting this "
-                "shard from zero", len(found), self.directory.name, reason,
+                "shard from zero",
+                len(found),
+                self.directory.name,
+                reason,
             )
             self.discard_all()
             found = []
@@ -146,7 +149,10 @@ class CommittedParts:
         if self.parts:
             log.info(
                 "resuming %s: %d committed part(s), %d of %d rows done",
-                self.directory.name, len(self.parts), self.rows_done, self.rows_total,
+                self.directory.name,
+                len(self.parts),
+                self.rows_done,
+                self.rows_total,
             )
         self.write_progress()
 
@@ -192,16 +198,19 @@ class CommittedParts:
         if not self.assembled_path.exists():
             return False
         if not is_valid(self.assembled_path):
-            log.warning("discarding the earlier assembled copy of %s: it failed validation",
-                        shard_path.name)
+            log.warning(
+                "discarding the earlier assembled copy of %s: it failed validation", shard_path.name
+            )
             self.assembled_path.unlink()
             return False
         temp = partial_path(shard_path)
         temp.unlink(missing_ok=True)
         os.link(self.assembled_path, temp)
         os.replace(temp, shard_path)
-        log.info("%s was finished by an earlier job (killed before Snakemake recorded it); "
-                 "reusing it", shard_path.name)
+        log.info(
+            "%s was finished by an earlier job (killed before Snakemake recorded it); reusing it",
+            shard_path.name,
+        )
         return True
 
     def part_path(self, first_sample: int) -> Path:
@@ -212,8 +221,11 @@ class CommittedParts:
         self.write_progress()
 
     def write_progress(self) -> None:
-        progress = {"rows_done": self.rows_done, "rows_total": self.rows_total,
-                    "updated_at": time.time()}
+        progress = {
+            "rows_done": self.rows_done,
+            "rows_total": self.rows_total,
+            "updated_at": time.time(),
+        }
         atomic_write_text(self.directory / PARTS_PROGRESS, json.dumps(progress))
 
     def discard_all(self) -> None:
@@ -247,23 +259,38 @@ class PartWriter:
     the process on a failed write.
     """
 
-    def __init__(self, path, first_sample: int, first_row: int, top_k: int,
-                 value_dtype: str = "float16", with_entropy: bool = True):
+    def __init__(
+        self,
+        path,
+        first_sample: int,
+        first_row: int,
+        top_k: int,
+        value_dtype: str = "float16",
+        with_entropy: bool = True,
+    ):
         self.path = Path(path)
         self.temp_path = partial_path(self.path)
         self.first_sample, self.first_row = first_sample, first_row
         self.num_samples = self.num_rows = 0
         self._buffer = io.BytesIO()
         self._file = h5py.File(self._buffer, "w")
-        dtypes = {"topk_ids": np.int32, "topk_logits": VALUE_DTYPES[value_dtype],
-                  "logsumexp": np.float32, "entropy": np.float16}
+        dtypes = {
+            "topk_ids": np.int32,
+            "topk_logits": VALUE_DTYPES[value_dtype],
+            "logsumexp": np.float32,
+            "entropy": np.float16,
+        }
         for name, dtype in dtypes.items():
             if name == "entropy" and not with_entropy:
                 continue
             wide = name in ("topk_ids", "topk_logits")
             self._file.create_dataset(
-                name, shape=(0, top_k) if wide else (0,), maxshape=(None, top_k) if wide else (None,),
-                chunks=(CHUNK_ROWS, top_k) if wide else (CHUNK_ROWS,), dtype=dtype, fletcher32=True,
+                name,
+                shape=(0, top_k) if wide else (0,),
+                maxshape=(None, top_k) if wide else (None,),
+                chunks=(CHUNK_ROWS, top_k) if wide else (CHUNK_ROWS,),
+                dtype=dtype,
+                fletcher32=True,
             )
 
     def append(self, num_samples: int, arrays: dict) -> None:
@@ -278,8 +305,14 @@ class PartWriter:
 
     def commit(self, attrs: dict) -> Path:
         f = self._file
-        f.attrs.update({"first_sample": self.first_sample, "num_samples": self.num_samples,
-                        "first_row": self.first_row, "num_rows": self.num_rows})
+        f.attrs.update(
+            {
+                "first_sample": self.first_sample,
+                "num_samples": self.num_samples,
+                "first_row": self.first_row,
+                "num_rows": self.num_rows,
+            }
+        )
         for key, value in attrs.items():
             f.attrs[key] = json.dumps(value) if isinstance(value, (dict, list)) else value
         f.close()

@@ -54,19 +54,25 @@ def claims_from_parts(parts: list[dict]) -> list[dict]:
     """One record per GPU-group claim that committed rows, in order (consecutive parts merge)."""
     claims: list[dict] = []
     for attrs in parts:
-        key = (attrs["claim_hostname"], attrs["claim_cuda_visible_devices"], attrs["claim_started_at"])
+        key = (
+            attrs["claim_hostname"],
+            attrs["claim_cuda_visible_devices"],
+            attrs["claim_started_at"],
+        )
         if claims and claims[-1]["_key"] == key:
             claims[-1]["finished_at"] = float(attrs["committed_at"])
             claims[-1]["rows"] += int(attrs["num_rows"])
             continue
-        claims.append({
-            "_key": key,
-            "cuda_visible_devices": attrs["claim_cuda_visible_devices"],
-            "hostname": attrs["claim_hostname"],
-            "started_at": float(attrs["claim_started_at"]),
-            "finished_at": float(attrs["committed_at"]),
-            "rows": int(attrs["num_rows"]),
-        })
+        claims.append(
+            {
+                "_key": key,
+                "cuda_visible_devices": attrs["claim_cuda_visible_devices"],
+                "hostname": attrs["claim_hostname"],
+                "started_at": float(attrs["claim_started_at"]),
+                "finished_at": float(attrs["committed_at"]),
+                "rows": int(attrs["num_rows"]),
+            }
+        )
         if attrs.get("claim_scheduler_job_id"):
             claims[-1]["scheduler_job_id"] = attrs["claim_scheduler_job_id"]
     for claim in claims:
@@ -74,19 +80,32 @@ def claims_from_parts(parts: list[dict]) -> list[dict]:
     return claims
 
 
-def shard_attrs(plan: dict, shard: int, parts, job_started_at: float,
-                teacher_load_seconds: float) -> dict:
+def shard_attrs(
+    plan: dict, shard: int, parts, job_started_at: float, teacher_load_seconds: float
+) -> dict:
     """The finished shard's attributes: fingerprints and provenance of every claim."""
     claims = claims_from_parts([attrs for _, attrs in parts.parts])
     num_tokens = parts.rows_done
     gen_seconds = sum(float(a["compute_seconds"]) for _, a in parts.parts)
     log.info(
         "generated %d tokens in %.1f s of compute (%.0f tokens/s) over %d claim(s); teacher "
-        "load took %.1f s in this job", num_tokens, gen_seconds,
-        num_tokens / max(gen_seconds, 1e-9), len(claims), teacher_load_seconds,
+        "load took %.1f s in this job",
+        num_tokens,
+        gen_seconds,
+        num_tokens / max(gen_seconds, 1e-9),
+        len(claims),
+        teacher_load_seconds,
     )
-    last = claims[-1] if claims else {"cuda_visible_devices": "", "hostname": "",
-                                       "started_at": job_started_at, "finished_at": time.time()}
+    last = (
+        claims[-1]
+        if claims
+        else {
+            "cuda_visible_devices": "",
+            "hostname": "",
+            "started_at": job_started_at,
+            "finished_at": time.time(),
+        }
+    )
     return {
         "shard_index": shard,
         "num_shards": int(plan["num_shards"]),

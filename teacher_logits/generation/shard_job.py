@@ -30,7 +30,13 @@ from .batching import windows
 from .parts import CommittedParts, job_lock
 from .progress import progress_bar
 from .provenance import scheduler_job_id, shard_attrs
-from .writing import PartCommitter, ShardSink, WriterThread, open_shard_writer, rows_in_stored_dtypes
+from .writing import (
+    PartCommitter,
+    ShardSink,
+    WriterThread,
+    open_shard_writer,
+    rows_in_stored_dtypes,
+)
 
 log = logging.getLogger("generate")
 
@@ -50,8 +56,9 @@ def generate(settings: GenerateSettings, layout: RunLayout, shard: int) -> None:
     sample_ids, offsets, input_ids = prepared.shard_slice(0)
     loss_mask = prepared.loss_mask
     num_tokens = int(offsets[-1])
-    identity = part_identity(settings, plan, shard, sample_ids, offsets,
-                             layout.regenerate_token.read_text().strip())
+    identity = part_identity(
+        settings, plan, shard, sample_ids, offsets, layout.regenerate_token.read_text().strip()
+    )
 
     with job_lock(output):
         if finished_by_an_earlier_job(output, plan, shard):
@@ -59,11 +66,25 @@ def generate(settings: GenerateSettings, layout: RunLayout, shard: int) -> None:
             return
         parts = CommittedParts(layout.parts_dir(shard), identity, num_tokens)
         expected = ShardExpectation(
-            sample_ids, offsets, input_ids,
-            {"shard_index": shard, **{k: plan[k] for k in (
-                "num_shards", "top_k", "teacher_fingerprint", "tokenizer_fingerprint",
-                "config_fingerprint")}},
-            plan["vocab_size"], loss_mask, settings.store_masked_only,
+            sample_ids,
+            offsets,
+            input_ids,
+            {
+                "shard_index": shard,
+                **{
+                    k: plan[k]
+                    for k in (
+                        "num_shards",
+                        "top_k",
+                        "teacher_fingerprint",
+                        "tokenizer_fingerprint",
+                        "config_fingerprint",
+                    )
+                },
+            },
+            plan["vocab_size"],
+            loss_mask,
+            settings.store_masked_only,
         )
 
         def is_valid(path):
@@ -85,8 +106,12 @@ def generate(settings: GenerateSettings, layout: RunLayout, shard: int) -> None:
             else:  # every row was committed by earlier jobs: copy them into the shard
                 sink.replay(parts)
             if parts.rows_done != num_tokens:
-                raise RuntimeError(f"shard {shard}: {parts.rows_done} of {num_tokens} rows committed")
-            attrs = shard_attrs(plan, shard, parts, job_started_at, this_claim["teacher_load_seconds"])
+                raise RuntimeError(
+                    f"shard {shard}: {parts.rows_done} of {num_tokens} rows committed"
+                )
+            attrs = shard_attrs(
+                plan, shard, parts, job_started_at, this_claim["teacher_load_seconds"]
+            )
             with disk_full_is_a_user_error(output):
                 live.commit(attrs)
         except BaseException:
@@ -95,8 +120,14 @@ def generate(settings: GenerateSettings, layout: RunLayout, shard: int) -> None:
         parts.keep_assembled(output)
 
 
-def compute_remaining(settings: GenerateSettings, shard: int, parts: CommittedParts,
-                      offsets: np.ndarray, input_ids: np.ndarray, sink: ShardSink) -> dict:
+def compute_remaining(
+    settings: GenerateSettings,
+    shard: int,
+    parts: CommittedParts,
+    offsets: np.ndarray,
+    input_ids: np.ndarray,
+    sink: ShardSink,
+) -> dict:
     """Claim a GPU group, run every window not yet committed, commit parts as it goes.
 
     Writing (part commits, and rows into the shard through ``sink``) happens in a
@@ -107,8 +138,12 @@ def compute_remaining(settings: GenerateSettings, shard: int, parts: CommittedPa
     with gpu_claim(settings.devices, holder=holder, first=shard) as claim:
         log.info(
             "shard %d: %d samples, %d tokens (%d left); CUDA_VISIBLE_DEVICES=%r on %s%s",
-            shard, len(offsets) - 1, int(offsets[-1]), int(offsets[-1]) - parts.rows_done,
-            claim.cuda_visible_devices, claim.hostname,
+            shard,
+            len(offsets) - 1,
+            int(offsets[-1]),
+            int(offsets[-1]) - parts.rows_done,
+            claim.cuda_visible_devices,
+            claim.hostname,
             f" (set by the scheduler, job {scheduler_job_id()})" if scheduler else "",
         )
         committer = PartCommitter(parts, claim, settings)
@@ -121,13 +156,16 @@ def compute_remaining(settings: GenerateSettings, shard: int, parts: CommittedPa
 
             from .teacher import load_top_k_head
 
-            torch.set_num_threads(settings.threads)  # same threads, same reductions: bit-identical reruns
+            torch.set_num_threads(
+                settings.threads
+            )  # same threads, same reductions: bit-identical reruns
             load_start = time.time()
             head = load_top_k_head(settings, claim)
             load_seconds = time.time() - load_start
             log.info("teacher loaded in %.1f s", load_seconds)
-            run_windows(head, WindowRun(settings, shard, offsets, input_ids, parts, committer,
-                                        writer, sink))
+            run_windows(
+                head, WindowRun(settings, shard, offsets, input_ids, parts, committer, writer, sink)
+            )
             writer.submit(committer.commit)
             writer.close()
         except BaseException:
@@ -166,8 +204,13 @@ def run_windows(head, run: WindowRun) -> None:
             r0, r1 = int(offsets[s0]), int(offsets[s1])
             started = time.time()
             rows = compute_window_split(
-                head, run.input_ids[r0:r1], offsets[s0 : s1 + 1] - r0, settings.batch_tokens,
-                pad_id, settings.max_length, settings.stride,
+                head,
+                run.input_ids[r0:r1],
+                offsets[s0 : s1 + 1] - r0,
+                settings.batch_tokens,
+                pad_id,
+                settings.max_length,
+                settings.stride,
             )
             seconds = time.time() - started
 
@@ -194,8 +237,9 @@ def finished_by_an_earlier_job(output: Path, plan: dict, shard: int) -> bool:
     )
 
 
-def part_identity(settings: GenerateSettings, plan: dict, shard: int, sample_ids, offsets,
-                  regenerate_token: str) -> dict:
+def part_identity(
+    settings: GenerateSettings, plan: dict, shard: int, sample_ids, offsets, regenerate_token: str
+) -> dict:
     """What committed parts must share with this job to be kept (see ``CommittedParts``)."""
     plan_digest = hashlib.sha256(sample_ids.tobytes() + offsets.tobytes()).hexdigest()
     return {

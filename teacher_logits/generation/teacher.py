@@ -61,8 +61,9 @@ def load_teacher(
     model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     model.eval()
     if on_gpu:
-        refuse_offload(getattr(model, "hf_device_map", None), model.get_memory_footprint(),
-                       allow_offload)
+        refuse_offload(
+            getattr(model, "hf_device_map", None), model.get_memory_footprint(), allow_offload
+        )
     return model
 
 
@@ -119,8 +120,9 @@ class TopKHead:
     to top-k in chunks.
     """
 
-    def __init__(self, model, top_k: int, chunk_bytes: int = DEFAULT_CHUNK_BYTES,
-                 with_entropy: bool = True):
+    def __init__(
+        self, model, top_k: int, chunk_bytes: int = DEFAULT_CHUNK_BYTES, with_entropy: bool = True
+    ):
         self.model = model
         self.top_k = top_k
         # The entropy costs one more pass over each logits chunk (~13% of lm_head + top-k).
@@ -134,7 +136,9 @@ class TopKHead:
         self.chunked = self.head is not None and self._chunked_head_matches()
         log.info(
             "top-k via %s, %d rows per chunk",
-            "chunked output head" if self.chunked else "the model's own forward (head not chunkable)",
+            "chunked output head"
+            if self.chunked
+            else "the model's own forward (head not chunkable)",
             self.chunk_rows,
         )
 

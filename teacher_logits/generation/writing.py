@@ -37,16 +37,22 @@ class PartCommitter:
     def add(self, first_sample: int, first_row: int, num_samples: int, rows: dict, seconds: float):
         if self.writer is None:
             self.writer = PartWriter(
-                self.parts.part_path(first_sample), first_sample, first_row, self.settings.top_k,
-                self.settings.value_dtype, self.settings.store_entropy,
+                self.parts.part_path(first_sample),
+                first_sample,
+                first_row,
+                self.settings.top_k,
+                self.settings.value_dtype,
+                self.settings.store_entropy,
             )
             self.opened_at = time.time()
         with disk_full_is_a_user_error(self.writer.path):
             self.writer.append(num_samples, rows)
         self.compute_seconds += seconds
         self.rows_computed += len(rows["logsumexp"])
-        if (time.time() - self.opened_at >= self.settings.commit_every_s
-                or self.writer.num_rows >= PART_MAX_ROWS):
+        if (
+            time.time() - self.opened_at >= self.settings.commit_every_s
+            or self.writer.num_rows >= PART_MAX_ROWS
+        ):
             self.commit()
 
     def commit(self) -> None:
@@ -120,8 +126,13 @@ class ShardSink:
     window's; at the end the shard is committed with no copying pass left to do.
     """
 
-    def __init__(self, writer: ShardWriter, input_ids: np.ndarray, with_entropy: bool,
-                 loss_mask: np.ndarray | None = None):
+    def __init__(
+        self,
+        writer: ShardWriter,
+        input_ids: np.ndarray,
+        with_entropy: bool,
+        loss_mask: np.ndarray | None = None,
+    ):
         self.writer, self.input_ids, self.with_entropy = writer, input_ids, with_entropy
         self.loss_mask = loss_mask
 
@@ -145,11 +156,16 @@ class ShardSink:
                 self.add(int(part["first_row"]) + r0, rows)
 
 
-def open_shard_writer(output, sample_ids, offsets, settings,
-                      loss_mask: np.ndarray | None = None) -> ShardWriter:
+def open_shard_writer(
+    output, sample_ids, offsets, settings, loss_mask: np.ndarray | None = None
+) -> ShardWriter:
     writer = ShardWriter(
-        output, num_samples=len(sample_ids), num_tokens=int(offsets[-1]), top_k=settings.top_k,
-        value_dtype=settings.value_dtype, compression=settings.compression,
+        output,
+        num_samples=len(sample_ids),
+        num_tokens=int(offsets[-1]),
+        top_k=settings.top_k,
+        value_dtype=settings.value_dtype,
+        compression=settings.compression,
         with_entropy=settings.store_entropy,
         with_loss_mask=loss_mask is not None,
         stored_rows=needed_rows(loss_mask, offsets) if settings.store_masked_only else None,

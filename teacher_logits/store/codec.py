@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
+
 def _position_bits(top_k: int) -> int:
     return max(1, (top_k - 1).bit_length())
 
@@ -74,5 +75,3 @@ def decode_topk(deltas: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.
         out_values = np.take_along_axis(values, order, axis=1)
     order += (np.arange(n) * k)[:, None]
     return ids.ravel()[order], out_values
-
-

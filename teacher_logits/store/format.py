@@ -98,8 +98,6 @@ def read_attrs(handle: h5py.File) -> dict:
     return out
 
 
-
-
 def fsync_dir(path: str | os.PathLike) -> None:
     """Make a rename inside ``path`` durable (a crash after it cannot undo it)."""
     fd = os.open(path, os.O_RDONLY)
@@ -136,5 +134,3 @@ def stored_row_offsets(stored: np.ndarray, offsets: np.ndarray) -> np.ndarray:
     """int64 [S+1]: sample s's kept rows are ``row_offsets[s]:row_offsets[s+1]``."""
     cumulative = np.concatenate([[0], np.cumsum(stored, dtype=np.int64)])
     return cumulative[np.asarray(offsets, dtype=np.int64)]
-
-

@@ -17,6 +17,7 @@ from ..errors import ShardError
 from ..layout import partial_path
 from .format import FORMAT_VERSION
 
+
 @dataclass
 class PreparedTokens:
     sample_ids: np.ndarray  # int64 [S] row numbers in the loaded dataset
@@ -51,8 +52,14 @@ class PreparedWriter:
         self.num_tokens = 0
         names = [("input_ids", np.int32)] + ([("loss_mask", np.uint8)] if with_loss_mask else [])
         for name, dtype in names:
-            self._file.create_dataset(name, shape=(0,), maxshape=(None,), dtype=dtype,
-                                      chunks=(PREPARED_CHUNK,), fletcher32=True)
+            self._file.create_dataset(
+                name,
+                shape=(0,),
+                maxshape=(None,),
+                dtype=dtype,
+                chunks=(PREPARED_CHUNK,),
+                fletcher32=True,
+            )
 
     def append(self, input_ids: np.ndarray, loss_mask: np.ndarray | None = None) -> None:
         n = len(input_ids)
@@ -125,4 +132,3 @@ def read_prepared_shard(path: str | os.PathLike, shard: int) -> PreparedTokens:
             shard_bounds=np.array([0, s1 - s0], dtype=np.int64),
             loss_mask=f["loss_mask"][r0:r1] if "loss_mask" in f else None,
         )
-

@@ -91,8 +91,10 @@ class LogitStore:
             # were not stored and read back as zeros (rec["row_stored"] marks the rest).
             self.has_loss_mask = bool(index.attrs.get("has_loss_mask", False))
             self.masked_only = bool(index.attrs.get("masked_only", False))
-            self.shard_paths = [self.root / p.decode() if isinstance(p, bytes) else self.root / p
-                                for p in index["shard_paths"][:]]
+            self.shard_paths = [
+                self.root / p.decode() if isinstance(p, bytes) else self.root / p
+                for p in index["shard_paths"][:]
+            ]
             self.sample_ids = index["sample_ids"][:]
             self.sample_shard = index["sample_shard"][:]
             self.sample_position = index["sample_position"][:]
@@ -150,10 +152,19 @@ class LogitStore:
         LogitStore.collate)`` (torch's default collate cannot stack ragged samples).
         """
         width = max(len(r["input_ids"]) for r in records)
-        batch = {"sample_id": np.array([r["sample_id"] for r in records], dtype=np.int64),
-                 "attention_mask": np.zeros((len(records), width), dtype=np.uint8)}
-        fills = {"input_ids": pad_id, "topk_ids": 0, "topk_logits": 0.0, "logsumexp": 0.0,
-                 "entropy": 0.0, "loss_mask": 0, "row_stored": 0}
+        batch = {
+            "sample_id": np.array([r["sample_id"] for r in records], dtype=np.int64),
+            "attention_mask": np.zeros((len(records), width), dtype=np.uint8),
+        }
+        fills = {
+            "input_ids": pad_id,
+            "topk_ids": 0,
+            "topk_logits": 0.0,
+            "logsumexp": 0.0,
+            "entropy": 0.0,
+            "loss_mask": 0,
+            "row_stored": 0,
+        }
         for name, fill in fills.items():
             if name not in records[0]:
                 continue

@@ -67,7 +67,9 @@ class ShardSummary:
     loss_mask_ones: int | None = None
 
 
-def validate_shard(path: str | os.PathLike, expected: ShardExpectation, progress=None) -> ShardSummary:
+def validate_shard(
+    path: str | os.PathLike, expected: ShardExpectation, progress=None
+) -> ShardSummary:
     """Check one shard completely; raise ``ShardError`` naming the first problem found.
 
     ``progress()``, if given, is called after each step that reads the file, so a
@@ -135,15 +137,18 @@ def _check_attrs(handle, expected_attrs: dict) -> dict:
             f"{FORMAT_VERSION}"
         )
     if attrs.get("topk_encoding") != TOPK_ENCODING:
-        raise ShardError(f"topk_encoding {attrs.get('topk_encoding')!r}, expected {TOPK_ENCODING!r}")
+        raise ShardError(
+            f"topk_encoding {attrs.get('topk_encoding')!r}, expected {TOPK_ENCODING!r}"
+        )
     for key, value in expected_attrs.items():
         if attrs.get(key) != value:
             raise ShardError(f"attribute {key}={attrs.get(key)!r}, expected {value!r}")
     return attrs
 
 
-def _check_datasets(handle, expected: ShardExpectation, top_k: int, num_rows: int,
-                    masked_only: bool) -> None:
+def _check_datasets(
+    handle, expected: ShardExpectation, top_k: int, num_rows: int, masked_only: bool
+) -> None:
     """Every dataset is there, with the shape and dtype the plan implies."""
     num_samples, num_tokens = len(expected.sample_ids), expected.num_tokens
     shapes = {
@@ -164,7 +169,9 @@ def _check_datasets(handle, expected: ShardExpectation, top_k: int, num_rows: in
         try:
             ds = handle[name]
         except Exception as exc:  # corrupt object header
-            raise ShardError(f"dataset {name!r} is unreadable ({type(exc).__name__}: {exc})") from None
+            raise ShardError(
+                f"dataset {name!r} is unreadable ({type(exc).__name__}: {exc})"
+            ) from None
         if not isinstance(ds, h5py.Dataset):
             raise ShardError(f"{name!r} is not a dataset")
         if ds.shape != shape:
@@ -177,8 +184,9 @@ def _check_datasets(handle, expected: ShardExpectation, top_k: int, num_rows: in
         raise ShardError(f"dataset 'entropy' has shape {handle['entropy'].shape}")
 
 
-def _check_rows(handle, expected: ShardExpectation, stored, top_k: int, stats: ShardStats,
-                progress) -> None:
+def _check_rows(
+    handle, expected: ShardExpectation, stored, top_k: int, stats: ShardStats, progress
+) -> None:
     """Tokens equal prepare's; top-k rows are sane; each checked block feeds ``stats``."""
     num_tokens, vocab_size = expected.num_tokens, expected.vocab_size
     exp_input_ids, offsets = expected.input_ids, expected.offsets
@@ -204,7 +212,9 @@ def _check_rows(handle, expected: ShardExpectation, stored, top_k: int, stats: S
         lse = handle["logsumexp"][c0:c1]
         # Stored ids ascend strictly per row: a first id >= 0, then gaps >= 1 (distinct ids).
         if deltas.size and (deltas[:, 0].min() < 0 or (top_k > 1 and deltas[:, 1:].min() < 1)):
-            raise ShardError(f"repeated or unordered token ids inside a top-k row in rows {r0}..{r1 - 1}")
+            raise ShardError(
+                f"repeated or unordered token ids inside a top-k row in rows {r0}..{r1 - 1}"
+            )
         ids = ids_from_deltas(deltas)
         if ids.size and ids[:, -1].max() >= vocab_size:
             raise ShardError(f"topk_ids outside the vocabulary [0, {vocab_size})")

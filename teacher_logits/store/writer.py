@@ -24,6 +24,7 @@ from .format import (
     stored_row_offsets,
 )
 
+
 class ShardWriter:
     """Append token rows sample by sample, then ``commit`` atomically (temp file + rename).
 
@@ -66,11 +67,13 @@ class ShardWriter:
             f.create_dataset(
                 name, shape=(num_rows, top_k), dtype=dtype, chunks=(rows, top_k), **wide, **opts
             )
-        f.create_dataset("logsumexp", shape=(num_rows,), dtype=np.float32, chunks=(rows,), **flat,
-                         **opts)
+        f.create_dataset(
+            "logsumexp", shape=(num_rows,), dtype=np.float32, chunks=(rows,), **flat, **opts
+        )
         if with_entropy:
-            f.create_dataset("entropy", shape=(num_rows,), dtype=np.float16, chunks=(rows,),
-                             **flat, **opts)
+            f.create_dataset(
+                "entropy", shape=(num_rows,), dtype=np.float16, chunks=(rows,), **flat, **opts
+            )
         self._sample_ids = np.zeros(num_samples, dtype=np.int64)
         self._offsets = np.zeros(num_samples + 1, dtype=np.int64)
         self._samples_done = 0
