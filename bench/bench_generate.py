@@ -22,6 +22,14 @@ import h5py
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from teacher_logits.generation.batching import padding_fraction, plan_batches, windows  # noqa: E402
+from teacher_logits.generation.provenance import library_versions  # noqa: E402
+from teacher_logits.generation.shard_job import WINDOW_BATCHES, generate  # noqa: E402
+from teacher_logits.layout import RunLayout  # noqa: E402
+from teacher_logits.settings import GenerateSettings  # noqa: E402
+from teacher_logits.store.format import read_attrs  # noqa: E402
+from teacher_logits.store.prepared import read_prepared  # noqa: E402
+
 from common import (  # noqa: E402
     Timer,
     bench_teacher,
@@ -32,14 +40,6 @@ from common import (  # noqa: E402
     table,
     workflow_config,
 )
-
-from teacher_logits.generation.batching import padding_fraction, plan_batches, windows  # noqa: E402
-from teacher_logits.generation.provenance import library_versions  # noqa: E402
-from teacher_logits.generation.shard_job import WINDOW_BATCHES, generate  # noqa: E402
-from teacher_logits.layout import RunLayout  # noqa: E402
-from teacher_logits.settings import GenerateSettings  # noqa: E402
-from teacher_logits.store.format import read_attrs  # noqa: E402
-from teacher_logits.store.prepared import read_prepared  # noqa: E402
 
 
 def padded(batch, input_ids, offsets, pad_id):

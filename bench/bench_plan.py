@@ -86,7 +86,7 @@ def main(argv=None):
         "teacher_logits",
         "report",
         "profiles",
-        "environment.yml",
+        "envs",
     ):
         source = REPO / name
         (shutil.copytree if source.is_dir() else shutil.copy)(source, ours / name)

@@ -22,6 +22,13 @@ import h5py
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import teacher_logits.store.writer as shard_writer
+from teacher_logits import LogitStore
+from teacher_logits.store.codec import decode_topk
+from teacher_logits.store.format import COMPRESSIONS
+from teacher_logits.store.prepared import read_prepared
+from teacher_logits.store.writer import ShardWriter
+
 from common import (  # noqa: E402
     DEMO_DIR,
     NAIVE_BYTES_PER_TOKEN,
@@ -32,13 +39,6 @@ from common import (  # noqa: E402
     prepared_shard,
     table,
 )
-
-import teacher_logits.store.writer as shard_writer
-from teacher_logits import LogitStore
-from teacher_logits.store.codec import decode_topk
-from teacher_logits.store.format import COMPRESSIONS
-from teacher_logits.store.prepared import read_prepared
-from teacher_logits.store.writer import ShardWriter
 
 TOP_K = 64
 

@@ -7,7 +7,7 @@ rule demo_corpus:
     log:
         str(LAYOUT.log("demo_corpus")),
     conda:
-        "../environment.yml"
+        "../envs/workflow.yaml"
     script:
         "../workflow_scripts/demo_corpus.py"
 
@@ -20,7 +20,7 @@ rule demo_teacher:
     log:
         str(LAYOUT.log("demo_teacher")),
     conda:
-        "../environment.yml"
+        "../envs/workflow.yaml"
     threads: 2
     script:
         "../workflow_scripts/demo_teacher.py"

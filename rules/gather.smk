@@ -12,7 +12,7 @@ rule gather:
     log:
         str(LAYOUT.log("gather")),
     conda:
-        "../environment.yml"
+        "../envs/workflow.yaml"
     # Shards are validated in this many worker processes (scaled down to --cores).
     threads: 4
     script:

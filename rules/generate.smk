@@ -12,7 +12,7 @@ rule regenerate_request:
     log:
         str(LAYOUT.log("regenerate_request")),
     conda:
-        "../environment.yml"
+        "../envs/workflow.yaml"
     params:
         token=regenerate_token(),
     shell:
@@ -33,7 +33,7 @@ rule generate:
     wildcard_constraints:
         shard=r"\d{5}",
     conda:
-        "../environment.yml"
+        "../envs/workflow.yaml"
     threads: config["generation"]["threads"]
     resources:
         gpu=DEVICES.gpus_per_job,

@@ -11,7 +11,7 @@ rule prepare:
     log:
         str(LAYOUT.log("prepare")),
     conda:
-        "../environment.yml"
+        "../envs/workflow.yaml"
     threads: config["tokenize"]["num_proc"]
     params:
         # Only what changes the stored numbers: editing GPUs or batch sizes reruns nothing.

@@ -49,6 +49,6 @@ rule report_figures:
     log:
         str(LAYOUT.log("report_figures")),
     conda:
-        "../environment.yml"
+        "../envs/workflow.yaml"
     script:
         "../workflow_scripts/report_figures.py"

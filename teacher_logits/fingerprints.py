@@ -55,15 +55,20 @@ def tokenizer_fingerprint(path: str | Path) -> str:
     return _digest(parts)
 
 
-def config_fingerprint(
-    settings: dict, teacher_fp: str, tokenizer_fp: str, format_version: int
-) -> str:
+# The fingerprint once hashed the shard format version; it is pinned at 2, the first
+# version readers still accept, so a later format bump (which readers and gather accept
+# beside older shards) does not make every finished shard look like another run's.
+FINGERPRINT_FORMAT_VERSION = 2
+
+
+def config_fingerprint(settings: dict, teacher_fp: str, tokenizer_fp: str) -> str:
+    """What gives the stored numbers their meaning: settings, teacher, tokenizer."""
     blob = json.dumps(
         {
             "settings": settings,
             "teacher": teacher_fp,
             "tokenizer": tokenizer_fp,
-            "format_version": format_version,
+            "format_version": FINGERPRINT_FORMAT_VERSION,
         },
         sort_keys=True,
     )

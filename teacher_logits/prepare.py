@@ -273,9 +273,7 @@ def shard_plan(
         "vocab_size": vocab_size,
         "teacher_fingerprint": teacher_fp,
         "tokenizer_fingerprint": tokenizer_fp,
-        "config_fingerprint": config_fingerprint(
-            settings.meaning, teacher_fp, tokenizer_fp, FORMAT_VERSION
-        ),
+        "config_fingerprint": config_fingerprint(settings.meaning, teacher_fp, tokenizer_fp),
         "settings": settings.meaning,
         "shards": [
             {

@@ -23,7 +23,7 @@ WORKFLOW_FILES = (
     "teacher_logits",
     "config",
     "profiles",
-    "environment.yml",
+    "envs",
     "report",
 )
 

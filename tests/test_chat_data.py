@@ -7,12 +7,13 @@ import h5py
 import numpy as np
 import pytest
 import yaml
-from conftest import REPO
 
 from teacher_logits import LogitStore
 from teacher_logits.chat import ChatRenderer, template_text
 from teacher_logits.errors import UserError
 from teacher_logits.store.format import needed_rows
+
+from conftest import REPO
 
 # ChatML: the role header before the content, <|im_end|> (a stop token) after it.
 CHATML = "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"

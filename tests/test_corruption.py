@@ -19,6 +19,7 @@ import sys
 
 import h5py
 import pytest
+
 from conftest import Workflow, demo_workflow
 
 BASE = {

@@ -20,9 +20,10 @@ from collections import defaultdict
 import h5py
 import pytest
 import yaml
-from conftest import snakemake_bin
 
 from teacher_logits.store.format import read_attrs
+
+from conftest import snakemake_bin
 
 NUM_SHARDS = 56
 STRESS = {

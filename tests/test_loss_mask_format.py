@@ -3,12 +3,13 @@
 import h5py
 import numpy as np
 import pytest
-from test_shard_format import VOCAB, arrays, make_data, validate, write_shard
 
 from teacher_logits.errors import ShardError
 from teacher_logits.store.format import ABSENT_ROW_FILL, needed_rows, stored_row_offsets
 from teacher_logits.store.reader import read_sample
 from teacher_logits.store.writer import ShardWriter
+
+from test_shard_format import VOCAB, arrays, make_data, validate, write_shard
 
 
 def test_needed_rows_follow_the_next_token_inside_each_sample():

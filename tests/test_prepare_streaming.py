@@ -14,13 +14,14 @@ import h5py
 import numpy as np
 import pytest
 import yaml
-from conftest import REPO
 
 import teacher_logits.prepare as prepare_module
 import teacher_logits.tokenization as tokenization
 from teacher_logits.errors import UserError
 from teacher_logits.layout import RunLayout
 from teacher_logits.settings import PrepareSettings
+
+from conftest import REPO
 
 
 def base_config(dataset: Path, **dataset_keys) -> dict:

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from chromium import Chromium, find_chromium
 from conftest import REPO, Workflow, demo_workflow
 

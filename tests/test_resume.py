@@ -13,6 +13,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
+
 from conftest import REPO, demo_workflow
 
 sys.path.insert(0, str(REPO))

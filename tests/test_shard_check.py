@@ -7,9 +7,10 @@ import os
 import signal
 
 import pytest
-from test_shard_format import make_data, validate, write_shard
 
 from teacher_logits.store.isolated import check_isolated, crash_message
+
+from test_shard_format import make_data, validate, write_shard
 
 
 def _by_item(results):

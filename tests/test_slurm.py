@@ -14,11 +14,12 @@ import h5py
 import numpy as np
 import pytest
 import yaml
-from conftest import demo_workflow, snakemake_bin
-from slurm_cluster import SlurmCluster, missing_requirements
 
 from teacher_logits import LogitStore
 from teacher_logits.store.format import read_attrs
+
+from conftest import demo_workflow, snakemake_bin
+from slurm_cluster import SlurmCluster, missing_requirements
 
 # Checked at import, so a machine without SLURM skips before the demo teacher is built.
 # CI must run these tests: there a missing requirement fails them instead.

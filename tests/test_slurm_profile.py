@@ -7,9 +7,10 @@ import re
 
 import pytest
 import yaml
-from conftest import REPO
 
 from teacher_logits.gpus import resolve_gpu_assignment
+
+from conftest import REPO
 
 SLURM_PROFILE = ("--workflow-profile", "profiles/slurm")
 

@@ -10,7 +10,6 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import REPO
 
 from teacher_logits.disk import (
     FILE_OVERHEAD_BYTES,
@@ -22,6 +21,8 @@ from teacher_logits.errors import UserError
 from teacher_logits.layout import RunLayout, job_record_for
 from teacher_logits.run_stats import busy_seconds
 from teacher_logits.status import job_error, lock_held
+
+from conftest import REPO
 
 RUN = {
     "num_shards": 3,
