@@ -6,13 +6,15 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 CORES ?= 2
 
-.PHONY: demo test test-all test-slurm slurm-deps lint install clean
+.PHONY: demo test test-slow test-slurm test-all slurm-deps lint install clean
 
-$(BIN)/.installed: requirements.txt
+# The pinned stack, then the library itself (editable, so the venv imports this checkout).
+$(BIN)/.installed: requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet torch==2.13.0
 	$(BIN)/python -m pip install --quiet -r requirements.txt
+	$(BIN)/python -m pip install --quiet --no-deps -e .
 	touch $@
 
 install: $(BIN)/.installed
@@ -20,11 +22,16 @@ install: $(BIN)/.installed
 demo: install
 	HF_HUB_OFFLINE=1 $(BIN)/snakemake --cores $(CORES)
 
-test: install
-	HF_HUB_OFFLINE=1 PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/python -m pytest -q
+# Three disjoint tiers; .ci/run runs all three. README says how long each takes.
+PYTEST := HF_HUB_OFFLINE=1 PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/python -m pytest -q
 
-test-all: install
-	HF_HUB_OFFLINE=1 PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/python -m pytest -q -m ""
+test: install
+	$(PYTEST)
+
+test-slow: install
+	$(PYTEST) -m "slow and not slurm"
+
+test-all: test test-slow test-slurm
 
 # The SLURM tests start a throwaway single-node cluster (Debian's slurm-wlm and
 # munge, run as root). Without root or apt-get they skip with one line saying why.
@@ -36,11 +43,13 @@ slurm-deps:
 	else echo "slurm-deps: not root or no apt-get: the SLURM tests will skip"; fi
 
 test-slurm: install slurm-deps
-	HF_HUB_OFFLINE=1 PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/python -m pytest -q -m slurm
+	$(PYTEST) -m slurm
 
 lint: install
 	$(BIN)/snakemake --lint --cores 1
 	$(BIN)/snakefmt --check .
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 
 clean:
 	rm -rf results .snakemake

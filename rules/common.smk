@@ -1,21 +1,16 @@
 # Config checks, the device plan, paths and input functions shared by the rules.
 # Plan time only: nothing here imports torch.
-import os
 import sys
 import uuid
 from pathlib import Path
 
 import yaml
 
-# The library sits beside this workflow. Job scripts find it through PYTHONPATH,
-# which every job inherits, locally and on cluster nodes (whose jobs parse this
-# file again); an installed copy (`pip install -e .`) works the same way.
+# The library sits beside this workflow. Job scripts find it through the link
+# workflow_scripts/teacher_logits (Snakemake puts a script's folder on its sys.path),
+# or an installed copy (`pip install -e .`).
 WORKFLOW_DIR = str(Path(workflow.main_snakefile).parent)
 sys.path.insert(0, WORKFLOW_DIR)
-if WORKFLOW_DIR not in os.environ.get("PYTHONPATH", "").split(os.pathsep):
-    os.environ["PYTHONPATH"] = os.pathsep.join(
-        p for p in (WORKFLOW_DIR, os.environ.get("PYTHONPATH")) if p
-    )
 
 from teacher_logits.config import (
     check_chat_and_overflow,
