@@ -83,11 +83,6 @@ def load_column(
     return loaded
 
 
-def load_texts(path: Path, split: str, text_field: str, max_samples: int | None) -> list:
-    """The ``text_field`` column as a list (small datasets and tests)."""
-    return load_column(path, split, text_field, max_samples)[text_field]
-
-
 def check_teacher(teacher_path: Path, top_k: int, trust_remote_code: bool):
     """The teacher folder holds a causal LM and a tokenizer; top_k fits its vocabulary."""
     from transformers import AutoConfig, AutoTokenizer

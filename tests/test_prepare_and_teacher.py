@@ -6,7 +6,12 @@ import numpy as np
 import pytest
 
 from teacher_logits.errors import UserError
-from teacher_logits.prepare import load_texts, split_shards
+from teacher_logits.prepare import load_column, split_shards
+
+
+def texts_of(path, split, text_field, max_samples):
+    return load_column(path, split, text_field, max_samples)[text_field]
+
 
 TEXTS = ["first text", "second one", "", "fourth"]
 
@@ -39,22 +44,22 @@ def _write_all_formats(tmp_path):
 
 def test_every_dataset_format_loads_in_row_order(tmp_path):
     for name, path in _write_all_formats(tmp_path).items():
-        assert list(load_texts(path, "train", "text", None)) == TEXTS, name
+        assert list(texts_of(path, "train", "text", None)) == TEXTS, name
     saved = tmp_path / "saved"
-    assert list(load_texts(saved, "test", "text", None)) == TEXTS[:1]
-    assert list(load_texts(tmp_path / "d.jsonl", "train", "text", 2)) == TEXTS[:2]
+    assert list(texts_of(saved, "test", "text", None)) == TEXTS[:1]
+    assert list(texts_of(tmp_path / "d.jsonl", "train", "text", 2)) == TEXTS[:2]
 
 
 def test_dataset_errors_name_the_fix(tmp_path):
     paths = _write_all_formats(tmp_path)
     with pytest.raises(UserError, match="dataset.text_field"):
-        load_texts(paths["jsonl"], "train", "body", None)
+        texts_of(paths["jsonl"], "train", "body", None)
     with pytest.raises(UserError, match="dataset.split"):
-        load_texts(paths["save_to_disk"], "validation", "text", None)
+        texts_of(paths["save_to_disk"], "validation", "text", None)
     broken = tmp_path / "broken.jsonl"
     broken.write_text("{not json\n")
     with pytest.raises(UserError, match="could not read"):
-        load_texts(broken, "train", "text", None)
+        texts_of(broken, "train", "text", None)
 
 
 def test_split_shards_balances_tokens_and_never_leaves_a_shard_empty():
