@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import h5py
@@ -156,15 +157,24 @@ def compute_remaining(
 
             from .teacher import load_top_k_head
 
-            torch.set_num_threads(
-                settings.threads
-            )  # same threads, same reductions: bit-identical reruns
+            # Same threads, same reductions: bit-identical reruns.
+            torch.set_num_threads(settings.threads)
             load_start = time.time()
             head = load_top_k_head(settings, claim)
             load_seconds = time.time() - load_start
             log.info("teacher loaded in %.1f s", load_seconds)
             run_windows(
-                head, WindowRun(settings, shard, offsets, input_ids, parts, committer, writer, sink)
+                head,
+                WindowRun(
+                    settings=settings,
+                    shard=shard,
+                    offsets=offsets,
+                    input_ids=input_ids,
+                    parts=parts,
+                    committer=committer,
+                    writer=writer,
+                    sink=sink,
+                ),
             )
             writer.submit(committer.commit)
             writer.close()
@@ -178,14 +188,19 @@ def compute_remaining(
         return {"teacher_load_seconds": load_seconds, "rows": committer.rows_computed}
 
 
+@dataclass
 class WindowRun:
     """Everything ``run_windows`` needs: the shard's tokens, where it resumes, and
     where finished windows go."""
 
-    def __init__(self, settings, shard, offsets, input_ids, parts, committer, writer, sink):
-        self.settings, self.shard = settings, shard
-        self.offsets, self.input_ids, self.parts = offsets, input_ids, parts
-        self.committer, self.writer, self.sink = committer, writer, sink
+    settings: GenerateSettings
+    shard: int
+    offsets: np.ndarray
+    input_ids: np.ndarray
+    parts: CommittedParts
+    committer: PartCommitter
+    writer: WriterThread
+    sink: ShardSink
 
 
 def run_windows(head, run: WindowRun) -> None:
