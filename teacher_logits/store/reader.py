@@ -23,6 +23,7 @@ from .codec import decode_topk
 from .format import (
     ABSENT_ROW_FILL,
     FORMAT_VERSION,
+    OLDEST_READABLE_VERSION,
     ROW_DATASETS,
     SAMPLE_FIELDS,
     needed_rows,
@@ -83,6 +84,12 @@ class LogitStore:
                 raise ValueError(
                     f"{self.index_path} has format_version {version}; this reader knows up to "
                     f"{FORMAT_VERSION}: update the workflow code"
+                )
+            if version < OLDEST_READABLE_VERSION:
+                raise ValueError(
+                    f"{self.index_path} has format_version {version}; this reader reads "
+                    f"{OLDEST_READABLE_VERSION} to {FORMAT_VERSION}: regenerate the store "
+                    "(force_regenerate=true)"
                 )
             self.top_k = int(index.attrs["top_k"])
             self.num_tokens = int(index.attrs["num_tokens"])
