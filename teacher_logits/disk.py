@@ -32,18 +32,23 @@ def uncompressed_bytes_per_token(top_k: int, value_dtype: str, store_entropy: bo
     return 4 + top_k * 4 + top_k * VALUE_BYTES[value_dtype] + 4 + (2 if store_entropy else 0)
 
 
-def free_bytes(path: str | os.PathLike, growing: Path | None = None) -> int:
-    """Bytes a file may still take under ``path`` (or its nearest existing parent, so it
-    works before the folder exists): free disk, or less where a file-size limit
-    (ulimit -f) leaves less to ``growing``, a file being written."""
+def free_bytes(path: str | os.PathLike) -> int:
+    """Free bytes on the filesystem holding ``path`` (or its nearest existing parent, so it
+    works before the folder exists)."""
     path = Path(path).absolute()
     while not path.exists() and path != path.parent:
         path = path.parent
-    free = shutil.disk_usage(path).free
+    return shutil.disk_usage(path).free
+
+
+def room_for(growing: Path) -> int:
+    """Bytes ``growing``, a file being written, may still take: free disk, or less where a
+    file-size limit (ulimit -f) leaves less."""
+    free = free_bytes(growing.parent)
     soft, _ = resource.getrlimit(resource.RLIMIT_FSIZE)
     if soft == resource.RLIM_INFINITY:
         return free
-    return min(free, soft - (growing.stat().st_size if growing is not None else 0))
+    return min(free, soft - (growing.stat().st_size if growing.exists() else 0))
 
 
 def finished_shard_sizes(layout: RunLayout, plan: dict) -> tuple[int, int]:

@@ -13,7 +13,7 @@ import time
 
 import numpy as np
 
-from ..disk import disk_full, disk_full_is_a_user_error, free_bytes
+from ..disk import disk_full, disk_full_is_a_user_error, room_for
 from ..store.format import VALUE_DTYPES, needed_rows
 from ..store.writer import ShardWriter
 from .parts import CommittedParts, PartWriter, iter_part_rows, read_part_attrs
@@ -145,7 +145,7 @@ class ShardSink:
             rows.pop("entropy", None)
         # libhdf5 can crash on a failed write: stop cleanly while the rows surely fit.
         needed = sum(v.nbytes for v in rows.values()) + 2**16
-        if needed > free_bytes(self.writer.temp_path.parent, self.writer.temp_path):
+        if needed > room_for(self.writer.temp_path):
             raise disk_full(self.writer.path, needed)
         with disk_full_is_a_user_error(self.writer.path):
             self.writer.write_rows(rows)
