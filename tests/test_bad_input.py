@@ -353,11 +353,13 @@ def test_bad_input_fails_at_plan_time(workflow, tmp_path, demo_dir, build):
 
 
 @pytest.mark.parametrize("build", [b for _, b in PREPARE_TIME], ids=[i for i, _ in PREPARE_TIME])
+@pytest.mark.slow
 def test_bad_data_fails_in_prepare(workflow, tmp_path, demo_dir, build):
     result = _run_case(workflow, tmp_path, demo_dir, build)
     assert "[prepare] ERROR: " in result.stderr
 
 
+@pytest.mark.slow
 def test_null_texts_are_dropped_not_fatal(workflow, tmp_path):
     rows = [{"text": "a normal line of text"}, {"text": None}, {"text": "another line"}]
     path = _jsonl(tmp_path / "nulls.jsonl", rows)

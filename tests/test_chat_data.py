@@ -212,6 +212,7 @@ def chat_dataset(demo_dir, path, count=40):
     return rows
 
 
+@pytest.mark.slow
 def test_chat_workflow_loss_mask_and_masked_only_storage(workflow, demo_dir, tmp_path):
     teacher = chat_teacher(demo_dir, tmp_path / "teacher")
     rows = chat_dataset(demo_dir, tmp_path / "chat.jsonl")
@@ -286,6 +287,7 @@ def test_chat_workflow_loss_mask_and_masked_only_storage(workflow, demo_dir, tmp
     assert batch["row_stored"].shape == batch["loss_mask"].shape == batch["input_ids"].shape
 
 
+@pytest.mark.slow
 def test_chat_settings_are_checked_at_plan_time(workflow, tmp_path):
     cases = [
         (

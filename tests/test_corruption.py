@@ -238,6 +238,7 @@ CASES = [
 
 
 @pytest.mark.parametrize("damage,message", CASES, ids=[c[0].__name__ for c in CASES])
+@pytest.mark.slow
 def test_gather_names_the_bad_shard_and_the_command(store, tmp_path, damage, message):
     base, others = store
     wf = clone(base, tmp_path / "wf")
@@ -273,6 +274,7 @@ def test_gather_names_the_bad_shard_and_the_command(store, tmp_path, damage, mes
         assert [s["index"] for s in manifest["shards"]] == list(range(BASE["num_shards"]))
 
 
+@pytest.mark.slow
 def test_two_bad_shards_are_reported_together(store, tmp_path):
     base, others = store
     wf = clone(base, tmp_path / "wf")
@@ -335,6 +337,7 @@ def unused_btree_byte(path) -> int:
     return offset
 
 
+@pytest.mark.slow
 def test_a_copied_store_verifies(store, tmp_path):
     base, _ = store
     copy = copy_store(base, tmp_path / "elsewhere" / "store")
@@ -400,6 +403,7 @@ def _damage_manifest(root):
         _damage_manifest,
     ],
 )
+@pytest.mark.slow
 def test_verify_catches_any_changed_byte(store, tmp_path, damage):
     base, _ = store
     copy = copy_store(base, tmp_path / "store")
@@ -412,6 +416,7 @@ def test_verify_catches_any_changed_byte(store, tmp_path, damage):
     assert len(lines) == (1 if damage is _damage_manifest else 2)  # the problem (+ a count)
 
 
+@pytest.mark.slow
 def test_unused_space_flip_is_invisible_to_validation_but_not_to_verify(store, tmp_path):
     base, _ = store
     copy = copy_store(base, tmp_path / "store")
@@ -424,6 +429,7 @@ def test_unused_space_flip_is_invisible_to_validation_but_not_to_verify(store, t
     ]
 
 
+@pytest.mark.slow
 def test_deep_verify_says_what_is_wrong_inside(store, tmp_path):
     base, _ = store
     copy = copy_store(base, tmp_path / "store")

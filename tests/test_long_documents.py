@@ -61,6 +61,7 @@ def windowed_reference(model, ids: list[int], max_length: int, stride: int):
         start += max_length - stride
 
 
+@pytest.mark.slow
 def test_long_documents_are_kept_whole_and_match_the_windowed_forward(workflow, demo_dir, tmp_path):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer

@@ -41,6 +41,7 @@ def finished_run(tmp_path_factory, demo_dir) -> Workflow:
     return wf
 
 
+@pytest.mark.slow
 def test_manifest_holds_the_report_statistics(finished_run):
     manifest = finished_run.manifest()
     stats, shards = manifest["stats"], manifest["shards"]
@@ -75,12 +76,14 @@ def test_manifest_holds_the_report_statistics(finished_run):
     assert stats["throughput"]["tokens_per_second"] > 0
 
 
+@pytest.mark.slow
 def test_figures_are_pngs_for_every_report_entry(finished_run):
     for name in FIGURES:
         data = finished_run.path("results/demo/report", name).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000, name
 
 
+@pytest.mark.slow
 def test_report_renders_every_figure_in_chromium(finished_run, tmp_path):
     result = finished_run.run("--report", "report.html", config=RUN)
     report = finished_run.path("report.html")

@@ -88,6 +88,7 @@ def output_of(proc_log_dir: Path) -> str:
     return "".join(p.read_text() for p in sorted(proc_log_dir.glob("background-*.log")))
 
 
+@pytest.mark.slow
 def test_kills_at_every_stage_resume_to_a_bit_identical_store(workflow, reference):
     expected = reference(RESUME)
     args = ("--cores", "1")
@@ -147,6 +148,7 @@ def test_kills_at_random_moments_resume_to_a_bit_identical_store(workflow, refer
     assert_same_store(store_datasets(workflow.root), expected)
 
 
+@pytest.mark.slow
 def test_killing_only_snakemake_leaves_no_lock_and_orphans_do_not_collide(workflow, reference):
     expected = reference(RESUME)
     proc = workflow.start("--cores", "2", config=RESUME)
@@ -156,6 +158,7 @@ def test_killing_only_snakemake_leaves_no_lock_and_orphans_do_not_collide(workfl
     assert_same_store(store_datasets(workflow.root), expected)
 
 
+@pytest.mark.slow
 def test_a_second_run_on_the_same_output_dir_is_refused(workflow):
     proc = workflow.start("--cores", "1", config=RESUME)
     try:
@@ -183,6 +186,7 @@ def test_a_second_run_on_the_same_output_dir_is_refused(workflow):
         ({"force_regenerate": True}, "a regeneration was requested"),
     ],
 )
+@pytest.mark.slow
 def test_parts_from_another_setting_are_discarded(workflow, change, reason):
     proc = workflow.start("--cores", "1", config=RESUME)
     kill_when(proc, lambda: len(committed_parts(workflow)) >= 1, "a part committed")
@@ -192,6 +196,7 @@ def test_parts_from_another_setting_are_discarded(workflow, change, reason):
     assert "resuming" not in log0
 
 
+@pytest.mark.slow
 def test_disk_full_fails_clearly_keeps_earlier_work_and_resumes(workflow, reference):
     expected = reference(RESUME)
     workflow.run("--cores", "1", "--until", "prepare", config=RESUME)

@@ -142,6 +142,7 @@ def test_scheduler_assignment_keeps_what_slurm_set_whatever_gpus_says(tmp_path, 
         plan(1, "auto")  # only the Snakefile resolves auto, before any job runs
 
 
+@pytest.mark.slow
 def test_scheduler_job_without_a_gpu_fails_in_one_line(workflow):
     # As a cluster job on a CPU-only partition would: the scheduler set no usable GPU.
     result = workflow.run(

@@ -53,6 +53,7 @@ def by_index(state: dict) -> dict:
     return {s["index"]: s for s in state["shards"]}
 
 
+@pytest.mark.slow
 def test_status_through_a_run(workflow):
     # Nothing has run yet.
     missing = status(workflow, check=False)
@@ -174,6 +175,7 @@ def _can_mount_tmpfs(path: Path) -> bool:
     return result.returncode == 0
 
 
+@pytest.mark.slow
 def test_generate_refuses_a_shard_that_cannot_fit(workflow, tmp_path):
     workflow.run("--cores", "1", f"{OUT}/prepared/plan.json", config=RUN)
     shards_dir = workflow.path(OUT, "shards")

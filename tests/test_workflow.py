@@ -52,6 +52,7 @@ def test_dry_run_plans_every_shard_without_torch(workflow, tmp_path):
     assert "torch imported at plan time" not in result.stderr
 
 
+@pytest.mark.slow
 def test_gpu_groups_end_to_end_rerun_and_repair(workflow):
     workflow.run("--cores", "4", config=GPU_RUN)
     shards = shard_files(workflow)
@@ -109,6 +110,7 @@ def _datasets(path):
         return {name: f[name][...] for name in f}
 
 
+@pytest.mark.slow
 def test_force_regenerate_redoes_every_shard(workflow):
     config = {"num_shards": 2, "dataset": {"max_samples": 40}}
     workflow.run("--cores", "2", config=config)
@@ -128,6 +130,7 @@ def test_force_regenerate_redoes_every_shard(workflow):
     assert "Nothing to be done" in calm.stdout + calm.stderr
 
 
+@pytest.mark.slow
 def test_demo_runs_with_no_config(workflow):
     workflow.run("--cores", "2")
     store = LogitStore(workflow.path("results/demo"))
@@ -204,6 +207,7 @@ def _small_teacher(arch: str, demo_dir, out):
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "gemma2"])
+@pytest.mark.slow
 def test_other_architectures_match_their_own_forward(workflow, demo_dir, tmp_path, arch):
     import torch
     from transformers import AutoModelForCausalLM
@@ -236,6 +240,7 @@ def test_other_architectures_match_their_own_forward(workflow, demo_dir, tmp_pat
         )
 
 
+@pytest.mark.slow
 def test_reader_random_access_and_dataloader(workflow):
     import torch
 
@@ -278,6 +283,7 @@ def test_reader_random_access_and_dataloader(workflow):
     np.testing.assert_array_equal(LogitStore(moved)[5]["topk_ids"], expected)
 
 
+@pytest.mark.slow
 def test_reader_installs_as_a_package_without_the_workflow(workflow, tmp_path):
     import shutil
     import subprocess
@@ -329,6 +335,7 @@ def test_reader_installs_as_a_package_without_the_workflow(workflow, tmp_path):
     assert result.stdout.startswith(str(target))
 
 
+@pytest.mark.slow
 def test_empty_texts_are_dropped_and_listed(workflow, tmp_path):
     rows = ["def f(): pass  # a normal text", "", "   \n\t", "another normal line of text here"] * 3
     data = tmp_path / "data.jsonl"
@@ -393,6 +400,7 @@ def test_top_k_larger_than_vocab_fails_in_prepare(workflow):
     _assert_failed_before_generation(workflow, result, "larger than the teacher's vocabulary")
 
 
+@pytest.mark.slow
 def test_missing_text_field_fails_in_prepare(workflow, tmp_path):
     data = tmp_path / "data.jsonl"
     data.write_text(json.dumps({"body": "some text"}) + "\n")
@@ -408,6 +416,7 @@ def test_teacher_that_is_not_a_causal_lm_fails_in_prepare(workflow, tmp_path, de
     _assert_failed_before_generation(workflow, result, "not a causal language model")
 
 
+@pytest.mark.slow
 def test_teacher_without_weights_fails_in_prepare(workflow, tmp_path, demo_dir):
     teacher = tmp_path / "no_weights"
     teacher.mkdir()
@@ -418,6 +427,7 @@ def test_teacher_without_weights_fails_in_prepare(workflow, tmp_path, demo_dir):
     _assert_failed_before_generation(workflow, result, "no weights")
 
 
+@pytest.mark.slow
 def test_teacher_without_tokenizer_fails_in_prepare(workflow, tmp_path, demo_dir):
     teacher = tmp_path / "no_tokenizer"
     teacher.mkdir()
