@@ -21,7 +21,9 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+# This folder (for common) and the repository (for teacher_logits), before any import
+# of either: the benchmarks run from a plain checkout.
+sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1])]
 from teacher_logits.generation.batching import padding_fraction, plan_batches, windows  # noqa: E402
 from teacher_logits.generation.provenance import library_versions  # noqa: E402
 from teacher_logits.generation.shard_job import WINDOW_BATCHES, generate  # noqa: E402

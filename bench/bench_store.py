@@ -21,9 +21,12 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+# This folder (for common) and the repository (for teacher_logits), before any import
+# of either: the benchmarks run from a plain checkout.
+sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1])]
 import teacher_logits.store.writer as shard_writer
 from teacher_logits import LogitStore
+from teacher_logits.layout import RunLayout
 from teacher_logits.store.codec import decode_topk
 from teacher_logits.store.format import COMPRESSIONS
 from teacher_logits.store.prepared import read_prepared
@@ -154,7 +157,6 @@ def storage_options(folder, lengths, input_ids, rows):
 def build_store(folder, lengths, input_ids, rows, vocab, num_shards=4):
     """prepare's files + shards + gather's index: a store as the workflow leaves it."""
     from teacher_logits.gather import gather
-    from teacher_logits.layout import RunLayout
 
     layout = prepared_shard(
         RunLayout(folder), lengths, vocab, TOP_K, num_shards=num_shards, input_ids=input_ids
@@ -258,7 +260,7 @@ def main(argv=None):
             )
         finally:
             shard_writer.CHUNK_ROWS = saved
-        size = sum(p.stat().st_size for p in (folder / "shards").glob("*.h5"))
+        size = sum(p.stat().st_size for p in RunLayout(folder).shards_dir.glob("*.h5"))
         tps, samples = read_random(folder, 6 if args.quick else 20)
         layouts.append(
             {

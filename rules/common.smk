@@ -14,6 +14,7 @@ sys.path.insert(0, WORKFLOW_DIR)
 
 from teacher_logits.config import (
     check_chat_and_overflow,
+    check_library_source,
     check_paths,
     check_schema,
     check_unknown_keys,
@@ -70,7 +71,8 @@ def check_config(config):
         config["gpu_assignment"], under_cluster_executor()
     )
     try:
-        devices = device_plan(config)
+        devices = device_plan(config, under_cluster_executor())
+        check_library_source(WORKFLOW_DIR)
         check_paths(config)
         check_chat_and_overflow(config)
     except ConfigError as error:

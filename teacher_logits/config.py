@@ -310,3 +310,26 @@ def file_digest(path: str) -> str | None:
 
 def meaning_settings_json(config: dict) -> str:
     return json.dumps(meaning_settings(config), sort_keys=True)
+
+
+def check_library_source(workflow_dir: str | os.PathLike) -> None:
+    """The rule scripts import ``teacher_logits`` from beside the Snakefile, unless a
+    regular (not editable) install in this environment comes first on ``sys.path``:
+    then the jobs would run other code than this checkout. Refuse that at plan time."""
+    from importlib import metadata
+
+    try:
+        dist = metadata.distribution("teacher-logits")
+    except metadata.PackageNotFoundError:
+        return
+    direct_url = json.loads(dist.read_text("direct_url.json") or "{}")
+    if direct_url.get("dir_info", {}).get("editable"):
+        return  # an editable install's finder comes after the scripts' own folder
+    installed = Path(str(dist.locate_file("teacher_logits")))
+    if installed.resolve() == (Path(workflow_dir) / "teacher_logits").resolve():
+        return
+    raise ConfigError(
+        f"teacher_logits is installed (not editable) at {installed}, and the workflow's jobs "
+        f"would import it instead of {Path(workflow_dir) / 'teacher_logits'}; install this "
+        f"checkout with `pip install -e {workflow_dir}` (or `pip uninstall teacher-logits`)"
+    )

@@ -41,14 +41,17 @@ def free_bytes(path: str | os.PathLike) -> int:
     return shutil.disk_usage(path).free
 
 
+def file_size_limit() -> float:
+    """The largest file this process may write (ulimit -f), or infinity."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_FSIZE)
+    return float("inf") if soft == resource.RLIM_INFINITY else soft
+
+
 def room_for(growing: Path) -> int:
     """Bytes ``growing``, a file being written, may still take: free disk, or less where a
-    file-size limit (ulimit -f) leaves less."""
-    free = free_bytes(growing.parent)
-    soft, _ = resource.getrlimit(resource.RLIMIT_FSIZE)
-    if soft == resource.RLIM_INFINITY:
-        return free
-    return min(free, soft - (growing.stat().st_size if growing.exists() else 0))
+    file-size limit leaves less."""
+    size = growing.stat().st_size if growing.exists() else 0
+    return int(min(free_bytes(growing.parent), file_size_limit() - size))
 
 
 def finished_shard_sizes(layout: RunLayout, plan: dict) -> tuple[int, int]:
@@ -148,7 +151,7 @@ DISK_FULL_WORDS = ("No space left", "Disk quota", "File too large", "errno = 28"
 
 
 def disk_full(path: Path, needed: int | None = None) -> DiskFullError:
-    free = free_bytes(path.parent) / 2**20
+    free = min(free_bytes(path.parent), file_size_limit()) / 2**20
     need = f"it needs up to {needed / 2**20:.0f} MiB, " if needed else ""
     return DiskFullError(
         f"disk full while writing {path}: {need}{free:.0f} MiB free there; free space or move "

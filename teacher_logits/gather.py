@@ -199,13 +199,13 @@ def gather(layout: RunLayout, workers: int | None = None) -> None:
         prepared = read_prepared_shard(tokens_path, index)
         sample_ids, offsets, input_ids = prepared.shard_slice(0)
         expected = ShardExpectation(
-            sample_ids,
-            offsets,
-            input_ids,
-            {**expected_common, "shard_index": index},
-            plan["vocab_size"],
-            prepared.loss_mask,
-            masked_only,
+            sample_ids=sample_ids,
+            offsets=offsets,
+            input_ids=input_ids,
+            attrs={**expected_common, "shard_index": index},
+            vocab_size=plan["vocab_size"],
+            loss_mask=prepared.loss_mask,
+            masked_only=masked_only,
         )
         return validate_shard(shard_paths[index], expected, progress=progress)
 

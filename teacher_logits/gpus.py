@@ -146,13 +146,19 @@ class DevicePlan:
         return len(self.groups) * self.gpus_per_model if self.mode == "local" else 0
 
 
-def device_plan(config: dict, environ=os.environ) -> DevicePlan:
-    """The run's device plan from its config (``gpu_assignment`` already resolved).
+def device_plan(
+    config: dict, under_cluster_executor: bool = False, environ=os.environ
+) -> DevicePlan:
+    """The run's device plan from its config.
 
-    In local mode the group ids are checked against the shell's
-    ``CUDA_VISIBLE_DEVICES`` now, not when the first job tries to claim them.
+    ``gpu_assignment: auto`` resolves as ``resolve_gpu_assignment`` says (the Snakefile
+    writes the resolved value back into the config, so jobs see what it decided). In
+    local mode the group ids are checked against the shell's ``CUDA_VISIBLE_DEVICES``
+    now, not when the first job tries to claim them.
     """
-    assignment = config.get("gpu_assignment", "local")
+    assignment = resolve_gpu_assignment(
+        config.get("gpu_assignment", "auto"), under_cluster_executor
+    )
     if assignment not in ("local", "scheduler"):
         raise GpuConfigError(f"gpu_assignment={assignment!r}: use 'auto', 'local' or 'scheduler'")
     groups = build_groups(parse_gpus(config.get("gpus")), config.get("gpus_per_model", 1))

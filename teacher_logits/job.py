@@ -50,8 +50,11 @@ def write_job_record(log_path: str | os.PathLike | None, record: dict) -> None:
         return
     path = job_record_for(log_path)
     temp = partial_path(path)
-    temp.write_text(json.dumps(record))
-    os.replace(temp, path)
+    try:
+        temp.write_text(json.dumps(record))
+        os.replace(temp, path)
+    except OSError as exc:  # a full disk must not fail a job, or hide its own error
+        logging.getLogger(__name__).warning("could not write %s (%s)", path, exc)
 
 
 def run_job(name: str, log_path: str | None, main, *args, **kwargs):

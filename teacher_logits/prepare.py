@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -165,40 +166,72 @@ def check_cuda(settings: PrepareSettings) -> None:
         )
 
 
+@dataclass
+class Tokenized:
+    """What tokenizing the dataset found: the kept samples, their shard split and counts."""
+
+    num_rows: int
+    sample_ids: np.ndarray
+    offsets: np.ndarray
+    shard_bounds: np.ndarray
+    dropped: list
+    truncated: int
+    split: int
+    # Tokens with loss_mask 1; None for plain text.
+    trained: int | None
+
+
 def prepare(settings: PrepareSettings, layout: RunLayout) -> None:
     """Tokenize the dataset into ``layout.tokens`` and plan its shards in ``layout.plan``."""
     check_cuda(settings)
-    teacher_path, dataset_path = settings.teacher.path, settings.dataset_path
     tokenizer, vocab_size = check_teacher(
-        teacher_path, settings.top_k, settings.teacher.trust_remote_code
+        settings.teacher.path, settings.top_k, settings.teacher.trust_remote_code
     )
+    tokenized = tokenize_dataset(settings, tokenizer, layout)
+    layout.plan.write_text(json.dumps(shard_plan(settings, vocab_size, tokenized), indent=1))
+    log.info(
+        "prepared %d samples, %d tokens (%d truncated to %d, %d longer kept whole, %d dropped) "
+        "in %d shards",
+        len(tokenized.sample_ids),
+        tokenized.offsets[-1],
+        tokenized.truncated,
+        settings.max_length,
+        tokenized.split,
+        len(tokenized.dropped),
+        settings.num_shards,
+    )
+    if tokenized.trained is not None:
+        log.info("loss mask: %d of %d tokens trained on", tokenized.trained, tokenized.offsets[-1])
+
+
+def tokenize_dataset(settings: PrepareSettings, tokenizer, layout: RunLayout) -> Tokenized:
+    """Stream the dataset through the tokenizer into ``layout.tokens`` (atomically)."""
     chat = chat_renderer(settings, tokenizer)
     key = "dataset.messages_field" if chat else "dataset.text_field"
     column = settings.messages_field if chat else settings.text_field
-    data = load_column(dataset_path, settings.split, column, settings.max_samples, key)
+    data = load_column(settings.dataset_path, settings.split, column, settings.max_samples, key)
     num_rows = len(data)
     processes = max(1, min(settings.threads, -(-num_rows // ROWS_PER_PROCESS)))
     log.info(
         "%d rows in %s (memory-mapped); tokenizing in %d process(es)",
         num_rows,
-        dataset_path,
+        settings.dataset_path,
         processes,
     )
-
     work = Tokenization(tokenizer, settings.max_length, settings.overflow, chat)
     writer = PreparedWriter(layout.tokens, with_loss_mask=chat is not None)
     kept_rows, lengths, dropped = [], [], []
-    counts = {"truncated": 0, "split": 0, "trained": 0}
+    truncated = split = trained = 0
     try:
         for result in tokenize_rows(data, column, work, processes):
             writer.append(result["input_ids"], result["loss_mask"])
             kept_rows.append(result["rows"])
             lengths.append(result["lengths"])
             dropped += result["dropped"]
-            counts["truncated"] += result["truncated"]
-            counts["split"] += result["split"]
+            truncated += result["truncated"]
+            split += result["split"]
             if result["loss_mask"] is not None:
-                counts["trained"] += int(np.count_nonzero(result["loss_mask"]))
+                trained += int(np.count_nonzero(result["loss_mask"]))
         kept_rows, lengths = np.concatenate(kept_rows), np.concatenate(lengths)
         for entry in dropped:
             log.warning("dropped sample %d: %s", entry["sample_id"], entry["reason"])
@@ -209,30 +242,8 @@ def prepare(settings: PrepareSettings, layout: RunLayout) -> None:
     except BaseException:
         writer.abort()
         raise
-
-    plan = shard_plan(settings, vocab_size, num_rows, kept_rows, offsets, bounds)
-    plan.update(
-        dropped=dropped, truncated_samples=counts["truncated"], split_samples=counts["split"]
-    )
-    if chat is not None:
-        plan["loss_mask"] = {
-            "ones": counts["trained"],
-            "zeros": int(offsets[-1]) - counts["trained"],
-        }
-    layout.plan.write_text(json.dumps(plan, indent=1))
-    log.info(
-        "prepared %d samples, %d tokens (%d truncated to %d, %d longer kept whole, %d dropped) "
-        "in %d shards",
-        len(kept_rows),
-        offsets[-1],
-        counts["truncated"],
-        settings.max_length,
-        counts["split"],
-        len(dropped),
-        settings.num_shards,
-    )
-    if chat is not None:
-        log.info("loss mask: %d of %d tokens trained on", counts["trained"], offsets[-1])
+    return Tokenized(num_rows, kept_rows, offsets, bounds, dropped, truncated, split,
+                     trained if chat is not None else None)  # fmt: skip
 
 
 def check_samples_kept(settings: PrepareSettings, kept: int, num_rows: int) -> None:
@@ -248,21 +259,20 @@ def check_samples_kept(settings: PrepareSettings, kept: int, num_rows: int) -> N
         )
 
 
-def shard_plan(
-    settings: PrepareSettings, vocab_size: int, num_rows: int, kept_rows, offsets, bounds
-) -> dict:
+def shard_plan(settings: PrepareSettings, vocab_size: int, tokenized: Tokenized) -> dict:
     """``plan.json``: the shards' sizes and the fingerprints every shard must carry."""
     teacher_fp = teacher_fingerprint(settings.teacher.path)
     tokenizer_fp = tokenizer_fingerprint(settings.teacher.path)
-    return {
+    offsets, bounds = tokenized.offsets, tokenized.shard_bounds
+    plan = {
         "format_version": FORMAT_VERSION,
         "num_shards": settings.num_shards,
-        "num_rows": num_rows,
-        "num_samples": len(kept_rows),
+        "num_rows": tokenized.num_rows,
+        "num_samples": len(tokenized.sample_ids),
         "num_tokens": int(offsets[-1]),
-        "truncated_samples": 0,
+        "truncated_samples": tokenized.truncated,
         # Documents longer than max_length kept whole (overflow: split).
-        "split_samples": 0,
+        "split_samples": tokenized.split,
         "max_length": settings.max_length,
         "top_k": settings.top_k,
         "vocab_size": vocab_size,
@@ -278,5 +288,11 @@ def shard_plan(
             }
             for i in range(settings.num_shards)
         ],
-        "dropped": [],
+        "dropped": tokenized.dropped,
     }
+    if tokenized.trained is not None:
+        plan["loss_mask"] = {
+            "ones": tokenized.trained,
+            "zeros": int(offsets[-1]) - tokenized.trained,
+        }
+    return plan

@@ -58,7 +58,9 @@ def job_record(log_path: Path) -> dict:
 def job_error(log_path: Path) -> str | None:
     """The error line a failed job recorded, if its last run failed."""
     record = job_record(log_path)
-    return record.get("error") if record.get("state") == "failed" else None
+    if record.get("state") != "failed" or not record.get("error"):
+        return None
+    return record["error"].splitlines()[0]  # gather's lists every bad shard below it
 
 
 def read_json(path: Path) -> dict | None:

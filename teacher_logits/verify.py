@@ -22,7 +22,7 @@ import numpy as np
 
 from .errors import ShardError, StoreError
 from .fingerprints import file_sha256
-from .layout import INDEX_NAME, MANIFEST_NAME
+from .layout import INDEX_NAME, MANIFEST_NAME, RunLayout
 from .store.isolated import check_isolated, default_workers
 from .store.validate import ShardExpectation, validate_shard
 
@@ -33,7 +33,7 @@ def store_dir(path: str | Path) -> Path:
 
 
 def load_manifest(root: Path) -> dict:
-    path = root / MANIFEST_NAME
+    path = RunLayout(root).manifest
     if not path.is_file():
         raise StoreError(
             f"{path}: missing; point verify at the output_dir of a finished run (the folder "
@@ -99,7 +99,7 @@ def _expected_from_index(root: Path, manifest: dict) -> dict[int, tuple[np.ndarr
     """Per shard: its sample ids and offsets, as index.h5 records them."""
     import h5py
 
-    with h5py.File(root / INDEX_NAME, "r") as index:
+    with h5py.File(RunLayout(root).index, "r") as index:
         ids = index["sample_ids"][:]
         shard = index["sample_shard"][:]
         position = index["sample_position"][:]
@@ -143,11 +143,11 @@ def deep_problems(root: Path, manifest: dict, workers: int) -> list[str]:
         except Exception as exc:  # noqa: BLE001
             raise ShardError(f"input_ids unreadable ({type(exc).__name__}: {exc})") from None
         expectation = ShardExpectation(
-            sample_ids,
-            offsets,
-            input_ids,
-            {**common, "shard_index": index, "num_shards": num_shards},
-            manifest["vocab_size"],
+            sample_ids=sample_ids,
+            offsets=offsets,
+            input_ids=input_ids,
+            attrs={**common, "shard_index": index, "num_shards": num_shards},
+            vocab_size=manifest["vocab_size"],
         )
         summary = validate_shard(path, expectation, progress=progress)
         if summary.num_tokens != entry["num_tokens"] or summary.num_samples != entry["num_samples"]:
@@ -173,7 +173,7 @@ def verify(path: str | Path, deep: bool = False, workers: int | None = None) -> 
     problems = checksum_problems(root, manifest, workers)
     if "index" not in manifest:
         print(
-            f"note: {root / MANIFEST_NAME} has no checksum of {INDEX_NAME} (gathered by an older "
+            f"note: {RunLayout(root).manifest} has no checksum of {INDEX_NAME} (gathered by an older "
             "version); rerun gather to add it",
             file=sys.stderr,
         )

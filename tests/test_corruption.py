@@ -136,7 +136,7 @@ data[offset] ^= 0xFF
 trial = Path(sys.argv[5])
 trial.write_bytes(bytes(data))
 try:
-    validate_shard(trial, ShardExpectation(ids, offsets, input_ids, {}, plan["vocab_size"]))
+    validate_shard(trial, ShardExpectation(sample_ids=ids, offsets=offsets, input_ids=input_ids, attrs={}, vocab_size=plan["vocab_size"]))
 except ShardError:
     pass
 """

@@ -101,7 +101,12 @@ def test_a_newer_format_version_is_refused_naming_the_versions(store):
     prepared = read_prepared(layout.tokens)
     ids, offsets, input_ids = prepared.shard_slice(0)
     with pytest.raises(ShardError, match="format_version 3, this workflow reads 2 to 2"):
-        validate_shard(layout.shard(0), ShardExpectation(ids, offsets, input_ids, {}, 2048))
+        validate_shard(
+            layout.shard(0),
+            ShardExpectation(
+                sample_ids=ids, offsets=offsets, input_ids=input_ids, attrs={}, vocab_size=2048
+            ),
+        )
 
 
 def test_todays_defaults_give_the_fingerprint_settings_of_version_2_shards():

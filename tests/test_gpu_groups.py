@@ -21,7 +21,7 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import teacher_logits.gpus as gpu_groups  # noqa: E402
+import teacher_logits.gpus as devices  # noqa: E402
 from teacher_logits.errors import GpuConfigError  # noqa: E402
 
 HOLDER = {"test": "pytest"}
@@ -30,7 +30,7 @@ HOLDER = {"test": "pytest"}
 def claim_for(gpus, per_model, assignment="local", **kwargs):
     """``gpu_claim`` on the device plan of a config with these GPU keys."""
     config = {"gpus": gpus, "gpus_per_model": per_model, "gpu_assignment": assignment}
-    return gpu_groups.gpu_claim(gpu_groups.device_plan(config, environ={}), **kwargs)
+    return devices.gpu_claim(devices.device_plan(config, environ={}), **kwargs)
 
 
 # --------------------------------------------------------------------------------------
@@ -60,11 +60,11 @@ def claim_for(gpus, per_model, assignment="local", **kwargs):
     ],
 )
 def test_parse_gpus_accepts_every_config_form(value, expected):
-    assert gpu_groups.parse_gpus(value) == expected
+    assert devices.parse_gpus(value) == expected
 
 
 def test_parse_gpus_returns_plain_ints():
-    ids = gpu_groups.parse_gpus(["0", " 2 "])
+    ids = devices.parse_gpus(["0", " 2 "])
     assert ids == [0, 2]
     assert all(type(i) is int for i in ids)
 
@@ -89,7 +89,7 @@ def test_parse_gpus_returns_plain_ints():
 )
 def test_parse_gpus_rejects_bad_values_with_a_fix(value, fix):
     with pytest.raises(GpuConfigError) as info:
-        gpu_groups.parse_gpus(value)
+        devices.parse_gpus(value)
     assert fix in str(info.value)
     # a user-facing error: a ValueError subclass so generic handlers catch it
     assert isinstance(info.value, ValueError)
@@ -97,12 +97,12 @@ def test_parse_gpus_rejects_bad_values_with_a_fix(value, fix):
 
 def test_parse_gpus_duplicate_message_names_the_duplicate():
     with pytest.raises(GpuConfigError, match=r"\[0\]"):
-        gpu_groups.parse_gpus("0,0,1")
+        devices.parse_gpus("0,0,1")
 
 
 def test_parse_gpus_negative_message_says_ids_start_at_zero():
     with pytest.raises(GpuConfigError, match="start at 0"):
-        gpu_groups.parse_gpus(-1)
+        devices.parse_gpus(-1)
 
 
 # --------------------------------------------------------------------------------------
@@ -111,28 +111,28 @@ def test_parse_gpus_negative_message_says_ids_start_at_zero():
 
 
 def test_build_groups_pairs():
-    assert gpu_groups.build_groups([0, 1, 2, 3], 2) == [(0, 1), (2, 3)]
+    assert devices.build_groups([0, 1, 2, 3], 2) == [(0, 1), (2, 3)]
 
 
 def test_build_groups_one_per_model():
-    assert gpu_groups.build_groups([0, 1, 2, 3], 1) == [(0,), (1,), (2,), (3,)]
+    assert devices.build_groups([0, 1, 2, 3], 1) == [(0,), (1,), (2,), (3,)]
 
 
 def test_build_groups_all_in_one():
-    assert gpu_groups.build_groups([0, 1, 2, 3], 4) == [(0, 1, 2, 3)]
+    assert devices.build_groups([0, 1, 2, 3], 4) == [(0, 1, 2, 3)]
 
 
 def test_build_groups_non_consecutive_ids_keep_order():
-    assert gpu_groups.build_groups([1, 3, 5, 7], 2) == [(1, 3), (5, 7)]
+    assert devices.build_groups([1, 3, 5, 7], 2) == [(1, 3), (5, 7)]
 
 
 def test_build_groups_empty_is_cpu_mode():
-    assert gpu_groups.build_groups([], 2) == []
+    assert devices.build_groups([], 2) == []
 
 
 def test_build_groups_uneven_names_gpus_per_model():
     with pytest.raises(GpuConfigError) as info:
-        gpu_groups.build_groups([0, 1, 2], 2)
+        devices.build_groups([0, 1, 2], 2)
     message = str(info.value)
     assert "gpus_per_model" in message
     assert "gpus=0,1" in message  # suggests a usable list
@@ -140,36 +140,36 @@ def test_build_groups_uneven_names_gpus_per_model():
 
 def test_build_groups_fewer_gpus_than_per_model():
     with pytest.raises(GpuConfigError, match="gpus_per_model"):
-        gpu_groups.build_groups([0], 2)
+        devices.build_groups([0], 2)
 
 
 @pytest.mark.parametrize("per_model", [0, -1, "0"])
 def test_build_groups_rejects_per_model_below_one(per_model):
     with pytest.raises(GpuConfigError, match="at least 1"):
-        gpu_groups.build_groups([0, 1], per_model)
+        devices.build_groups([0, 1], per_model)
 
 
 @pytest.mark.parametrize("per_model", ["two", 1.5, True, None, "-2"])
 def test_build_groups_rejects_non_integer_per_model(per_model):
     with pytest.raises(GpuConfigError, match="gpus_per_model="):
-        gpu_groups.build_groups([0, 1], per_model)
+        devices.build_groups([0, 1], per_model)
 
 
 def test_build_groups_accepts_string_per_model():
     # --config gpus_per_model=2 may arrive as the string "2"
-    assert gpu_groups.build_groups([0, 1, 2, 3], "2") == [(0, 1), (2, 3)]
+    assert devices.build_groups([0, 1, 2, 3], "2") == [(0, 1), (2, 3)]
 
 
 def test_device_plan_end_to_end():
-    plan = gpu_groups.device_plan({"gpus": "0,1,2,3", "gpus_per_model": "2"}, environ={})
+    plan = devices.device_plan({"gpus": "0,1,2,3", "gpus_per_model": "2"}, environ={})
     assert plan.groups == ((0, 1), (2, 3)) and plan.mode == "local"
     assert plan.gpus_per_job == 2 and plan.local_gpus == 4 and plan.wants_gpu
     for empty in ("", None, []):
-        cpu = gpu_groups.device_plan({"gpus": empty, "gpus_per_model": 2}, environ={})
+        cpu = devices.device_plan({"gpus": empty, "gpus_per_model": 2}, environ={})
         assert (
             cpu.mode == "cpu" and cpu.groups == () and cpu.gpus_per_job == 0 and not cpu.wants_gpu
         )
-    scheduler = gpu_groups.device_plan(
+    scheduler = devices.device_plan(
         {"gpus": "", "gpus_per_model": 2, "gpu_assignment": "scheduler"}, environ={}
     )
     assert scheduler.mode == "scheduler" and scheduler.gpus_per_job == 2
@@ -178,7 +178,7 @@ def test_device_plan_end_to_end():
 
 def test_device_plan_checks_ids_against_the_shell_mask():
     with pytest.raises(GpuConfigError, match="exposes only 2 GPU"):
-        gpu_groups.device_plan(
+        devices.device_plan(
             {"gpus": "0,1,2,3", "gpus_per_model": 2}, environ={"CUDA_VISIBLE_DEVICES": "4,5"}
         )
 
@@ -189,37 +189,37 @@ def test_device_plan_checks_ids_against_the_shell_mask():
 
 
 def test_physical_devices_without_mask():
-    assert gpu_groups.physical_devices((0, 1), None) == ["0", "1"]
-    assert gpu_groups.physical_devices((5, 7), None) == ["5", "7"]
+    assert devices.physical_devices((0, 1), None) == ["0", "1"]
+    assert devices.physical_devices((5, 7), None) == ["5", "7"]
 
 
 @pytest.mark.parametrize("mask", ["", "  "])
 def test_empty_inherited_mask_means_no_gpu_visible(mask):
     # CUDA itself shows no GPU under an empty mask: say so instead of ignoring it.
     with pytest.raises(GpuConfigError, match="CUDA_VISIBLE_DEVICES is set but empty"):
-        gpu_groups.physical_devices((0, 1), mask)
+        devices.physical_devices((0, 1), mask)
 
 
 def test_repeated_mask_entry_is_an_error_not_a_deadlock():
     with pytest.raises(GpuConfigError, match="more than once"):
-        gpu_groups.physical_devices((0, 1), "4,4")
+        devices.physical_devices((0, 1), "4,4")
 
 
 def test_physical_devices_indexes_into_inherited_mask():
-    assert gpu_groups.physical_devices((0, 1), "4,5,6,7") == ["4", "5"]
-    assert gpu_groups.physical_devices((2, 3), "4,5,6,7") == ["6", "7"]
-    assert gpu_groups.physical_devices((1,), " 4 , 5 ") == ["5"]
+    assert devices.physical_devices((0, 1), "4,5,6,7") == ["4", "5"]
+    assert devices.physical_devices((2, 3), "4,5,6,7") == ["6", "7"]
+    assert devices.physical_devices((1,), " 4 , 5 ") == ["5"]
 
 
 def test_physical_devices_passes_uuid_and_mig_through():
     mask = "GPU-aaa,MIG-bbb"
-    assert gpu_groups.physical_devices((0, 1), mask) == ["GPU-aaa", "MIG-bbb"]
-    assert gpu_groups.physical_devices((1,), mask) == ["MIG-bbb"]
+    assert devices.physical_devices((0, 1), mask) == ["GPU-aaa", "MIG-bbb"]
+    assert devices.physical_devices((1,), mask) == ["MIG-bbb"]
 
 
 def test_physical_devices_index_beyond_mask():
     with pytest.raises(GpuConfigError) as info:
-        gpu_groups.physical_devices((2, 3), "4,5")
+        devices.physical_devices((2, 3), "4,5")
     message = str(info.value)
     assert "CUDA_VISIBLE_DEVICES" in message
     assert "[2, 3]" in message
@@ -233,12 +233,12 @@ def test_physical_devices_index_beyond_mask():
 @pytest.fixture
 def lock_dir(tmp_path, monkeypatch):
     path = tmp_path / "locks"
-    monkeypatch.setenv(gpu_groups.LOCK_DIR_ENV, str(path))
+    monkeypatch.setenv(devices.LOCK_DIR_ENV, str(path))
     return path
 
 
 def test_lock_dir_follows_env(lock_dir):
-    assert gpu_groups.lock_dir() == lock_dir
+    assert devices.lock_dir() == lock_dir
     assert lock_dir.is_dir()
 
 
@@ -339,35 +339,35 @@ def test_gpu_claim_releases_on_exception(lock_dir):
     with pytest.raises(RuntimeError):
         with claim_for("0,1", 2, environ={}, poll_seconds=0.01):
             raise RuntimeError("job failed")
-    claim = gpu_groups.try_claim([(0, 1)], None, HOLDER, gpu_groups.lock_dir())
+    claim = devices.try_claim([(0, 1)], None, HOLDER, devices.lock_dir())
     assert claim is not None
     claim.release()
 
 
 def test_try_claim_in_process_exclusive_and_release(lock_dir):
-    directory = gpu_groups.lock_dir()
-    a = gpu_groups.try_claim([(0, 1)], None, HOLDER, directory)
+    directory = devices.lock_dir()
+    a = devices.try_claim([(0, 1)], None, HOLDER, directory)
     assert a is not None and a.cuda_visible_devices == "0,1"
-    assert gpu_groups.try_claim([(0, 1)], None, HOLDER, directory) is None
+    assert devices.try_claim([(0, 1)], None, HOLDER, directory) is None
     # a group that overlaps in one GPU is also blocked, and the partial lock is undone
-    assert gpu_groups.try_claim([(1, 2)], None, HOLDER, directory) is None
-    c = gpu_groups.try_claim([(2, 3)], None, HOLDER, directory)
+    assert devices.try_claim([(1, 2)], None, HOLDER, directory) is None
+    c = devices.try_claim([(2, 3)], None, HOLDER, directory)
     assert c is not None and c.cuda_visible_devices == "2,3"
     a.release()
     a.release()  # idempotent
-    b = gpu_groups.try_claim([(0, 1)], None, HOLDER, directory)
+    b = devices.try_claim([(0, 1)], None, HOLDER, directory)
     assert b is not None
     b.release()
     c.release()
 
 
 def test_locks_keyed_on_physical_id_in_process(lock_dir):
-    directory = gpu_groups.lock_dir()
-    a = gpu_groups.try_claim([(0,)], "4,5", HOLDER, directory)
+    directory = devices.lock_dir()
+    a = devices.try_claim([(0,)], "4,5", HOLDER, directory)
     assert a is not None and a.cuda_visible_devices == "4"
     # different mask, different index, same physical GPU 4
-    assert gpu_groups.try_claim([(1,)], "5,4", HOLDER, directory) is None
-    b = gpu_groups.try_claim([(0,)], "5,4", HOLDER, directory)
+    assert devices.try_claim([(1,)], "5,4", HOLDER, directory) is None
+    b = devices.try_claim([(0,)], "5,4", HOLDER, directory)
     assert b is not None and b.cuda_visible_devices == "5"
     a.release()
     b.release()
@@ -383,14 +383,14 @@ CHILD = textwrap.dedent(
     from pathlib import Path
     args = json.loads(sys.argv[1])
     sys.path.insert(0, args["root"])
-    import teacher_logits.gpus as gpu_groups
+    import teacher_logits.gpus as devices
     go = args.get("go")
     if go:
         while not Path(go).exists():
             time.sleep(0.005)
     environ = dict(args.get("environ", {}))
-    with gpu_groups.gpu_claim(
-        gpu_groups.device_plan({"gpus": args["gpus"], "gpus_per_model": args["per_model"]}, environ={}),
+    with devices.gpu_claim(
+        devices.device_plan({"gpus": args["gpus"], "gpus_per_model": args["per_model"]}, environ={}),
         environ=environ,
         first=args.get("first", 0), poll_seconds=0.01,
     ) as claim:
@@ -410,7 +410,7 @@ CHILD = textwrap.dedent(
 
 def spawn_holder(lock_dir: Path, ready: Path, gpus, per_model, hold, **extra):
     env = dict(os.environ)
-    env[gpu_groups.LOCK_DIR_ENV] = str(lock_dir)
+    env[devices.LOCK_DIR_ENV] = str(lock_dir)
     args = {
         "root": str(ROOT),
         "gpus": gpus,
@@ -445,22 +445,22 @@ def test_lock_exclusive_across_processes(lock_dir, tmp_path):
     proc = spawn_holder(lock_dir, ready, "0,1", 2, hold=30)
     try:
         assert wait_ready(ready, proc) == "0,1"
-        directory = gpu_groups.lock_dir()
+        directory = devices.lock_dir()
         # the single group is held by the child
-        assert gpu_groups.try_claim([(0, 1)], None, HOLDER, directory) is None
-        assert gpu_groups.try_claim([(0,)], None, HOLDER, directory) is None
-        assert gpu_groups.try_claim([(1,)], None, HOLDER, directory) is None
+        assert devices.try_claim([(0, 1)], None, HOLDER, directory) is None
+        assert devices.try_claim([(0,)], None, HOLDER, directory) is None
+        assert devices.try_claim([(1,)], None, HOLDER, directory) is None
         # with two groups the parent gets the other one, whatever group it tries first
         for first in (0, 1):
-            claim = gpu_groups.try_claim(
-                gpu_groups.build_groups([0, 1, 2, 3], 2), None, HOLDER, directory, first=first
+            claim = devices.try_claim(
+                devices.build_groups([0, 1, 2, 3], 2), None, HOLDER, directory, first=first
             )
             assert claim is not None
             assert claim.cuda_visible_devices == "2,3"
             assert claim.group_index == 1
             claim.release()
         # the holder is recorded in the lock file for the waiting message
-        holder = json.loads(gpu_groups.describe_holder(gpu_groups._lock_path(directory, "0")))
+        holder = json.loads(devices.describe_holder(devices._lock_path(directory, "0")))
         assert holder["pid"] == proc.pid
     finally:
         stop(proc)
@@ -472,11 +472,11 @@ def test_lock_released_when_holder_is_sigkilled(lock_dir, tmp_path):
     proc = spawn_holder(lock_dir, ready, "0,1", 2, hold=60)
     try:
         wait_ready(ready, proc)
-        directory = gpu_groups.lock_dir()
-        assert gpu_groups.try_claim([(0, 1)], None, HOLDER, directory) is None
+        directory = devices.lock_dir()
+        assert devices.try_claim([(0, 1)], None, HOLDER, directory) is None
         proc.send_signal(signal.SIGKILL)
         assert proc.wait(timeout=10) == -signal.SIGKILL
-        claim = gpu_groups.try_claim([(0, 1)], None, HOLDER, directory)
+        claim = devices.try_claim([(0, 1)], None, HOLDER, directory)
         assert claim is not None, "a SIGKILLed holder left its GPUs locked"
         assert claim.cuda_visible_devices == "0,1"
         claim.release()
@@ -492,11 +492,9 @@ def test_claim_group_waits_until_holder_exits(lock_dir, tmp_path):
     try:
         wait_ready(ready, proc)
         t0 = time.monotonic()
-        directory = gpu_groups.lock_dir()
-        assert gpu_groups.try_claim([(0, 1)], None, HOLDER, directory) is None
-        claim = gpu_groups.claim_group(
-            [(0, 1)], None, HOLDER, poll_seconds=0.02, report_every_s=0.2
-        )
+        directory = devices.lock_dir()
+        assert devices.try_claim([(0, 1)], None, HOLDER, directory) is None
+        claim = devices.claim_group([(0, 1)], None, HOLDER, poll_seconds=0.02, report_every_s=0.2)
         waited = time.monotonic() - t0
         assert claim.cuda_visible_devices == "0,1"
         assert waited >= 0.5 * hold, f"claimed after {waited:.2f}s while the holder still held"
@@ -514,11 +512,11 @@ def test_locks_keyed_on_physical_id_across_processes(lock_dir, tmp_path):
     proc = spawn_holder(lock_dir, ready, "0", 1, hold=30, environ={"CUDA_VISIBLE_DEVICES": "4,5"})
     try:
         assert wait_ready(ready, proc) == "4"
-        directory = gpu_groups.lock_dir()
+        directory = devices.lock_dir()
         # parent: mask "5,4", group (1,) -> physical GPU 4 again: busy
-        assert gpu_groups.try_claim([(1,)], "5,4", HOLDER, directory) is None
+        assert devices.try_claim([(1,)], "5,4", HOLDER, directory) is None
         # group (0,) under "5,4" is physical GPU 5: free
-        claim = gpu_groups.try_claim([(0,)], "5,4", HOLDER, directory)
+        claim = devices.try_claim([(0,)], "5,4", HOLDER, directory)
         assert claim is not None and claim.cuda_visible_devices == "5"
         claim.release()
     finally:
@@ -561,10 +559,10 @@ def test_many_processes_never_share_a_group(lock_dir, tmp_path):
         assert row["end"] > row["start"]
         by_devices.setdefault(row["devices"], []).append(row)
     assert set(by_devices) == {"0,1", "2,3"}, f"only {set(by_devices)} used"
-    for devices, group_rows in by_devices.items():
+    for group, group_rows in by_devices.items():
         group_rows.sort(key=lambda r: r["start"])
         for before, after in zip(group_rows, group_rows[1:]):
-            assert after["start"] >= before["end"], f"two holders of {devices} overlapped"
+            assert after["start"] >= before["end"], f"two holders of {group} overlapped"
 
 
 def test_gpu_groups_imports_neither_snakemake_nor_torch():

@@ -120,3 +120,19 @@ def test_the_offload_error_reaches_the_console_as_one_line(tmp_path):
         ).returncode
         == 0
     )
+
+
+def pins(text: str) -> dict:
+    found = re.findall(r"^\s*(?:- )?\"?([A-Za-z0-9_.\-]+)==([^\s#\",]+)", text, re.M)
+    return {name.lower(): version for name, version in found}
+
+
+def test_the_pinned_stack_is_the_same_everywhere():
+    """requirements.txt, environment.yml (users), envs/workflow.yaml (--use-conda jobs)
+    and the `workflow` extra of pyproject.toml name the same versions."""
+    requirements = pins((REPO / "requirements.txt").read_text())
+    assert requirements and "torch" in requirements
+    assert pins((REPO / "environment.yml").read_text()) == requirements
+    assert pins((REPO / "envs" / "workflow.yaml").read_text()) == requirements
+    extra = pins((REPO / "pyproject.toml").read_text())
+    assert extra and all(requirements[name] == version for name, version in extra.items())

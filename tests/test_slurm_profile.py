@@ -120,26 +120,31 @@ def test_local_run_keeps_local_assignment(workflow):
 
 @pytest.mark.parametrize("gpus", ["", "0,1,2,3"])
 def test_scheduler_assignment_keeps_what_slurm_set_whatever_gpus_says(tmp_path, monkeypatch, gpus):
-    import teacher_logits.gpus as gpu_groups
+    import teacher_logits.gpus as devices
 
-    monkeypatch.setenv(gpu_groups.LOCK_DIR_ENV, str(tmp_path / "locks"))
+    monkeypatch.setenv(devices.LOCK_DIR_ENV, str(tmp_path / "locks"))
     environ = {"CUDA_VISIBLE_DEVICES": "2,3"}
 
     def plan(per_model, assignment):
         config = {"gpus": gpus, "gpus_per_model": per_model, "gpu_assignment": assignment}
-        return gpu_groups.device_plan(config, environ={})
+        return devices.device_plan(config, environ={})
 
-    with gpu_groups.gpu_claim(plan(2, "scheduler"), environ=environ) as claim:
+    with devices.gpu_claim(plan(2, "scheduler"), environ=environ) as claim:
         assert environ == {"CUDA_VISIBLE_DEVICES": "2,3"}
         assert claim.cuda_visible_devices == "2,3" and claim.group_index is None
     assert not (tmp_path / "locks").exists()
     # A mask of UUIDs or MIG ids passes through as it is.
     mig = "MIG-4f1c2a3e-1b2c-4d5e-8f90-123456789abc"
     environ = {"CUDA_VISIBLE_DEVICES": mig}
-    with gpu_groups.gpu_claim(plan(1, "scheduler"), environ=environ) as claim:
+    with devices.gpu_claim(plan(1, "scheduler"), environ=environ) as claim:
         assert claim.cuda_visible_devices == mig == environ["CUDA_VISIBLE_DEVICES"]
-    with pytest.raises(gpu_groups.GpuConfigError, match="local"):
-        plan(1, "auto")  # only the Snakefile resolves auto, before any job runs
+    # auto is the scheduler's under a cluster executor, else local (cpu without gpus).
+    config = {"gpus": gpus, "gpus_per_model": 1, "gpu_assignment": "auto"}
+    assert devices.device_plan(config, under_cluster_executor=True, environ={}).mode == "scheduler"
+    local = devices.device_plan(config, environ={})
+    assert local.mode == ("local" if gpus else "cpu")
+    with pytest.raises(devices.GpuConfigError, match="'auto', 'local' or 'scheduler'"):
+        devices.device_plan({**config, "gpu_assignment": "slurm"}, environ={})
 
 
 @pytest.mark.slow

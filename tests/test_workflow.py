@@ -333,6 +333,12 @@ def test_reader_installs_as_a_package_without_the_workflow(workflow, tmp_path):
         check=True,
     )
     assert result.stdout.startswith(str(target))
+    # The workflow itself refuses to run beside such a (not editable) install: its jobs
+    # would import that copy instead of the checkout.
+    refused = workflow.run("-n", env={"PYTHONPATH": str(target)}, check=False)
+    assert refused.returncode == 1
+    assert "is installed (not editable)" in refused.stderr and "pip install -e" in refused.stderr
+    assert "Traceback" not in refused.stderr
 
 
 @pytest.mark.slow

@@ -66,26 +66,16 @@ def generate(settings: GenerateSettings, layout: RunLayout, shard: int) -> None:
             log.info("shard %d was finished by an earlier job while this one waited", shard)
             return
         parts = CommittedParts(layout.parts_dir(shard), identity, num_tokens)
+        run_keys = ("num_shards", "top_k", "teacher_fingerprint", "tokenizer_fingerprint",
+                    "config_fingerprint")  # fmt: skip
         expected = ShardExpectation(
-            sample_ids,
-            offsets,
-            input_ids,
-            {
-                "shard_index": shard,
-                **{
-                    k: plan[k]
-                    for k in (
-                        "num_shards",
-                        "top_k",
-                        "teacher_fingerprint",
-                        "tokenizer_fingerprint",
-                        "config_fingerprint",
-                    )
-                },
-            },
-            plan["vocab_size"],
-            loss_mask,
-            settings.store_masked_only,
+            sample_ids=sample_ids,
+            offsets=offsets,
+            input_ids=input_ids,
+            attrs={"shard_index": shard, **{k: plan[k] for k in run_keys}},
+            vocab_size=plan["vocab_size"],
+            loss_mask=loss_mask,
+            masked_only=settings.store_masked_only,
         )
 
         def is_valid(path):

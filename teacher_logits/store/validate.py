@@ -30,7 +30,7 @@ from .stats import ShardStats
 VALIDATE_BLOCK_ROWS = 1 << 16
 
 
-@dataclass
+@dataclass(kw_only=True)
 class ShardExpectation:
     """What a shard must hold: prepare's slice of it and the attributes of its run."""
 

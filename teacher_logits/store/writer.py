@@ -39,6 +39,7 @@ class ShardWriter:
         num_samples: int,
         num_tokens: int,
         top_k: int,
+        *,
         value_dtype: str = "float16",
         compression: str = "default",
         with_entropy: bool = True,
