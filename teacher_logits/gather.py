@@ -21,7 +21,7 @@ from .disk import uncompressed_bytes_per_token
 from .errors import ShardError
 from .fingerprints import file_sha256
 from .generation.parts import remove_parts_dirs
-from .layout import RunLayout, partial_path
+from .layout import RunLayout, atomic_write_text, partial_path
 from .run_stats import group_summary, overall_rate
 from .store.format import FORMAT_VERSION
 from .store.isolated import check_isolated, default_workers
@@ -287,9 +287,7 @@ def gather(layout: RunLayout, workers: int | None = None) -> None:
         "sha256": file_sha256(index_out),
         "bytes": os.path.getsize(index_out),
     }
-    temp_manifest = partial_path(manifest_out)
-    temp_manifest.write_text(json.dumps(manifest, indent=1))
-    os.replace(temp_manifest, manifest_out)
+    atomic_write_text(manifest_out, json.dumps(manifest, indent=1))
     # The store is complete: the copies generate kept for a killed run are not needed.
     remove_parts_dirs(shard_paths)
     seconds = time.time() - start

@@ -15,7 +15,7 @@ import time
 import traceback
 
 from .errors import UserError
-from .layout import job_record_for, partial_path
+from .layout import atomic_write_text, job_record_for
 
 # Never reach for a hub: the workflow only reads local models and data.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -49,10 +49,8 @@ def write_job_record(log_path: str | os.PathLike | None, record: dict) -> None:
     if not log_path:
         return
     path = job_record_for(log_path)
-    temp = partial_path(path)
     try:
-        temp.write_text(json.dumps(record))
-        os.replace(temp, path)
+        atomic_write_text(path, json.dumps(record))
     except OSError as exc:  # a full disk must not fail a job, or hide its own error
         logging.getLogger(__name__).warning("could not write %s (%s)", path, exc)
 

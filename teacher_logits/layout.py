@@ -29,6 +29,13 @@ def partial_path(path: str | os.PathLike) -> Path:
     return path.with_name(path.name + PARTIAL_SUFFIX)
 
 
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Write a small text file so a reader sees the old content or the new, never half."""
+    temp = partial_path(path)
+    temp.write_text(text)
+    os.replace(temp, path)
+
+
 def parts_dir_for(shard_path: str | os.PathLike) -> Path:
     """``shards/shard_00003.h5`` -> ``shards/shard_00003.parts/``: its committed progress."""
     path = Path(shard_path)

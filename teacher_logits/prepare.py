@@ -20,7 +20,7 @@ from .fingerprints import (
     teacher_fingerprint,
     tokenizer_fingerprint,
 )
-from .layout import RunLayout
+from .layout import RunLayout, atomic_write_text
 from .settings import PrepareSettings
 from .store.format import FORMAT_VERSION
 from .store.prepared import PreparedWriter
@@ -188,7 +188,9 @@ def prepare(settings: PrepareSettings, layout: RunLayout) -> None:
         settings.teacher.path, settings.top_k, settings.teacher.trust_remote_code
     )
     tokenized = tokenize_dataset(settings, tokenizer, layout)
-    layout.plan.write_text(json.dumps(shard_plan(settings, vocab_size, tokenized), indent=1))
+    atomic_write_text(
+        layout.plan, json.dumps(shard_plan(settings, vocab_size, tokenized), indent=1)
+    )
     log.info(
         "prepared %d samples, %d tokens (%d truncated to %d, %d longer kept whole, %d dropped) "
         "in %d shards",

@@ -34,6 +34,7 @@ from ..layout import (
     PARTS_ASSEMBLED,
     PARTS_META,
     PARTS_PROGRESS,
+    atomic_write_text,
     lock_path_for,
     part_file,
     partial_path,
@@ -239,12 +240,6 @@ def remove_parts_dirs(shard_paths) -> None:
     """Drop every shard's parts folder: called once the gathered store is complete."""
     for shard_path in shard_paths:
         shutil.rmtree(parts_dir_for(shard_path), ignore_errors=True)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    temp = partial_path(path)
-    temp.write_text(text)
-    os.replace(temp, path)
 
 
 # Rows a part is read back in while a shard is assembled.
