@@ -3,19 +3,20 @@ from snakemake.utils import min_version, validate
 min_version("9.0")
 
 
-configfile: "config/config.yaml"
+include: "rules/common.smk"
+
+
+configfile: checked_configfile("config/config.yaml")
 
 
 report: "report/workflow.rst"
-
-
-include: "rules/common.smk"
 
 
 check_config_values(config, "config/schema.yaml")
 validate(config, "config/schema.yaml")
 DEVICES = check_config(config)
 LAYOUT = RunLayout(config["output_dir"])
+check_inputs_by_content(config, LAYOUT)
 
 
 # Not in a dry run: planning never waits for or blocks a running workflow.

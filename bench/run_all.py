@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import emit, machine, table  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
-SCRIPTS = ["bench_generate.py", "bench_store.py", "bench_plan.py"]
+SCRIPTS = ["bench_generate.py", "bench_store.py", "bench_plan.py", "bench_fingerprint.py"]
 # target: (key, comparison, bound, what)
 TARGETS = [
     ("floor_ratio", ">=", 0.95, "generate job vs floor tokens/s"),
@@ -30,6 +30,7 @@ TARGETS = [
     ("gather_tokens_per_s", ">=", 1e6, "gather validation + indexing tokens/s"),
     ("reader_tokens_per_s", ">=", 250e3, "reader, random order, 1 process, tokens/s"),
     ("plan_ratio_1000", "<=", 2.0, "snakemake -n at 1,000 shards vs bare"),
+    ("weights_digest_fraction_of_load", "<=", 0.03, "weights fingerprint vs reading the weights"),
 ]
 
 

@@ -1,5 +1,6 @@
 # Config checks, the device plan, paths and input functions shared by the rules.
 # Plan time only: nothing here imports torch.
+import os
 import sys
 import uuid
 from pathlib import Path
@@ -14,6 +15,7 @@ sys.path.insert(0, WORKFLOW_DIR)
 
 from teacher_logits.config import (
     check_chat_and_overflow,
+    check_config_file,
     check_library_source,
     check_paths,
     check_schema,
@@ -22,20 +24,37 @@ from teacher_logits.config import (
     dataset_path,
     demo_corpus_path,
     demo_teacher_path,
-    meaning_settings_json,
     shard_names,
     teacher_path,
 )
-from teacher_logits.errors import ConfigError
+from teacher_logits.errors import ConfigError, UserError
+from teacher_logits.fingerprints import teacher_files
 from teacher_logits.gpus import device_plan, resolve_gpu_assignment
 from teacher_logits.layout import RunLayout
+from teacher_logits.run_inputs import (
+    InputSources,
+    current_run_inputs,
+    record_run_inputs,
+)
 from teacher_logits.run_lock import hold_run_lock
+from teacher_logits.shard_records import flag_damaged_shards
 
 
 def exit_with_config_error(error):
     # One line where the user looks, not a traceback.
     print(f"Config error: {error}", file=sys.stderr)
     raise SystemExit(1)
+
+
+def checked_configfile(path):
+    """The workflow's config file, parsed here first: Snakemake's parse error names no line.
+    (A --configfile is parsed by Snakemake's command line before this file runs.)"""
+    if not Path(path).exists():  # run from elsewhere with --snakefile: the workflow's own
+        path = str(Path(WORKFLOW_DIR) / path)
+    try:
+        return check_config_file(path)
+    except ConfigError as error:
+        exit_with_config_error(error)
 
 
 def check_config_values(config, schema_path):
@@ -66,6 +85,10 @@ def check_config(config):
     Jobs read the same plan from the config (never from params: a params trigger
     would rerun every shard when the GPU list changes).
     """
+    # The demo is built beside the workflow, whatever the working directory.
+    # (Relative to the working directory, so a copied run's paths stay the same.)
+    if not Path(config["demo"]["dir"]).is_absolute():
+        config["demo"]["dir"] = os.path.relpath(Path(WORKFLOW_DIR) / config["demo"]["dir"])
     # Resolved first: the GPU checks differ, and every job script sees local or scheduler.
     config["gpu_assignment"] = resolve_gpu_assignment(
         config["gpu_assignment"], under_cluster_executor()
@@ -90,6 +113,31 @@ def check_config(config):
     return devices
 
 
+def check_inputs_by_content(config, layout):
+    """Compare the run's inputs and finished shards with what made them, by content.
+
+    A change rewrites run_inputs.json (prepare's input), so Snakemake prepares again
+    and each shard's job checks its own fingerprints and tokens against the new plan;
+    a finished shard whose file changed since its job wrote it is dated back so its
+    job runs again. Works from any working directory, path spelling or .snakemake.
+    Jobs on a cluster re-read this file: only the head checks.
+    """
+    if workflow.remote_exec or not workflow.is_main_process:
+        return
+    try:
+        inputs = current_run_inputs(InputSources.from_config(config), layout)
+        changes = record_run_inputs(layout, inputs) if inputs is not None else []
+    except UserError as error:
+        print(f"Error: {error}", file=sys.stderr)
+        raise SystemExit(1)
+    for change in changes:
+            print(
+                f"Note: since the last run, {change}: preparing again", file=sys.stderr
+            )
+    for line in flag_damaged_shards(layout, int(config["num_shards"])):
+        print(f"Note: {line}", file=sys.stderr)
+
+
 def take_run_lock(config):
     """Refuse a second run on the same output_dir (runs only when jobs will execute)."""
     try:
@@ -111,7 +159,18 @@ def regenerate_token():
 
 
 def teacher_input(wildcards):
-    return str(teacher_path(config))
+    """The teacher's files (config, weights, tokenizer, code), not its folder, whose
+    timestamp stays put when a file in it is replaced; the demo's folder is a rule's output.
+    """
+    path = teacher_path(config)
+    if config["teacher"]["path"] == "demo" or not path.is_dir():
+        return str(path)
+    return [str(p) for p in teacher_files(path)]
+
+
+def run_inputs_input(wildcards):
+    # Absent until the run's inputs exist (the demo's are built by the run); prepare writes it.
+    return [str(LAYOUT.run_inputs)] if LAYOUT.run_inputs.exists() else []
 
 
 def dataset_input(wildcards):

@@ -34,9 +34,53 @@ MEANING_KEYS = {
 # (section, key): the value that reproduces the old behaviour.
 ADDED_MEANING_DEFAULTS = {
     ("tokenize", "overflow"): "truncate",
+    ("tokenize", "split_special_tokens"): False,
     ("generation", "store_masked_only"): False,
 }
 KNOWN_ROLES = ("system", "developer", "user", "assistant", "tool", "function", "ipython")
+
+
+def _yaml_fix(problem: str) -> str:
+    if "\\t" in problem:
+        return "indent with spaces, not tabs"
+    if "mapping values are not allowed" in problem:
+        return "put a space after each 'key:' and quote a value that holds ': '"
+    if "expected <block end>" in problem:
+        return "indent the keys of one section by the same number of spaces"
+    return "fix the YAML there (see config/README.md)"
+
+
+def check_config_file(path: str | os.PathLike) -> str:
+    """A config file that does not parse, as one line naming the file, line, column and fix
+    (Snakemake's own message names neither file nor line). Returns ``path``."""
+    import yaml
+
+    file = Path(path)
+    if not file.is_file():
+        return path  # Snakemake reports a missing file itself
+    raw = file.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw.count(b"\n", 0, exc.start) + 1
+        raise ConfigError(
+            f"config file {path}, line {line}: not valid UTF-8 ({exc.reason}); save the file "
+            "as UTF-8"
+        ) from None
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f", line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(f"config file {path}{where}: {problem}; {_yaml_fix(problem)}") from None
+    if not isinstance(value, dict):
+        what = "nothing" if value is None else f"a {type(value).__name__}"
+        raise ConfigError(
+            f"config file {path} holds {what}, not keys; write it as 'key: value' lines "
+            "(see config/README.md)"
+        )
+    return path
 
 
 def check_unknown_keys(config: dict, schema: dict, where: str = "") -> None:
@@ -259,6 +303,13 @@ def check_chat_and_overflow(config: dict) -> None:
             f"dataset.chat_template: file {template} does not exist; give a Jinja chat template "
             "file, or null to use the teacher tokenizer's own template"
         )
+    if tok.get("split_special_tokens") and chat:
+        raise ConfigError(
+            "tokenize.split_special_tokens is for plain text only: with dataset.messages_field "
+            "the chat template writes special tokens itself, so they cannot be split; set "
+            "tokenize.split_special_tokens: false (special-token strings in message contents are "
+            "counted in plan.json) or clean the contents"
+        )
     if config["generation"].get("store_masked_only") and not chat:
         raise ConfigError(
             "generation.store_masked_only needs a loss mask, which only chat data has; set "
@@ -308,10 +359,6 @@ def file_digest(path: str) -> str | None:
         return None  # reported by check_chat_and_overflow, with the fix
 
 
-def meaning_settings_json(config: dict) -> str:
-    return json.dumps(meaning_settings(config), sort_keys=True)
-
-
 def check_library_source(workflow_dir: str | os.PathLike) -> None:
     """The rule scripts import ``teacher_logits`` from beside the Snakefile, unless a
     regular (not editable) install in this environment comes first on ``sys.path``:
@@ -333,3 +380,14 @@ def check_library_source(workflow_dir: str | os.PathLike) -> None:
         f"would import it instead of {Path(workflow_dir) / 'teacher_logits'}; install this "
         f"checkout with `pip install -e {workflow_dir}` (or `pip uninstall teacher-logits`)"
     )
+
+
+if __name__ == "__main__":  # `python -m teacher_logits.config my.yaml`: where a config file breaks
+    import sys
+
+    for name in sys.argv[1:]:
+        try:
+            check_config_file(name)
+        except ConfigError as error:
+            sys.exit(f"Config error: {error}")
+        print(f"{name}: parses")

@@ -2,13 +2,17 @@
 
 They let gather refuse a shard from another teacher or config, and let a rerun
 know which finished work still holds. Cheap by design: weights are fingerprinted
-by name, size and their first and last MiB, not by hashing hundreds of GB.
+by name, size and their first and last MiB (``teacher_fingerprint``, recorded in
+every shard since format version 1) plus a sample of every tensor's bytes
+(``weights_digest``), not by hashing hundreds of GB. Datasets are hashed whole,
+once per change of the file's size, mtime, ctime or inode (``content_digest``).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import struct
 from pathlib import Path
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
@@ -23,6 +27,10 @@ TOKENIZER_FILES = (
     "chat_template.jinja",
 )
 EDGE_BYTES = 1 << 20
+# weights_digest reads this much at the start, middle and end of every tensor
+# (safetensors), or one block per SAMPLE_STRIDE of other weight files.
+SAMPLE_BYTES = 4096
+SAMPLE_STRIDE = 64 << 20
 
 
 def _digest(parts) -> str:
@@ -43,6 +51,80 @@ def teacher_fingerprint(path: str | Path) -> str:
             handle.seek(max(0, size - EDGE_BYTES))
             tail = handle.read(EDGE_BYTES)
         parts += [weight.name, size, hashlib.sha256(head + tail).hexdigest()]
+    return _digest(parts)
+
+
+def weight_files(path: str | Path) -> list[Path]:
+    return sorted(p for p in Path(path).iterdir() if p.suffix in WEIGHT_SUFFIXES)
+
+
+def teacher_files(path: str | Path) -> list[Path]:
+    """Every file of a teacher folder that changes its logits: config, weights and their
+    index, tokenizer, and code for ``trust_remote_code``."""
+    path = Path(path)
+    names = {"config.json", *TOKENIZER_FILES}
+    found = [
+        p
+        for p in path.iterdir()
+        if p.is_file()
+        and (
+            p.name in names
+            or p.suffix in (*WEIGHT_SUFFIXES, ".py")
+            or p.name.endswith(".index.json")
+        )
+    ]
+    return sorted(found)
+
+
+def _safetensors_spans(handle, size: int) -> list[tuple[int, int]] | None:
+    """(start, end) byte spans of the header and every tensor; None if not safetensors."""
+    head = handle.read(8)
+    if len(head) < 8:
+        return None
+    (header_len,) = struct.unpack("<Q", head)
+    if header_len > size - 8:
+        return None
+    try:
+        header = json.loads(handle.read(header_len))
+    except ValueError:
+        return None
+    base = 8 + header_len
+    spans = [(0, base)]
+    for name, entry in header.items():
+        if name != "__metadata__" and isinstance(entry, dict) and "data_offsets" in entry:
+            begin, end = entry["data_offsets"]
+            spans.append((base + int(begin), base + int(end)))
+    return sorted(spans)
+
+
+def _sample_offsets(spans: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """(offset, length) reads: a header whole, then the start, middle and end of each span."""
+    reads = [(spans[0][0], spans[0][1] - spans[0][0])]
+    for begin, end in spans[1:]:
+        length = min(SAMPLE_BYTES, end - begin)
+        for offset in {begin, begin + (end - begin - length) // 2, end - length}:
+            reads.append((offset, length))
+    return sorted(reads)
+
+
+def weights_digest(path: str | Path) -> str:
+    """A content sample of every weight file: each tensor's first, middle and last 4 KiB
+    (safetensors), or 4 KiB every 64 MiB (other formats). A fine-tune, merge or another
+    checkpoint of the same shape changes it; its cost is a few thousand small reads."""
+    parts = []
+    for weight in weight_files(path):
+        size = weight.stat().st_size
+        with open(weight, "rb") as handle:
+            spans = _safetensors_spans(handle, size) if weight.suffix == ".safetensors" else None
+            if spans is None:
+                spans = [(0, min(size, EDGE_BYTES))]
+                spans += [(o, min(size, o + SAMPLE_BYTES)) for o in range(0, size, SAMPLE_STRIDE)]
+                spans.append((max(0, size - EDGE_BYTES), size))
+            digest = hashlib.sha256()
+            for offset, length in _sample_offsets(spans):
+                handle.seek(offset)
+                digest.update(handle.read(length))
+        parts += [weight.name, size, digest.hexdigest()]
     return _digest(parts)
 
 
@@ -73,6 +155,32 @@ def config_fingerprint(settings: dict, teacher_fp: str, tokenizer_fp: str) -> st
         sort_keys=True,
     )
     return _digest([blob])
+
+
+def _stat_key(path: Path) -> str:
+    # ctime moves on every write and cannot be set back by cp -p or rsync -a.
+    st = path.stat()
+    return f"{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}:{st.st_ino}"
+
+
+def content_digest(path: str | Path, cache: dict) -> str:
+    """SHA-256 over a file's (or a folder's files') content. ``cache`` maps a file's
+    resolved path to its stat key and hash, so an unchanged file is not read again."""
+    path = Path(path)
+    if path.is_file():
+        files = [path]
+    else:  # a save_to_disk folder; datasets' own cache files are no content
+        files = sorted(
+            p for p in path.rglob("*") if p.is_file() and not p.name.startswith("cache-")
+        )
+    parts = []
+    for file in files:
+        key, name = _stat_key(file), str(file.resolve())
+        entry = cache.get(name)
+        if not entry or entry.get("key") != key:
+            entry = cache[name] = {"key": key, "sha256": file_sha256(file)}
+        parts += [file.relative_to(path).as_posix() if file != path else "", entry["sha256"]]
+    return _digest(parts)
 
 
 def file_sha256(path: str | Path, block: int = 1 << 22) -> str:

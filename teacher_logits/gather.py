@@ -1,7 +1,12 @@
 """Gather: validate every shard, then write ``index.h5`` and ``manifest.json``.
 
-A shard that fails any check stops the gather with one line per bad shard and the
-command that regenerates it; nothing already finished is touched.
+A shard that fails any check, or that another run made (its teacher, tokenizer or
+config fingerprint differs from the plan's), stops the gather: the first line of the
+error names the shards, one line per bad shard says why, and the last line is the
+command that regenerates them; nothing already finished is touched. Snakemake deletes
+gather's outputs before it reruns gather, so a failed re-gather leaves no store (never
+a stale one): the error says so. A full disk is one line, found before validation
+where it can be, and leaves no ``.partial`` file.
 """
 
 from __future__ import annotations
@@ -17,17 +22,32 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from .disk import uncompressed_bytes_per_token
-from .errors import ShardError
+from .disk import (
+    disk_full_is_a_user_error,
+    ensure_room,
+    gather_bytes,
+    uncompressed_bytes_per_token,
+    write_text_guarded,
+)
+from .errors import DiskFullError, ShardError
 from .fingerprints import file_sha256
 from .generation.parts import remove_parts_dirs
-from .layout import RunLayout, atomic_write_text, partial_path
+from .layout import RunLayout, partial_path
 from .run_stats import group_summary, overall_rate
-from .store.format import FORMAT_VERSION
+from .store.format import FORMAT_VERSION, read_attrs
 from .store.isolated import check_isolated, default_workers
 from .store.prepared import read_prepared_sample_ids, read_prepared_shard
 from .store.stats import MASS_BINS, entropy_bins
-from .store.validate import ShardExpectation, validate_shard
+from .store.validate import (
+    ForeignShard,
+    ShardExpectation,
+    fingerprint_conflicts,
+    identity_mismatch,
+    open_shard,
+    shard_list,
+    validate_shard,
+)
+from .store.writer import GuardedFile
 
 log = logging.getLogger("gather")
 
@@ -35,6 +55,14 @@ log = logging.getLogger("gather")
 # Snakemake options that must not be repeated in the printed command.
 _DROP_WITH_VALUE = {"--forcerun", "-R", "--until", "-U", "--omit-from", "-O"}
 _DROP_FLAGS = {"-n", "--dry-run", "--dryrun", "-F", "--forceall", "-f", "--force"}
+
+# What shards are compared with: the plan prepare wrote.
+PLAN_NAME = RunLayout(".").plan.name
+# Why a failed gather leaves no store, said in its error.
+NO_STORE = (
+    "no store is served until gather succeeds: Snakemake removed the previous index.h5 and "
+    "manifest.json (if any) when this gather started, as it does before rerunning a job"
+)
 
 
 def shard_entry(index: int, path: str, relative: str, summary) -> dict:
@@ -192,9 +220,24 @@ def gather(layout: RunLayout, workers: int | None = None) -> None:
         "tokenizer_fingerprint": plan["tokenizer_fingerprint"],
         "config_fingerprint": plan["config_fingerprint"],
     }
+    if "teacher_weights_digest" in plan:  # plans from before it have none, nor their shards
+        expected_common["teacher_weights_digest"] = plan["teacher_weights_digest"]
+    # Before hours of validation: the index and the manifest must fit, side by side.
+    index_need, manifest_need = gather_bytes(
+        int(plan["num_samples"]), len(shard_paths), layout.plan.stat().st_size
+    )
+    try:
+        ensure_room(partial_path(index_out), index_need, index_out, alongside=manifest_need)
+        ensure_room(partial_path(manifest_out), manifest_need, manifest_out, alongside=index_need)
+    except DiskFullError as exc:
+        raise DiskFullError(f"{exc}; {NO_STORE}") from None
 
     def check(index: int, progress):
         # Runs in a worker process: a libhdf5 crash on a corrupt file kills only the worker.
+        with open_shard(shard_paths[index]) as handle:
+            attrs = read_attrs(handle)
+        if identity_mismatch(attrs, {**expected_common, "shard_index": index}):
+            return ForeignShard(attrs)  # another run's shard (or another index): not read on
         # One shard's tokens at a time: gather's memory does not grow with the dataset.
         prepared = read_prepared_shard(tokens_path, index)
         sample_ids, offsets, input_ids = prepared.shard_slice(0)
@@ -211,30 +254,38 @@ def gather(layout: RunLayout, workers: int | None = None) -> None:
 
     workers = default_workers(workers)
     log.info("validating %d shards in %d worker process(es)", len(shard_paths), workers)
-    summaries, problems = [], []
+    summaries, problems, identities = [], [], {}
     for result in check_isolated(check, range(len(shard_paths)), workers):
         index = result.item
-        if result.error is None:
+        if isinstance(result.value, ForeignShard):
+            identities[index] = result.value.attrs
+            wrong = identity_mismatch(result.value.attrs, {**expected_common, "shard_index": index})
+            why = f"not this run's shard {index} ({'; '.join(wrong)})"
+            log.info("shard %d is bad: %s: %s", index, shard_paths[index], why)
+            problems.append((index, shard_paths[index], why))
+        elif result.error is None:
             log.info("shard %d is valid: %s", index, shard_paths[index])
             summaries.append((index, shard_paths[index], result.value))
+            identities[index] = result.value.attrs
         else:
             log.info("shard %d is bad: %s: %s", index, shard_paths[index], result.error)
             problems.append((index, shard_paths[index], result.error))
     summaries.sort(key=lambda entry: entry[0])
     problems.sort(key=lambda entry: entry[0])
     if problems:
-        lines = [f"shard {i} ({path}): {why}" for i, path, why in problems]
-        raise ShardError(
-            f"{len(problems)} shard(s) failed validation; finished shards were not touched:\n  "
-            + "\n  ".join(lines)
-            + f"\nRegenerate them with: {regenerate_hint([path for _, path, _ in problems])}"
-        )
+        raise ShardError(bad_shards_message(problems, identities, expected_common))
 
     all_ids = np.concatenate([s.sample_ids for _, _, s in summaries])
     if len(np.unique(all_ids)) != len(all_ids):
-        raise ShardError("a sample id appears in more than one shard; rerun prepare and all shards")
+        raise ShardError(
+            "a sample id appears in more than one shard; rerun prepare and all shards "
+            f"(force_regenerate=true); {NO_STORE}"
+        )
     if not np.array_equal(np.sort(all_ids), np.sort(read_prepared_sample_ids(tokens_path))):
-        raise ShardError("the shards do not hold exactly the samples prepare planned")
+        raise ShardError(
+            "the shards do not hold exactly the samples prepare planned; rerun with "
+            f"force_regenerate=true; {NO_STORE}"
+        )
 
     # Per-sample index in sample-id order: which shard, which position inside it.
     shard_of = np.concatenate([np.full(s.num_samples, i, dtype=np.int32) for i, _, s in summaries])
@@ -243,51 +294,63 @@ def gather(layout: RunLayout, workers: int | None = None) -> None:
     order = np.argsort(all_ids, kind="stable")
     relative = [os.path.relpath(Path(p).resolve(), store_dir.resolve()) for _, p, _ in summaries]
 
-    temp = partial_path(index_out)
-    with h5py.File(temp, "w") as f:
-        f.attrs["format_version"] = FORMAT_VERSION
-        for key, value in expected_common.items():
-            f.attrs[key] = value
-        f.attrs["num_samples"] = len(all_ids)
-        f.attrs["num_tokens"] = int(lengths.sum())
-        f.attrs["has_loss_mask"] = all(s.loss_mask_ones is not None for _, _, s in summaries)
-        f.attrs["masked_only"] = masked_only
-        f.create_dataset(
-            "shard_paths", data=np.array(relative, dtype=object), dtype=h5py.string_dtype()
-        )
-        f.create_dataset("sample_ids", data=all_ids[order])
-        f.create_dataset("sample_shard", data=shard_of[order])
-        f.create_dataset("sample_position", data=position[order])
-        f.create_dataset("sample_length", data=lengths[order])
-    os.replace(temp, index_out)
+    # Both files are written beside their final names, then renamed together: a full disk
+    # (or any error) leaves neither a .partial nor an index without its manifest.
+    index_temp, manifest_temp = partial_path(index_out), partial_path(manifest_out)
+    try:
+        attrs = {
+            **expected_common,
+            "format_version": FORMAT_VERSION,
+            "num_samples": len(all_ids),
+            "num_tokens": int(lengths.sum()),
+            "has_loss_mask": all(s.loss_mask_ones is not None for _, _, s in summaries),
+            "masked_only": masked_only,
+        }
+        columns = {
+            "sample_ids": all_ids[order],
+            "sample_shard": shard_of[order],
+            "sample_position": position[order],
+            "sample_length": lengths[order],
+        }
+        write_index(index_temp, index_out, attrs, relative, columns)
 
-    total_tokens = int(lengths.sum())
-    shards = [shard_entry(i, p, rel, s) for (i, p, s), rel in zip(summaries, relative)]
-    manifest = {
-        "format_version": FORMAT_VERSION,
-        "created_at": time.time(),
-        "num_samples": len(all_ids),
-        "num_tokens": total_tokens,
-        "top_k": plan["top_k"],
-        "vocab_size": plan["vocab_size"],
-        "teacher_fingerprint": plan["teacher_fingerprint"],
-        "tokenizer_fingerprint": plan["tokenizer_fingerprint"],
-        "config_fingerprint": plan["config_fingerprint"],
-        "settings": plan["settings"],
-        "shards": shards,
-        "dropped": plan["dropped"],
-        "truncated_samples": plan["truncated_samples"],
-        "split_samples": plan.get("split_samples", 0),
-        **loss_mask_counts([s for _, _, s in summaries]),
-        "stats": run_statistics([s for _, _, s in summaries], shards, plan, index_out),
-    }
-    # `python -m teacher_logits.verify` checks a copied store against these.
-    manifest["index"] = {
-        "path": os.path.relpath(Path(index_out).resolve(), store_dir.resolve()),
-        "sha256": file_sha256(index_out),
-        "bytes": os.path.getsize(index_out),
-    }
-    atomic_write_text(manifest_out, json.dumps(manifest, indent=1))
+        total_tokens = int(lengths.sum())
+        shards = [shard_entry(i, p, rel, s) for (i, p, s), rel in zip(summaries, relative)]
+        manifest = {
+            "format_version": FORMAT_VERSION,
+            "created_at": time.time(),
+            "num_samples": len(all_ids),
+            "num_tokens": total_tokens,
+            "top_k": plan["top_k"],
+            "vocab_size": plan["vocab_size"],
+            "teacher_fingerprint": plan["teacher_fingerprint"],
+            "tokenizer_fingerprint": plan["tokenizer_fingerprint"],
+            "config_fingerprint": plan["config_fingerprint"],
+            "teacher_weights_digest": plan.get("teacher_weights_digest"),
+            "settings": plan["settings"],
+            "shards": shards,
+            "dropped": plan["dropped"],
+            "special_token_strings": plan.get("special_token_strings"),
+            "truncated_samples": plan["truncated_samples"],
+            "split_samples": plan.get("split_samples", 0),
+            **loss_mask_counts([s for _, _, s in summaries]),
+            "stats": run_statistics([s for _, _, s in summaries], shards, plan, index_temp),
+        }
+        # `python -m teacher_logits.verify` checks a copied store against these.
+        manifest["index"] = {
+            "path": os.path.relpath(Path(index_out).resolve(), store_dir.resolve()),
+            "sha256": file_sha256(index_temp),
+            "bytes": os.path.getsize(index_temp),
+        }
+        write_text_guarded(manifest_out, json.dumps(manifest, indent=1), rename=False)
+        os.replace(index_temp, index_out)
+        os.replace(manifest_temp, manifest_out)
+    except BaseException as exc:
+        for path in (index_temp, manifest_temp):
+            path.unlink(missing_ok=True)
+        if isinstance(exc, DiskFullError):
+            raise DiskFullError(f"{exc}; {NO_STORE}") from None
+        raise
     # The store is complete: the copies generate kept for a killed run are not needed.
     remove_parts_dirs(shard_paths)
     seconds = time.time() - start
@@ -299,4 +362,47 @@ def gather(layout: RunLayout, workers: int | None = None) -> None:
         seconds,
         total_tokens / max(seconds, 1e-9),
         manifest["stats"]["mean_topk_mass"],
+    )
+
+
+def write_index(temp: Path, target: Path, attrs: dict, shard_paths: list, columns: dict) -> None:
+    """``index.h5`` into ``temp``: checked for room first, and through a ``GuardedFile``, so a
+    full disk is one ``DiskFullError`` line and never a libhdf5 crash."""
+    needed = sum(c.nbytes for c in columns.values()) + 256 * (len(shard_paths) + 1) + 65536
+    ensure_room(temp, needed, target=target)
+    guard = GuardedFile(temp, target=target)
+    try:
+        with disk_full_is_a_user_error(target), h5py.File(guard, "w") as f:
+            f.attrs.update(attrs)
+            f.create_dataset(
+                "shard_paths", data=np.array(shard_paths, dtype=object), dtype=h5py.string_dtype()
+            )
+            for name, values in columns.items():
+                f.create_dataset(name, data=values)
+        guard.close()  # fsync; raises if the disk refused a write
+    except BaseException:
+        guard.discard()
+        raise
+
+
+def bad_shards_message(problems: list, identities: dict, expected: dict) -> str:
+    """Gather's error: a first line that names the bad shards and what to do (it is what
+    ``status`` shows), one line per shard saying why, then the command that redoes them."""
+    bad = [index for index, _, _ in problems]
+    conflicts = fingerprint_conflicts(identities, expected, PLAN_NAME)
+    them = "it" if len(bad) == 1 else "them"
+    first = "; ".join(
+        [
+            *conflicts,
+            f"{len(bad)} shard(s) failed validation ({shard_list(bad)})",
+            f"regenerate {them} with the command below (or delete {them} and rerun the same "
+            "command; force_regenerate=true regenerates every shard); finished shards were "
+            f"not touched; {NO_STORE}",
+        ]
+    )
+    lines = [f"shard {i} ({path}): {why}" for i, path, why in problems]
+    return (
+        f"{first}:\n  "
+        + "\n  ".join(lines)
+        + f"\nRegenerate them with: {regenerate_hint([path for _, path, _ in problems])}"
     )

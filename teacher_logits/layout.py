@@ -52,6 +52,7 @@ def lock_path_for(shard_path: str | os.PathLike) -> Path:
 PARTS_META = "meta.json"  # what the committed parts were made with
 PARTS_PROGRESS = "progress.json"  # rows done, rewritten at every commit
 PARTS_ASSEMBLED = "assembled.h5"  # a hard link to the finished shard
+PARTS_ASSEMBLED_RECORD = "assembled.json"  # the finished shard's size when it was written
 PART_GLOB = "part_*.h5"
 
 
@@ -130,6 +131,21 @@ class RunLayout:
     @property
     def run_lock(self) -> Path:
         return self._path(".run.lock")
+
+    @property
+    def run_inputs(self) -> Path:
+        """What the stored numbers depend on; rewritten only when that changes."""
+        return self._path("run_inputs.json")
+
+    @property
+    def status_checks(self) -> Path:
+        """``status``'s quick check of each finished shard, by size, mtime, ctime, inode."""
+        return self._path(".status_checks.json")
+
+    @property
+    def digest_cache(self) -> Path:
+        """Content hashes of the dataset's files, by size, mtime, ctime and inode."""
+        return self._path(".content_digests.json")
 
     def log(self, rule: str, shard: int | str | None = None) -> Path:
         """``logs/<rule>.log``, or ``logs/generate/shard_<i>.log`` for a shard's job."""

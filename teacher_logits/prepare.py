@@ -13,6 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .dataset_errors import describe_unreadable
+from .disk import disk_full_is_a_user_error, write_text_guarded
 from .errors import ConfigError, DataError, GpuConfigError, TeacherError
 from .fingerprints import (
     WEIGHT_SUFFIXES,
@@ -20,11 +22,18 @@ from .fingerprints import (
     teacher_fingerprint,
     tokenizer_fingerprint,
 )
-from .layout import RunLayout, atomic_write_text
+from .layout import RunLayout
+from .run_inputs import InputSources, current_run_inputs, record_run_inputs
 from .settings import PrepareSettings
 from .store.format import FORMAT_VERSION
 from .store.prepared import PreparedWriter
-from .tokenization import Tokenization, tokenize_rows
+from .tokenization import (
+    Tokenization,
+    add_special_counts,
+    empty_special_counts,
+    special_token_note,
+    tokenize_rows,
+)
 
 log = logging.getLogger("prepare")
 
@@ -60,12 +69,21 @@ def load_column(
                 loaded = loaded[split]
         else:
             builder = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".arrow": "arrow"}
+            # datasets keys its Arrow cache of a file by path and mtime: a file edited
+            # with its timestamp kept (cp -p, rsync -a) would be read from the old cache.
             loaded = datasets.load_dataset(
-                builder[path.suffix], data_files=str(path), split="train"
+                builder[path.suffix],
+                data_files=str(path),
+                split="train",
+                download_mode="force_redownload",
             )
     except DataError:
         raise
     except Exception as exc:
+        # Only now, on the failure path: find the line that broke it, and say how to fix it.
+        located = describe_unreadable(path)
+        if located:
+            raise DataError(located) from None
         raise DataError(
             f"dataset.path: could not read {path} ({_brief(exc)}); "
             "check that it is valid JSON Lines / JSON / Parquet / Arrow or a save_to_disk folder"
@@ -179,6 +197,8 @@ class Tokenized:
     split: int
     # Tokens with loss_mask 1; None for plain text.
     trained: int | None
+    # Samples whose text holds literal special-token strings ("</s>"), and how many.
+    special_token_strings: dict | None = None
 
 
 def prepare(settings: PrepareSettings, layout: RunLayout) -> None:
@@ -187,10 +207,18 @@ def prepare(settings: PrepareSettings, layout: RunLayout) -> None:
     tokenizer, vocab_size = check_teacher(
         settings.teacher.path, settings.top_k, settings.teacher.trust_remote_code
     )
-    tokenized = tokenize_dataset(settings, tokenizer, layout)
-    atomic_write_text(
-        layout.plan, json.dumps(shard_plan(settings, vocab_size, tokenized), indent=1)
-    )
+    # Recorded before the outputs are written, so they are newer than it.
+    inputs = current_run_inputs(InputSources.from_prepare_settings(settings), layout)
+    for change in record_run_inputs(layout, inputs):
+        log.info("since the last run: %s", change)
+    # tokens.h5 reports a full disk itself; what is left is the datasets library's cache.
+    with disk_full_is_a_user_error(datasets_cache(), fix=CACHE_FIX):
+        tokenized = tokenize_dataset(settings, tokenizer, layout)
+    plan = shard_plan(settings, vocab_size, tokenized)
+    # Every shard's job checks the teacher it loads against these.
+    plan["teacher_weights_digest"] = inputs["teacher_weights_digest"]
+    plan["run_inputs"] = inputs
+    write_text_guarded(layout.plan, json.dumps(plan, indent=1))
     log.info(
         "prepared %d samples, %d tokens (%d truncated to %d, %d longer kept whole, %d dropped) "
         "in %d shards",
@@ -220,23 +248,30 @@ def tokenize_dataset(settings: PrepareSettings, tokenizer, layout: RunLayout) ->
         settings.dataset_path,
         processes,
     )
-    work = Tokenization(tokenizer, settings.max_length, settings.overflow, chat)
+    work = Tokenization(
+        tokenizer, settings.max_length, settings.overflow, chat, settings.split_special_tokens
+    )
     writer = PreparedWriter(layout.tokens, with_loss_mask=chat is not None)
     kept_rows, lengths, dropped = [], [], []
     truncated = split = trained = 0
+    specials = empty_special_counts()
     try:
-        for result in tokenize_rows(data, column, work, processes):
+        for result in tokenize_rows(data, column, work, processes, settings.dataset_path):
             writer.append(result["input_ids"], result["loss_mask"])
             kept_rows.append(result["rows"])
             lengths.append(result["lengths"])
             dropped += result["dropped"]
             truncated += result["truncated"]
             split += result["split"]
+            add_special_counts(specials, result["special_token_strings"])
             if result["loss_mask"] is not None:
                 trained += int(np.count_nonzero(result["loss_mask"]))
         kept_rows, lengths = np.concatenate(kept_rows), np.concatenate(lengths)
         for entry in dropped:
             log.warning("dropped sample %d: %s", entry["sample_id"], entry["reason"])
+        note = special_token_note(specials, settings.split_special_tokens, chat is not None)
+        if note:
+            log.log(*note)
         check_samples_kept(settings, len(kept_rows), num_rows)
         offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
         bounds = split_shards(lengths, settings.num_shards)
@@ -245,7 +280,7 @@ def tokenize_dataset(settings: PrepareSettings, tokenizer, layout: RunLayout) ->
         writer.abort()
         raise
     return Tokenized(num_rows, kept_rows, offsets, bounds, dropped, truncated, split,
-                     trained if chat is not None else None)  # fmt: skip
+                     trained if chat is not None else None, specials)  # fmt: skip
 
 
 def check_samples_kept(settings: PrepareSettings, kept: int, num_rows: int) -> None:
@@ -292,9 +327,30 @@ def shard_plan(settings: PrepareSettings, vocab_size: int, tokenized: Tokenized)
         ],
         "dropped": tokenized.dropped,
     }
+    if tokenized.special_token_strings is not None:
+        counts = tokenized.special_token_strings
+        plan["special_token_strings"] = {
+            "samples": counts["samples"],
+            "occurrences": counts["occurrences"],
+            "split": settings.split_special_tokens,
+            "tokens": dict(sorted(counts["tokens"].items(), key=lambda kv: (-kv[1], kv[0]))),
+            "examples": counts["examples"],
+        }
     if tokenized.trained is not None:
         plan["loss_mask"] = {
             "ones": tokenized.trained,
             "zeros": int(offsets[-1]) - tokenized.trained,
         }
     return plan
+
+
+CACHE_FIX = (
+    "free space there, or point HF_DATASETS_CACHE at a bigger disk, then rerun the same command"
+)
+
+
+def datasets_cache() -> Path:
+    """Where the datasets library converts a dataset file to Arrow (a full disk shows there)."""
+    import datasets
+
+    return Path(datasets.config.HF_DATASETS_CACHE)

@@ -54,6 +54,8 @@ class PrepareSettings:
     # What enters config_fingerprint (the settings that change the stored numbers).
     meaning: dict
     threads: int = 1
+    # Plain text: special-token strings in it ("</s>") are tokenized as text.
+    split_special_tokens: bool = False
 
     @property
     def chat(self) -> bool:
@@ -78,6 +80,7 @@ class PrepareSettings:
             top_k=int(config["generation"]["top_k"]),
             meaning=meaning_settings(config),
             threads=int(threads),
+            split_special_tokens=bool(tok["split_special_tokens"]),
         )
 
 

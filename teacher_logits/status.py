@@ -8,10 +8,17 @@ standard library and h5py (for the provenance of finished shards); never
 Snakemake or torch.
 
 A shard is
-- done: its shard file exists (and is newer than the plan);
+- done: its shard file exists (and is newer than the plan) and passes a quick check
+  (it opens, its attributes say this run made it, its datasets have the planned
+  shapes; no data is read, and a result is kept until the file changes);
 - in progress: a generate job holds the flock on the shard's lock file;
-- failed: not running, and its job recorded an error;
+- failed: its file fails the quick check (truncated, unreadable, another run's), or
+  it is not running and its job recorded an error;
 - pending: anything else (partly done when it has committed progress).
+
+The disk section counts what the rest of the run writes at its peak: the shards
+still to make, the uncompressed resume parts of the shards being made (deleted
+when each finishes), and gather's index, and warns when that exceeds the free space.
 """
 
 from __future__ import annotations
@@ -25,9 +32,25 @@ import sys
 import time
 from pathlib import Path
 
-from .disk import bytes_per_token, free_bytes, human_bytes
-from .layout import RunLayout, job_record_for
+from .disk import free_bytes, gather_bytes, human_bytes, render_disk, run_needs
+from .errors import ShardError
+from .layout import RunLayout, atomic_write_text, job_record_for, partial_path
 from .run_stats import busy_seconds, group_summary
+from .store.isolated import check_batched
+from .store.validate import FINGERPRINTS, identity_mismatch, quick_check, shard_list
+
+# Provenance a finished shard's attributes give the table and the speed figures.
+PROVENANCE_KEYS = (
+    "cuda_visible_devices",
+    "hostname",
+    "started_at",
+    "finished_at",
+    "claims",
+    "generation_seconds",
+    "teacher_load_seconds",
+)
+# Lines of a failed gather's error that status repeats (the first names the shards).
+GATHER_ERROR_LINES = 6
 
 
 def lock_held(path: Path) -> bool:
@@ -55,12 +78,13 @@ def job_record(log_path: Path) -> dict:
     return read_json(job_record_for(log_path)) or {}
 
 
-def job_error(log_path: Path) -> str | None:
-    """The error line a failed job recorded, if its last run failed."""
+def job_error(log_path: Path, whole: bool = False) -> str | None:
+    """The error a failed job recorded, if its last run failed: its first line, or all
+    of it (``whole``: gather's first line names the bad shards, the next say why)."""
     record = job_record(log_path)
     if record.get("state") != "failed" or not record.get("error"):
         return None
-    return record["error"].splitlines()[0]  # gather's lists every bad shard below it
+    return record["error"] if whole else record["error"].splitlines()[0]
 
 
 def read_json(path: Path) -> dict | None:
@@ -70,30 +94,54 @@ def read_json(path: Path) -> dict | None:
         return None
 
 
-def finished_provenance(path: Path) -> dict:
-    """Provenance attributes of a finished shard; empty when it cannot be read."""
+def check_finished(layout: RunLayout, plan: dict, indexes: list[int]) -> dict:
+    """Quick-check finished shards: per shard its provenance, or why it fails (a str).
+
+    In worker processes (a libhdf5 crash on a corrupt file costs a worker, not status),
+    and only where a shard's file changed since the last status: results are kept in
+    ``layout.status_checks`` by size, mtime, ctime and inode (ctime moves with any write or
+    ``touch``, so a truncated shard whose mtime was put back is checked again).
+    """
+    expected = {k: plan[k] for k in ("num_shards", "top_k", *FINGERPRINTS) if k in plan}
+    cache_path = layout.status_checks
+    cache = read_json(cache_path) or {}
+    known = cache.get("shards", {}) if cache.get("expected") == expected else {}
+    keys = {index: stat_key(layout.shard(index)) for index in indexes}
+    results = {
+        index: known[str(index)]["result"]
+        for index in indexes
+        if known.get(str(index), {}).get("key") == keys[index]
+    }
+
+    def check(index: int) -> dict:
+        entry = plan["shards"][index]
+        attrs = quick_check(layout.shard(index), entry["num_samples"], entry["num_tokens"])
+        wrong = identity_mismatch(attrs, {**expected, "shard_index": index})
+        if wrong:
+            raise ShardError(f"is not this run's shard {index} ({'; '.join(wrong)})")
+        return {key: attrs.get(key) for key in PROVENANCE_KEYS}
+
+    todo = [index for index in indexes if index not in results]
+    if todo:
+        for r in check_batched(check, todo):
+            results[r.item] = r.value if r.error is None else r.error
+        shards = {str(i): {"key": keys[i], "result": results[i]} for i in indexes if keys[i]}
+        try:  # a read-only output_dir or a full disk only costs the next status its speed
+            atomic_write_text(cache_path, json.dumps({"expected": expected, "shards": shards}))
+        except OSError:
+            partial_path(cache_path).unlink(missing_ok=True)
+    return results
+
+
+def stat_key(path: Path) -> str | None:
     try:
-        import h5py
-
-        from .store.format import read_attrs
-
-        with h5py.File(path, "r") as handle:
-            attrs = read_attrs(handle)
-    except Exception:  # a corrupt shard is gather's to report; status just shows no timing
-        return {}
-    keys = (
-        "cuda_visible_devices",
-        "hostname",
-        "started_at",
-        "finished_at",
-        "claims",
-        "generation_seconds",
-        "teacher_load_seconds",
-    )
-    return {key: attrs.get(key) for key in keys}
+        st = path.stat()
+    except OSError:
+        return None
+    return f"{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}:{st.st_ino}"
 
 
-def shard_state(layout: RunLayout, entry: dict, plan_mtime: float) -> dict:
+def shard_state(layout: RunLayout, entry: dict, plan_mtime: float, checked: dict) -> dict:
     index = int(entry["index"])
     shard_path = layout.shard(index)
     log_path = layout.log("generate", index)
@@ -112,9 +160,15 @@ def shard_state(layout: RunLayout, entry: dict, plan_mtime: float) -> dict:
 
     if shard_path.exists() and not running:
         if shard_path.stat().st_mtime >= plan_mtime:
-            state.update(
-                state="done", rows_done=state["num_tokens"], **finished_provenance(shard_path)
-            )
+            found = checked.get(index, {})
+            if isinstance(found, str):  # the file fails the quick check
+                state.update(
+                    state="failed",
+                    error=f"{shard_path.name}: {found}; delete it and rerun the same command, "
+                    "which regenerates it",
+                )
+                return state
+            state.update(state="done", rows_done=state["num_tokens"], **found)
             return state
         state["note"] = "older than the plan: will be regenerated"
         state["rows_done"] = 0
@@ -152,7 +206,10 @@ def collect(output_dir: str | os.PathLike, now: float | None = None) -> dict:
         return status
     status["prepared"] = True
     plan_mtime = layout.plan.stat().st_mtime
-    shards = [shard_state(layout, entry, plan_mtime) for entry in plan["shards"]]
+    written = [int(e["index"]) for e in plan["shards"] if layout.shard(int(e["index"])).exists()]
+    written = [i for i in written if layout.shard(i).stat().st_mtime >= plan_mtime]
+    checked = check_finished(layout, plan, written) if written else {}
+    shards = [shard_state(layout, entry, plan_mtime, checked) for entry in plan["shards"]]
     status["shards"] = shards
     counts = {key: 0 for key in ("done", "in progress", "pending", "failed")}
     for shard in shards:
@@ -179,23 +236,21 @@ def collect(output_dir: str | os.PathLike, now: float | None = None) -> dict:
     status["eta_seconds"] = remaining / rate if rate else None
     status["groups"] = group_summary(finished)
 
-    estimate = bytes_per_token(plan, layout)
-    need = sum(
-        estimate.shard_bytes(s["num_tokens"], s["num_samples"])
-        for s in shards
-        if s["state"] != "done"
-    )
-    total = sum(estimate.shard_bytes(s["num_tokens"], s["num_samples"]) for s in shards)
-    status["disk"] = {
-        "bytes_per_token": estimate.bytes_per_token,
-        "basis": estimate.basis,
-        "total_bytes": total,
-        "remaining_bytes": need,
-        "free_bytes": status["free_bytes"],
-        "fits": need <= status["free_bytes"],
-    }
+    done = {s["index"] for s in shards if s["state"] == "done"}
+    status["disk"] = run_needs(layout, plan, shards, done, counts["in progress"])
     status["gathered"] = layout.manifest.exists() and counts["done"] == len(shards)
-    status["gather_error"] = job_error(layout.log("gather"))
+    # A store gathered earlier whose shards now fail: it must not be trained on.
+    status["store_damaged"] = sorted(
+        i for i, r in checked.items() if isinstance(r, str) and layout.manifest.exists()
+    )
+    status["gather_error"] = job_error(layout.log("gather"), whole=True)
+    if not status["gathered"]:
+        status["disk"]["gather_bytes"] = sum(
+            gather_bytes(int(plan["num_samples"]), len(shards), layout.plan.stat().st_size)
+        )
+        status["disk"]["remaining_bytes"] += status["disk"]["gather_bytes"]
+    status["disk"]["free_bytes"] = status["free_bytes"]
+    status["disk"]["fits"] = status["disk"]["remaining_bytes"] <= status["free_bytes"]
     return status
 
 
@@ -255,22 +310,21 @@ def render(status: dict, show_all: bool = False) -> str:
         lines.append("  all shards done and gathered (index.h5, manifest.json)")
     else:
         lines.append("  all shards done; gather has not finished")
-    if status.get("gather_error") and not status["gathered"]:
-        lines.append(f"  gather failed: {status['gather_error']}")
-
-    disk = status["disk"]
-    lines.append(
-        f"  disk: {human_bytes(disk['total_bytes'])} for the whole run at "
-        f"{disk['bytes_per_token']:.0f} bytes/token ({disk['basis']}); "
-        f"{human_bytes(disk['remaining_bytes'])} still to write, "
-        f"{human_bytes(disk['free_bytes'])} free"
-    )
-    if not disk["fits"]:
+    if status.get("store_damaged"):
         lines.append(
-            f"  WARNING: not enough disk: the remaining shards need about "
-            f"{human_bytes(disk['remaining_bytes'])} but only {human_bytes(disk['free_bytes'])} "
-            f"are free under {out_dir}/shards; free space or move output_dir before the run"
+            f"  WARNING: index.h5 and manifest.json are from an earlier gather, and "
+            f"{shard_list(status['store_damaged'])} of that store now fail (below): do not "
+            "train on it; delete the failing shards and rerun the same command"
         )
+    if status.get("gather_error") and not status["gathered"]:
+        first, *more = status["gather_error"].splitlines()
+        lines.append(f"  gather failed: {first}")
+        lines += [f"    {line.strip()}" for line in more[:GATHER_ERROR_LINES]]
+        if len(more) > GATHER_ERROR_LINES:
+            lines.append(
+                f"    ... ({len(more) - GATHER_ERROR_LINES} more lines in logs/gather.log)"
+            )
+    lines += render_disk(status["disk"], status["free_bytes"], out_dir)
 
     rows = [
         s
@@ -338,7 +392,14 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 1
     status = collect(args.output_dir)
-    print(json.dumps(status, indent=1) if args.json else render(status, args.all))
+    text = json.dumps(status, indent=1) if args.json else render(status, args.all)
+    try:
+        print(text, flush=True)
+    except BrokenPipeError:
+        # The reader went away (`status | head -1`): what it wanted was printed. Point
+        # stdout at /dev/null so the interpreter's final flush cannot fail again.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
     return 0
 
 

@@ -6,17 +6,23 @@ process are in flight, so memory stays flat however big the data.
 
 from __future__ import annotations
 
+import logging
 import multiprocessing
 import os
-from collections import deque
+import re
+from collections import Counter, deque
+from pathlib import Path
 
 import numpy as np
 
-from .errors import DataError
+from .dataset_errors import describe_undecodable_row
+from .errors import ConfigError, DataError
 
 # Rows handed to a tokenizer process at a time: big enough to amortise the hand-over,
 # small enough that a few in flight per process keep memory flat.
 READ_BATCH_ROWS = 1000
+# Rows named as examples of texts that hold special-token strings.
+SPECIAL_EXAMPLES = 5
 
 
 class Tokenization:
@@ -24,17 +30,29 @@ class Tokenization:
 
     Plain text is tokenized with the tokenizer's defaults; chat rows go through
     ``ChatRenderer``. ``overflow``: ``truncate`` cuts at ``max_length``; ``split``
-    keeps the whole document (generate computes it in windows).
+    keeps the whole document (generate computes it in windows). Texts (or message
+    contents) that literally hold a special token's string (``"</s>"``) are counted;
+    ``split_special_tokens`` tokenizes such strings as plain text (plain text only).
     """
 
-    def __init__(self, tokenizer, max_length: int, overflow: str, chat=None):
+    def __init__(
+        self, tokenizer, max_length: int, overflow: str, chat=None, split_special_tokens=False
+    ):
         self.tokenizer, self.max_length, self.overflow, self.chat = (
             tokenizer,
             max_length,
             overflow,
             chat,
         )
+        if split_special_tokens and chat is not None:  # refused at plan time, too
+            raise ConfigError(
+                "tokenize.split_special_tokens is for plain text only, not dataset.messages_field "
+                "(the chat template writes special tokens itself); set it to false"
+            )
+        self.split_special_tokens = bool(split_special_tokens)
         tokenizer.model_max_length = max(max_length, 1) * 1000  # silence length warnings
+        tokens = special_token_strings(tokenizer)
+        self.special = re.compile("|".join(map(re.escape, tokens))) if tokens else None
 
     def batch(self, first_row: int, values: list) -> dict:
         """One batch of consecutive rows: kept rows, their tokens, dropped rows, counts."""
@@ -48,6 +66,7 @@ class Tokenization:
                 rows.append(row)
                 items.append(value)
         encoded = self._encode(rows, items) if items else []
+        specials = self._count_special(rows, items)
         kept, id_parts, mask_parts, lengths = [], [], [], []
         truncated = split = 0
         for row, (ids, mask, full_length) in zip(rows, encoded):
@@ -77,7 +96,30 @@ class Tokenization:
             "dropped": sorted(dropped, key=lambda d: d["sample_id"]),
             "truncated": truncated,
             "split": split,
+            "special_token_strings": specials,
         }
+
+    def _count_special(self, rows: list, items: list) -> dict:
+        """Rows whose text (chat: message contents) holds special-token strings, and how many."""
+        counts = empty_special_counts()
+        if self.special is None:
+            return counts
+        found = Counter()
+        for row, item in zip(rows, items):
+            if self.chat is None:
+                hits = self.special.findall(item)
+            else:  # a malformed conversation is reported by the renderer, not here
+                messages = item if isinstance(item, list) else []
+                contents = [m.get("content") for m in messages if isinstance(m, dict)]
+                hits = [h for c in contents if isinstance(c, str) for h in self.special.findall(c)]
+            if hits:
+                counts["samples"] += 1
+                counts["occurrences"] += len(hits)
+                found.update(hits)
+                if len(counts["examples"]) < SPECIAL_EXAMPLES:
+                    counts["examples"].append(row)
+        counts["tokens"] = dict(found)
+        return counts
 
     def _empty(self, row: int, value) -> str | None:
         """Why a row is dropped (None: keep it); a wrong type is an error."""
@@ -96,7 +138,8 @@ class Tokenization:
         """(input_ids, loss_mask or None, untruncated length) per item."""
         if self.chat is not None:
             return [(ids, mask, len(ids)) for ids, mask in self.chat.encode(rows, items)]
-        encoded = self.tokenizer(items, add_special_tokens=True)["input_ids"]
+        split = {"split_special_tokens": True} if self.split_special_tokens else {}
+        encoded = self.tokenizer(items, add_special_tokens=True, **split)["input_ids"]
         full_lengths = [len(ids) for ids in encoded]
         too_long = [i for i, n in enumerate(full_lengths) if n > self.max_length]
         if too_long and self.overflow == "truncate":
@@ -106,10 +149,62 @@ class Tokenization:
                 add_special_tokens=True,
                 truncation=True,
                 max_length=self.max_length,
+                **split,
             )["input_ids"]
             for i, ids in zip(too_long, again):
                 encoded[i] = ids
         return [(np.asarray(ids, dtype=np.int32), None, n) for ids, n in zip(encoded, full_lengths)]
+
+
+def special_token_strings(tokenizer) -> list[str]:
+    """The strings of the tokenizer's special tokens (and added tokens marked special),
+    longest first, so a regex alternation prefers the longest match."""
+    tokens = set(getattr(tokenizer, "all_special_tokens", None) or [])
+    for token in (getattr(tokenizer, "added_tokens_decoder", None) or {}).values():
+        if getattr(token, "special", False):
+            tokens.add(str(token.content))
+    return sorted((t for t in tokens if t), key=lambda t: (-len(t), t))
+
+
+def empty_special_counts() -> dict:
+    return {"samples": 0, "occurrences": 0, "tokens": {}, "examples": []}
+
+
+def add_special_counts(total: dict, part: dict) -> None:
+    """Add one batch's ``special_token_strings`` counts to ``total`` (batches in row order)."""
+    total["samples"] += part["samples"]
+    total["occurrences"] += part["occurrences"]
+    for token, n in part["tokens"].items():
+        total["tokens"][token] = total["tokens"].get(token, 0) + n
+    total["examples"] = (total["examples"] + part["examples"])[:SPECIAL_EXAMPLES]
+
+
+def special_token_note(counts: dict, split: bool, chat: bool) -> tuple[int, str] | None:
+    """(log level, message) about texts that hold special-token strings; None if none do."""
+    if not counts["samples"]:
+        return None
+    tokens = ", ".join(
+        f"{token!r} x{n}"
+        for token, n in sorted(counts["tokens"].items(), key=lambda kv: (-kv[1], kv[0]))[:3]
+    )
+    rows = ", ".join(str(r) for r in counts["examples"])
+    more = ", ..." if counts["samples"] > len(counts["examples"]) else ""
+    found = (
+        f"{counts['samples']} samples (rows {rows}{more}) hold {counts['occurrences']} literal "
+        f"special-token strings in their {'message contents' if chat else 'text'} ({tokens})"
+    )
+    if split:
+        return logging.INFO, f"{found}; tokenized as plain text (tokenize.split_special_tokens)"
+    if chat:
+        return logging.WARNING, (
+            f"{found}; the tokenizer reads them as control tokens, as it does in the rendered "
+            "conversation (tokenize.split_special_tokens is for plain text only); clean the "
+            "contents if they are meant as text"
+        )
+    return logging.WARNING, (
+        f"{found}; the tokenizer turns them into control tokens; set "
+        "tokenize.split_special_tokens: true to tokenize them as text"
+    )
 
 
 _WORKER: Tokenization | None = None
@@ -124,14 +219,39 @@ def _work_batch(first_row: int, values: list) -> dict:
     return _WORKER.batch(first_row, values)
 
 
-def tokenize_rows(data, column: str, work: Tokenization, processes: int):
+def _read_rows(data, column: str, start: int, source: Path | None) -> list:
+    """Rows ``start`` to ``start + READ_BATCH_ROWS`` of ``column``; a row whose text is not
+    UTF-8 (the JSON reader keeps its bytes, decoding them fails here) is a one-line error."""
+    stop = min(start + READ_BATCH_ROWS, len(data))
+    try:
+        return data[start:stop][column]
+    except UnicodeDecodeError as exc:
+        for row in range(start, stop):  # the failure path only: find the row
+            try:
+                data[row][column]
+            except UnicodeDecodeError as row_exc:
+                if source is None:
+                    raise DataError(
+                        f"dataset row {row}: text is not valid UTF-8 ({row_exc.reason}); "
+                        "re-encode the dataset as UTF-8"
+                    ) from None
+                raise DataError(describe_undecodable_row(source, row, row_exc)) from None
+        raise DataError(
+            f"dataset rows {start}-{stop - 1}: not valid UTF-8 ({exc.reason}); "
+            "re-encode the dataset as UTF-8"
+        ) from None
+
+
+def tokenize_rows(data, column: str, work: Tokenization, processes: int, source=None):
     """Yield ``Tokenization.batch`` results in row order, tokenizing in ``processes`` processes.
 
     Rows are read from the memory-mapped dataset a batch at a time and only a few
     batches per process are in flight, so memory stays flat however big the data.
+    ``source``: the dataset's path, named in errors.
     """
+    source = Path(source) if source is not None else None
     batches = (
-        (start, data[start : start + READ_BATCH_ROWS][column])
+        (start, _read_rows(data, column, start, source))
         for start in range(0, len(data), READ_BATCH_ROWS)
     )
     if processes <= 1:

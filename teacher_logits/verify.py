@@ -5,7 +5,9 @@
 Compares the sha256 of every shard and of ``index.h5`` with the checksums gather
 wrote into ``manifest.json``, so any changed byte is found, even in unused space
 or an attribute. ``--deep`` also re-validates every shard's contents (schema,
-shapes, values, fingerprints, samples against ``index.h5``) in worker processes.
+shapes, values, fingerprints, samples against ``index.h5``) in worker processes, and
+refuses a store whose shards (or ``index.h5``) disagree with ``manifest.json`` on the
+teacher, tokenizer or config fingerprint, naming the shards on each side.
 Prints one line per problem and exits 1, or prints one summary line and exits 0.
 Needs numpy, h5py and hdf5plugin only: no Snakemake, no torch.
 """
@@ -23,8 +25,17 @@ import numpy as np
 from .errors import ShardError, StoreError
 from .fingerprints import file_sha256
 from .layout import INDEX_NAME, MANIFEST_NAME, RunLayout
+from .store.format import read_attrs
 from .store.isolated import check_isolated, default_workers
-from .store.validate import ShardExpectation, validate_shard
+from .store.validate import (
+    FINGERPRINTS,
+    ForeignShard,
+    ShardExpectation,
+    fingerprint_conflicts,
+    identity_mismatch,
+    open_shard,
+    validate_shard,
+)
 
 
 def store_dir(path: str | Path) -> Path:
@@ -95,11 +106,12 @@ def checksum_problems(root: Path, manifest: dict, workers: int) -> list[str]:
         return [line for line in pool.map(check, files) if line]
 
 
-def _expected_from_index(root: Path, manifest: dict) -> dict[int, tuple[np.ndarray, np.ndarray]]:
-    """Per shard: its sample ids and offsets, as index.h5 records them."""
+def _expected_from_index(root: Path, manifest: dict) -> tuple[dict, dict]:
+    """Per shard: its sample ids and offsets, as index.h5 records them; and its attributes."""
     import h5py
 
     with h5py.File(RunLayout(root).index, "r") as index:
+        attrs = read_attrs(index)
         ids = index["sample_ids"][:]
         shard = index["sample_shard"][:]
         position = index["sample_position"][:]
@@ -110,13 +122,13 @@ def _expected_from_index(root: Path, manifest: dict) -> dict[int, tuple[np.ndarr
         order = mine[np.argsort(position[mine], kind="stable")]
         offsets = np.concatenate([[0], np.cumsum(length[order])]).astype(np.int64)
         expected[entry["index"]] = (ids[order], offsets)
-    return expected
+    return expected, attrs
 
 
 def deep_problems(root: Path, manifest: dict, workers: int) -> list[str]:
     """Re-validate every shard's contents in worker processes (a libhdf5 crash names the shard)."""
     try:
-        expected = _expected_from_index(root, manifest)
+        expected, index_attrs = _expected_from_index(root, manifest)
     except Exception as exc:  # noqa: BLE001 - a damaged index is one more problem line
         return [
             f"{INDEX_NAME}: unreadable ({type(exc).__name__}: {exc}); copy it again or rerun gather"
@@ -124,16 +136,24 @@ def deep_problems(root: Path, manifest: dict, workers: int) -> list[str]:
     entries = {entry["index"]: entry for entry in manifest["shards"]}
     num_shards = manifest.get("num_shards", len(manifest["shards"]))
     common = {
-        key: manifest[key]
-        for key in ("top_k", "teacher_fingerprint", "tokenizer_fingerprint", "config_fingerprint")
-        if key in manifest
+        key: manifest[key] for key in ("top_k", *FINGERPRINTS) if manifest.get(key) is not None
     }
+    identity = {**common, "num_shards": num_shards}
+    problems = [
+        f"{INDEX_NAME}: {why}, from manifest.json (gathered from another run's shards?); rerun "
+        "gather, or copy the store again"
+        for why in identity_mismatch(index_attrs, common)
+    ]
 
     def check(index: int, progress):
         import h5py
 
         entry = entries[index]
         path = root / entry["path"]
+        with open_shard(path) as handle:
+            attrs = read_attrs(handle)
+        if identity_mismatch(attrs, {**identity, "shard_index": index}):
+            return ForeignShard(attrs)  # another run's shard: its contents do not matter
         sample_ids, offsets = expected[index]
         try:
             # No prepared tokens in a copied store: the shard's own ids are the reference,
@@ -155,14 +175,28 @@ def deep_problems(root: Path, manifest: dict, workers: int) -> list[str]:
                 f"{summary.num_samples} samples / {summary.num_tokens} tokens, manifest.json says "
                 f"{entry['num_samples']} / {entry['num_tokens']}"
             )
-        return None
+        return {key: summary.attrs.get(key) for key in common}
 
-    problems = []
+    found = {}
     for result in check_isolated(check, sorted(entries), workers):
-        if result.error:
-            relative = entries[result.item]["path"]
+        relative = entries[result.item]["path"]
+        if isinstance(result.value, ForeignShard):
+            found[result.item] = result.value.attrs
+            wrong = identity_mismatch(result.value.attrs, {**identity, "shard_index": result.item})
+            problems.append(
+                f"{relative}: not the shard manifest.json lists ({'; '.join(wrong)}); "
+                f"{_regenerate(relative)}"
+            )
+        elif result.error:
             problems.append(f"{relative}: {result.error}; {_regenerate(relative)}")
-    return sorted(problems)
+        else:
+            found[result.item] = result.value
+    mixed = [
+        f"{sentence}; this store mixes runs: copy it again from the original store, or "
+        "regenerate the odd shards where it was made"
+        for sentence in fingerprint_conflicts(found, common, MANIFEST_NAME)
+    ]
+    return mixed + sorted(problems)
 
 
 def verify(path: str | Path, deep: bool = False, workers: int | None = None) -> list[str]:

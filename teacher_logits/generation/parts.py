@@ -32,6 +32,7 @@ from ..layout import (
     PART_GLOB,
     PARTIAL_SUFFIX,
     PARTS_ASSEMBLED,
+    PARTS_ASSEMBLED_RECORD,
     PARTS_META,
     PARTS_PROGRESS,
     atomic_write_text,
@@ -40,6 +41,7 @@ from ..layout import (
     partial_path,
     parts_dir_for,
 )
+from ..shard_records import record_written_shard
 from ..store.format import CHUNK_ROWS, ROW_DATASETS, VALUE_DTYPES, fsync_dir, read_attrs
 
 log = logging.getLogger(__name__)
@@ -54,7 +56,9 @@ IDENTITY_REASONS = {
     "top_k": "top_k changed",
     "value_dtype": "storage.value_dtype changed",
     "store_entropy": "generation.store_entropy changed",
+    "teacher_weights_digest": "the teacher's weights changed",
     "shard_plan": "the shard's samples changed (prepare ran again with other data)",
+    "tokens_digest": "the shard's token ids changed (the dataset or its tokenization was edited)",
     "regenerate_token": "a regeneration was requested (force_regenerate=true)",
 }
 
@@ -122,11 +126,12 @@ class CommittedParts:
         self.directory.mkdir(parents=True, exist_ok=True)
         found = sorted(self.directory.glob(PART_GLOB))
         reason = self._identity_mismatch()
-        if reason and found:
+        if reason and (found or self.assembled_path.exists()):
+            earlier = [f"{len(found)} committed part(s)"] if found else []
+            earlier += ["the finished copy"] if self.assembled_path.exists() else []
             log.warning(
-                "discarding %d committed part(s) of %s from an earlier run: %s; starting this "
-                "shard from zero",
-                len(found),
+                "discarding %s of %s from an earlier run: %s; starting this shard from zero",
+                " and ".join(earlier),
                 self.directory.name,
                 reason,
             )
@@ -183,13 +188,16 @@ class CommittedParts:
         Snakemake records a job as done only after the job exits; a kill in between
         marks the finished shard incomplete and the next run deletes it. The link
         keeps the rows (at no disk cost) so that run reuses them instead of
-        computing the shard again. Gather removes the parts folders once it succeeds.
+        computing the shard again. The link outlives gather: when prepare runs again
+        (a timestamp moved, or another shard's data changed), Snakemake reruns every
+        shard's job, and each takes its shard back if it still validates.
         """
         self.assembled_path.unlink(missing_ok=True)
         try:
             os.link(shard_path, self.assembled_path)
         except OSError:  # a filesystem without hard links: keep nothing, lose little
             pass
+        record_written_shard(shard_path)
         for path, _ in self.parts:
             path.unlink(missing_ok=True)
         self.parts = []
@@ -200,7 +208,9 @@ class CommittedParts:
             return False
         if not is_valid(self.assembled_path):
             log.warning(
-                "discarding the earlier assembled copy of %s: it failed validation", shard_path.name
+                "discarding the finished copy of %s an earlier job wrote: it failed validation "
+                "(truncated or changed since); computing the shard again",
+                shard_path.name,
             )
             self.assembled_path.unlink()
             return False
@@ -209,7 +219,8 @@ class CommittedParts:
         os.link(self.assembled_path, temp)
         os.replace(temp, shard_path)
         log.info(
-            "%s was finished by an earlier job (killed before Snakemake recorded it); reusing it",
+            "%s: reusing the copy an earlier job finished (same teacher, settings and tokens, "
+            "and it validates)",
             shard_path.name,
         )
         return True
@@ -237,9 +248,17 @@ class CommittedParts:
 
 
 def remove_parts_dirs(shard_paths) -> None:
-    """Drop every shard's parts folder: called once the gathered store is complete."""
+    """Drop the resume files of every shard once the gathered store is complete; each
+    shard's kept copy (a hard link, no disk cost) and its size record stay."""
+    keep = {PARTS_ASSEMBLED, PARTS_ASSEMBLED_RECORD, PARTS_META}
     for shard_path in shard_paths:
-        shutil.rmtree(parts_dir_for(shard_path), ignore_errors=True)
+        directory = parts_dir_for(shard_path)
+        if not (directory / PARTS_ASSEMBLED).exists():
+            shutil.rmtree(directory, ignore_errors=True)
+            continue
+        for path in directory.iterdir():
+            if path.name not in keep:
+                path.unlink(missing_ok=True)
 
 
 # Rows a part is read back in while a shard is assembled.

@@ -20,7 +20,8 @@ import h5py
 import numpy as np
 
 from ..disk import check_shard_fits, disk_full_is_a_user_error
-from ..errors import ShardError
+from ..errors import ShardError, TeacherError
+from ..fingerprints import teacher_fingerprint, tokenizer_fingerprint, weights_digest
 from ..gpus import gpu_claim
 from ..layout import RunLayout
 from ..settings import GenerateSettings
@@ -32,6 +33,7 @@ from .parts import CommittedParts, job_lock
 from .progress import progress_bar
 from .provenance import scheduler_job_id, shard_attrs
 from .writing import (
+    PART_MAX_ROWS,
     PartCommitter,
     ShardSink,
     WriterThread,
@@ -52,17 +54,27 @@ def generate(settings: GenerateSettings, layout: RunLayout, shard: int) -> None:
     job_started_at = time.time()
     output = layout.shard(shard)
     plan = json.loads(layout.plan.read_text())
-    check_shard_fits(layout, plan, shard, settings.value_dtype, settings.store_entropy)
+    check_teacher_matches_plan(settings.teacher.path, plan)
+    check_shard_fits(
+        layout,
+        plan,
+        shard,
+        settings.value_dtype,
+        settings.store_entropy,
+        rows_per_part=min(PART_MAX_ROWS, WINDOW_BATCHES * settings.batch_tokens),
+    )
     prepared = read_prepared_shard(layout.tokens, shard)
     sample_ids, offsets, input_ids = prepared.shard_slice(0)
     loss_mask = prepared.loss_mask
     num_tokens = int(offsets[-1])
+    content = content_attrs(plan, tokens_digest(sample_ids, offsets, input_ids, loss_mask))
     identity = part_identity(
         settings, plan, shard, sample_ids, offsets, layout.regenerate_token.read_text().strip()
     )
+    identity.update(content)
 
     with job_lock(output):
-        if finished_by_an_earlier_job(output, plan, shard):
+        if finished_by_an_earlier_job(output, {**plan, **content}, shard):
             log.info("shard %d was finished by an earlier job while this one waited", shard)
             return
         parts = CommittedParts(layout.parts_dir(shard), identity, num_tokens)
@@ -72,7 +84,7 @@ def generate(settings: GenerateSettings, layout: RunLayout, shard: int) -> None:
             sample_ids=sample_ids,
             offsets=offsets,
             input_ids=input_ids,
-            attrs={"shard_index": shard, **{k: plan[k] for k in run_keys}},
+            attrs={"shard_index": shard, **{k: plan[k] for k in run_keys}, **content},
             vocab_size=plan["vocab_size"],
             loss_mask=loss_mask,
             masked_only=settings.store_masked_only,
@@ -103,6 +115,7 @@ def generate(settings: GenerateSettings, layout: RunLayout, shard: int) -> None:
             attrs = shard_attrs(
                 plan, shard, parts, job_started_at, this_claim["teacher_load_seconds"]
             )
+            attrs.update(content)
             with disk_full_is_a_user_error(output):
                 live.commit(attrs)
         except BaseException:
@@ -237,9 +250,51 @@ def finished_by_an_earlier_job(output: Path, plan: dict, shard: int) -> bool:
             attrs = read_attrs(handle)
     except OSError:
         return False
-    return attrs.get("shard_index") == shard and all(
-        attrs.get(k) == plan[k] for k in ("config_fingerprint", "teacher_fingerprint")
-    )
+    keys = ("config_fingerprint", "teacher_fingerprint", *CONTENT_ATTRS)
+    return attrs.get("shard_index") == shard and all(attrs.get(k) == plan.get(k) for k in keys)
+
+
+# Optional shard attributes (shards from before them lack them; validation then reads
+# every input id against prepare's tokens, as always).
+CONTENT_ATTRS = ("teacher_weights_digest", "tokens_digest")
+
+
+def tokens_digest(sample_ids, offsets, input_ids, loss_mask) -> str:
+    """The shard's samples and token ids (and loss mask): an edit that keeps every row's
+    length still changes it."""
+    digest = hashlib.sha256()
+    for array in (sample_ids, offsets, input_ids, loss_mask):
+        if array is not None:
+            digest.update(np.ascontiguousarray(array).tobytes())
+            digest.update(b"\0")
+    return digest.hexdigest()[:32]
+
+
+def content_attrs(plan: dict, tokens: str) -> dict:
+    """What the shard records of the exact content it was made from."""
+    attrs = {"tokens_digest": tokens}
+    if "teacher_weights_digest" in plan:  # plans made before it have none
+        attrs["teacher_weights_digest"] = plan["teacher_weights_digest"]
+    return attrs
+
+
+def check_teacher_matches_plan(teacher_path: Path, plan: dict) -> None:
+    """The teacher about to be loaded is the one the plan was made for: weights copied
+    over in place after prepare would otherwise mix two teachers in one store."""
+    current = {
+        "teacher_fingerprint": teacher_fingerprint(teacher_path),
+        "tokenizer_fingerprint": tokenizer_fingerprint(teacher_path),
+    }
+    if "teacher_weights_digest" in plan:
+        current["teacher_weights_digest"] = weights_digest(teacher_path)
+    changed = [key for key, value in current.items() if plan.get(key) != value]
+    if changed:
+        raise TeacherError(
+            f"teacher.path: the files in {teacher_path} changed after prepare planned this run "
+            f"({', '.join(f'{k} {plan.get(k)} -> {current[k]}' for k in changed)}); run the "
+            "same snakemake command again: it plans anew and regenerates the shards made "
+            "with the old files"
+        )
 
 
 def part_identity(

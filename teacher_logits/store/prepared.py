@@ -13,9 +13,11 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from ..disk import FILE_OVERHEAD_BYTES, ensure_room
 from ..errors import ShardError
 from ..layout import partial_path
 from .format import FORMAT_VERSION
+from .writer import GuardedFile
 
 
 @dataclass
@@ -42,15 +44,23 @@ PREPARED_CHUNK = 1 << 16
 
 class PreparedWriter:
     """prepare's output written as it streams: tokens appended batch by batch, the small
-    per-sample arrays and the shard plan at ``commit`` (temp file + rename)."""
+    per-sample arrays and the shard plan at ``commit`` (temp file + rename).
+
+    A full disk (or ``ulimit -f``) is one ``DiskFullError`` line, found before each write
+    where it can be (``ensure_room``) and by the ``GuardedFile`` under libhdf5 where it
+    cannot; ``abort`` then leaves no ``.partial`` file.
+    """
 
     def __init__(self, path: str | os.PathLike, with_loss_mask: bool):
         self.path = Path(path)
         self.temp_path = partial_path(self.path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._file = h5py.File(self.temp_path, "w")
+        self._guard = GuardedFile(self.temp_path, target=self.path)
+        self._file = h5py.File(self._guard, "w")
         self.num_tokens = 0
         names = [("input_ids", np.int32)] + ([("loss_mask", np.uint8)] if with_loss_mask else [])
+        # Bytes one token takes on disk: chunks are allocated whole, uncompressed.
+        self._token_bytes = sum(np.dtype(dtype).itemsize for _, dtype in names)
         for name, dtype in names:
             self._file.create_dataset(
                 name,
@@ -61,31 +71,50 @@ class PreparedWriter:
                 fletcher32=True,
             )
 
+    def _file_bytes(self, num_tokens: int, extra: int = 0) -> int:
+        """An upper bound of the file's size once it holds ``num_tokens`` and ``extra`` bytes."""
+        chunks = -(-num_tokens // PREPARED_CHUNK)
+        return chunks * PREPARED_CHUNK * self._token_bytes + extra + FILE_OVERHEAD_BYTES
+
+    def _make_room(self, final_bytes: int) -> None:
+        written = self.temp_path.stat().st_size
+        ensure_room(self.temp_path, max(0, final_bytes - written), target=self.path)
+
     def append(self, input_ids: np.ndarray, loss_mask: np.ndarray | None = None) -> None:
         n = len(input_ids)
+        self._make_room(self._file_bytes(self.num_tokens + n))
         for name, values in (("input_ids", input_ids), ("loss_mask", loss_mask)):
             if name in self._file:
                 ds = self._file[name]
                 ds.resize(self.num_tokens + n, axis=0)
                 ds[self.num_tokens :] = values
         self.num_tokens += n
+        self._guard.check()
 
     def commit(self, sample_ids: np.ndarray, offsets: np.ndarray, shard_bounds: np.ndarray) -> None:
         if int(offsets[-1]) != self.num_tokens:
             raise ShardError(f"offsets end at {offsets[-1]}, but {self.num_tokens} tokens written")
+        arrays = {
+            "sample_ids": np.asarray(sample_ids, dtype=np.int64),
+            "offsets": np.asarray(offsets, dtype=np.int64),
+            "shard_bounds": np.asarray(shard_bounds, dtype=np.int64),
+        }
+        self._make_room(self._file_bytes(self.num_tokens, sum(a.nbytes for a in arrays.values())))
         f = self._file
         f.attrs["format_version"] = FORMAT_VERSION
-        f.create_dataset("sample_ids", data=np.asarray(sample_ids, dtype=np.int64))
-        f.create_dataset("offsets", data=np.asarray(offsets, dtype=np.int64))
-        f.create_dataset("shard_bounds", data=np.asarray(shard_bounds, dtype=np.int64))
+        for name, values in arrays.items():
+            f.create_dataset(name, data=values)
         f.close()
+        self._guard.close()  # fsync; raises if the disk refused a write
         os.replace(self.temp_path, self.path)
 
     def abort(self) -> None:
         try:
-            self._file.close()
+            self._file.close()  # safe after a refused write: the guard skips what follows
+        except Exception:  # noqa: BLE001 - the file is deleted either way
+            pass
         finally:
-            self.temp_path.unlink(missing_ok=True)
+            self._guard.discard()
 
 
 def write_prepared(path: str | os.PathLike, prepared: PreparedTokens) -> None:

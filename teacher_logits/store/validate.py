@@ -2,12 +2,16 @@
 
 Gather, ``verify --deep`` and a resumed generate job call ``validate_shard``. Each
 block of rows it checks also feeds a ``ShardStats``, so the manifest's statistics
-cost no second pass. Needs numpy, h5py and hdf5plugin only.
+cost no second pass. ``quick_check`` is the cheap part (open, attributes, dataset
+shapes) that ``status`` runs on every finished shard; ``identity_mismatch`` and
+``fingerprint_conflicts`` tell shards made by another run. Needs numpy, h5py and
+hdf5plugin only.
 """
 
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,6 +32,25 @@ from .format import (
 from .stats import ShardStats
 
 VALIDATE_BLOCK_ROWS = 1 << 16
+
+# The attributes that say which run made a shard, in the order a difference is
+# explained (a new teacher changes the config fingerprint too), and what it means.
+FINGERPRINTS = {
+    "teacher_fingerprint": "made by different teachers",
+    "tokenizer_fingerprint": "made with different tokenizers",
+    "teacher_weights_digest": "made by different teacher weights",
+    "config_fingerprint": (
+        "made with different settings that change the stored numbers (top_k, max_length, "
+        "dtypes, chat or overflow settings)"
+    ),
+}
+
+
+@dataclass
+class ForeignShard:
+    """A readable shard made by another run (or for another index): its attributes."""
+
+    attrs: dict
 
 
 @dataclass(kw_only=True)
@@ -76,13 +99,7 @@ def validate_shard(
     watchdog can tell a slow check from libhdf5 spinning on corrupt metadata.
     """
     progress = progress or (lambda: None)
-    path = Path(path)
-    if not path.exists():
-        raise ShardError("file is missing")
-    try:
-        handle = h5py.File(path, "r")
-    except OSError as exc:
-        raise ShardError(f"not a readable HDF5 file ({exc})") from None
+    handle = open_shard(path)
     try:
         with handle:
             progress()
@@ -91,6 +108,114 @@ def validate_shard(
         raise
     except Exception as exc:  # corrupt metadata surfaces as many h5py/json error types
         raise ShardError(f"corrupt or unreadable ({type(exc).__name__}: {exc})") from None
+
+
+def open_shard(path: str | os.PathLike) -> h5py.File:
+    """The shard opened for reading; ``ShardError`` saying why it cannot be (missing,
+    truncated, not HDF5). Opening already compares the file's length with its header."""
+    path = Path(path)
+    if not path.exists():
+        raise ShardError("file is missing")
+    try:
+        return h5py.File(path, "r")
+    except OSError as exc:
+        truncated = re.search(r"truncated file: eof = (\d+).*stored_eof = (\d+)", str(exc))
+        if truncated:
+            raise ShardError(
+                f"not a readable HDF5 file: truncated, {truncated.group(1)} of its "
+                f"{truncated.group(2)} bytes on disk (an interrupted write or copy)"
+            ) from None
+        raise ShardError(f"not a readable HDF5 file ({exc})") from None
+
+
+def quick_check(path: str | os.PathLike, num_samples: int, num_tokens: int) -> dict:
+    """The cheap checks (open, attributes, dataset shapes; no data read) of a finished
+    shard planned with ``num_samples`` and ``num_tokens``; returns its attributes."""
+    with open_shard(path) as handle:
+        try:
+            attrs = _check_attrs(handle, {})
+            top_k = int(attrs["top_k"])
+            rows = handle["logsumexp"].shape[0] if "logsumexp" in handle else num_tokens
+            if rows != num_tokens and not (attrs.get("masked_only") and rows <= num_tokens):
+                raise ShardError(f"holds {rows} top-k rows, the plan has {num_tokens} tokens")
+            shapes = {
+                "sample_ids": (num_samples,),
+                "offsets": (num_samples + 1,),
+                "input_ids": (num_tokens,),
+                "topk_ids": (rows, top_k),
+                "topk_logits": (rows, top_k),
+                "logsumexp": (rows,),
+            }
+            if "entropy" in handle:
+                shapes["entropy"] = (rows,)
+            for name, shape in shapes.items():
+                if name not in handle:
+                    raise ShardError(f"dataset {name!r} is missing")
+                found = h5py.h5d.open(handle.id, name.encode()).shape  # no high-level wrapper
+                if found != shape:
+                    raise ShardError(f"dataset {name!r} has shape {found}, expected {shape}")
+            return attrs
+        except ShardError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - corrupt metadata, as one line
+            raise ShardError(f"corrupt or unreadable ({type(exc).__name__}: {exc})") from None
+
+
+def identity_mismatch(attrs: dict, expected: dict) -> list[str]:
+    """How ``attrs`` differ from ``expected`` (empty: the shard this run planned there)."""
+    return [
+        f"attribute {key}={attrs.get(key)!r}, expected {value!r}"
+        for key, value in expected.items()
+        if attrs.get(key) != value
+    ]
+
+
+def fingerprint_conflicts(found: dict[int, dict], reference: dict, reference_name: str) -> list:
+    """One sentence per fingerprint on which shards disagree with ``reference`` (and so
+    with each other), naming the shards on each side: ``found`` maps a shard index to its
+    attributes. Each shard is explained under the first fingerprint it differs on."""
+    sentences, explained = [], set()
+    for key, meaning in FINGERPRINTS.items():
+        if key not in reference:
+            continue
+        odd: dict = {}
+        for index in sorted(found):
+            value = found[index].get(key)
+            if value != reference[key] and index not in explained:
+                odd.setdefault(value, []).append(index)
+        if not odd:
+            continue
+        agree = [i for i in sorted(found) if found[i].get(key) == reference[key]]
+        ours = (
+            f"{shard_list(agree)} and {reference_name} have" if agree else f"{reference_name} has"
+        )
+        theirs = ", ".join(
+            f"{shard_list(ids)} {'has' if len(ids) == 1 else 'have'} {_short(value)}"
+            for value, ids in odd.items()
+        )
+        sentences.append(f"{ours} {key} {_short(reference[key])}, {theirs}: they were {meaning}")
+        explained.update(i for ids in odd.values() for i in ids)
+    return sentences
+
+
+def _short(value) -> str:
+    text = str(value)
+    return text[:12] + "..." if len(text) > 15 else text
+
+
+def shard_list(indexes, limit: int = 8) -> str:
+    """``[0, 1, 2, 3, 5]`` -> ``shards 0-3, 5``: runs of consecutive shards as ranges."""
+    indexes = sorted(indexes)
+    runs: list[list[int]] = []
+    for i in indexes:
+        if runs and i == runs[-1][1] + 1:
+            runs[-1][1] = i
+        else:
+            runs.append([i, i])
+    text = ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in runs[:limit])
+    if len(runs) > limit:
+        text += f", ... ({len(indexes)} in all)"
+    return f"{'shard' if len(indexes) == 1 else 'shards'} {text}"
 
 
 def _validate_open_shard(handle, expected: ShardExpectation, progress) -> ShardSummary:
@@ -126,10 +251,10 @@ def _validate_open_shard(handle, expected: ShardExpectation, progress) -> ShardS
 
 
 def _check_attrs(handle, expected_attrs: dict) -> dict:
-    missing = [a for a in REQUIRED_ATTRS if a not in handle.attrs]
+    attrs = read_attrs(handle)
+    missing = [a for a in REQUIRED_ATTRS if a not in attrs]
     if missing:
         raise ShardError(f"missing attributes {missing}")
-    attrs = read_attrs(handle)
     version = attrs["format_version"]
     if not OLDEST_READABLE_VERSION <= version <= FORMAT_VERSION:
         raise ShardError(

@@ -1,4 +1,6 @@
-"""Writing a shard: rows in order into datasets of their final size, then an atomic commit."""
+"""Writing a shard: rows in order into datasets of their final size, then an atomic commit;
+and ``GuardedFile``, through which every HDF5 file of a run is written (shards, prepare's
+tokens, gather's index) so that a full disk is one clean error, never a libhdf5 crash."""
 
 from __future__ import annotations
 
@@ -9,7 +11,8 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from ..errors import ShardError
+from ..disk import DISK_FULL_ERRNOS, disk_full
+from ..errors import ShardError, UserError
 from ..layout import partial_path
 from .codec import encode_topk
 from .format import (
@@ -52,7 +55,8 @@ class ShardWriter:
         self.num_samples = num_samples
         self.num_tokens = num_tokens
         self.top_k = top_k
-        self._file = h5py.File(self.temp_path, "w")
+        self._guard = GuardedFile(self.temp_path, target=self.path)
+        self._file = h5py.File(self._guard, "w")
         opts = compression_options(compression)
         rows = max(1, min(CHUNK_ROWS, num_tokens))
         f = self._file
@@ -142,6 +146,7 @@ class ShardWriter:
         self._rows_done += rows
         if self._pending_rows >= CHUNK_ROWS:
             self._flush(final=False)
+        self._guard.check()  # the disk refused a write: stop now, one clean error
 
     def _flush(self, final: bool) -> None:
         if not self._pending:
@@ -178,14 +183,129 @@ class ShardWriter:
         for key, value in attrs.items():
             f.attrs[key] = json.dumps(value) if isinstance(value, (dict, list)) else value
         f.close()
-        with open(self.temp_path, "rb") as handle:
-            os.fsync(handle.fileno())
+        self._guard.close()  # fsync; raises if the disk refused a write
         os.replace(self.temp_path, self.path)
         fsync_dir(self.path.parent)
         return self.path
 
     def abort(self) -> None:
         try:
-            self._file.close()
+            self._file.close()  # safe after a refused write: the guard kept libhdf5 whole
+        except Exception:  # noqa: BLE001 - the file is deleted either way
+            pass
         finally:
-            self.temp_path.unlink(missing_ok=True)
+            self._guard.discard()
+
+
+class GuardedFile:
+    """A new file for libhdf5 to write through h5py (``h5py.File(guarded, "w")``) whose
+    failed write never reaches libhdf5.
+
+    The first write the disk refuses (full, quota, file-size limit, an I/O error) is
+    recorded, and from then on writes go to memory instead (reads see them), so libhdf5
+    stays consistent and closes cleanly. The writer calls ``check()`` after its writes
+    and ``close()`` at the end; they raise one ``DiskFullError`` line (another I/O error
+    as a ``UserError``) once a write was refused, and the writer deletes the file with
+    ``discard()``. Unbuffered, so a refused write is seen when it happens.
+    """
+
+    def __init__(self, path: str | os.PathLike, target: str | os.PathLike | None = None):
+        self.path = Path(path)
+        self.target = Path(target) if target is not None else self.path
+        self.error: OSError | None = None
+        self._raw = open(self.path, "w+b", buffering=0)
+        self._pos = 0
+        self._kept: list[tuple[int, bytes]] = []  # writes after the refusal, in order
+
+    # The file-object interface of h5py's "fileobj" driver.
+    def seek(self, offset: int, whence: int = 0) -> int:
+        if whence == os.SEEK_END:
+            offset += self._size()
+        elif whence == os.SEEK_CUR:
+            offset += self._pos
+        self._pos = offset
+        return offset
+
+    def tell(self) -> int:
+        return self._pos
+
+    def _size(self) -> int:
+        ends = [start + len(data) for start, data in self._kept]
+        return max([os.fstat(self._raw.fileno()).st_size, *ends])
+
+    def readinto(self, buffer) -> int:
+        view = memoryview(buffer).cast("B")
+        self._raw.seek(self._pos)
+        got = self._raw.readinto(view) or 0
+        if self._kept:
+            view[got:] = bytes(len(view) - got)
+            for start, data in self._kept:
+                lo, hi = max(start, self._pos), min(start + len(data), self._pos + len(view))
+                if lo < hi:
+                    view[lo - self._pos : hi - self._pos] = data[lo - start : hi - start]
+            got = len(view)
+        self._pos += got
+        return got
+
+    def read(self, size: int = -1) -> bytes:
+        buffer = bytearray(max(0, self._size() - self._pos) if size < 0 else size)
+        return bytes(buffer[: self.readinto(buffer)])
+
+    def write(self, data) -> int:
+        view = memoryview(data).cast("B")
+        if self.error is None:
+            try:
+                self._raw.seek(self._pos)
+                rest = view
+                while rest:  # a raw write may take less than all of it
+                    rest = rest[self._raw.write(rest) :]
+            except OSError as exc:
+                self.error = exc
+        if self.error is not None:
+            self._kept.append((self._pos, bytes(view)))
+        self._pos += len(view)
+        return len(view)
+
+    def truncate(self, size: int | None = None) -> int:
+        size = self._pos if size is None else size
+        if self.error is None:
+            try:
+                self._raw.truncate(size)
+            except OSError as exc:
+                self.error = exc
+        return size
+
+    def flush(self) -> None:
+        pass  # unbuffered: nothing waits in Python
+
+    def check(self, needed: int | None = None) -> None:
+        """Raise what a refused write means, once one happened."""
+        if self.error is None:
+            return
+        if self.error.errno in DISK_FULL_ERRNOS:
+            raise disk_full(self.target, needed, why=self.error.strerror or "")
+        raise UserError(
+            f"could not write {self.target} ({self.error.strerror or self.error}); check the "
+            "disk, then rerun the same command"
+        )
+
+    def close(self, sync: bool = True) -> None:
+        """Make the file durable (``sync``) and close it; raise if a write was refused."""
+        try:
+            if sync and self.error is None:
+                try:
+                    os.fsync(self._raw.fileno())
+                except OSError as exc:
+                    self.error = exc
+        finally:
+            self._raw.close()
+            self._kept = []
+        self.check()
+
+    def discard(self) -> None:
+        """Close without checking and delete the file."""
+        try:
+            self._raw.close()
+        finally:
+            self._kept = []
+            self.path.unlink(missing_ok=True)
