@@ -16,12 +16,13 @@ check_config_values(config, "config/schema.yaml")
 validate(config, "config/schema.yaml")
 DEVICES = check_config(config)
 LAYOUT = RunLayout(config["output_dir"])
-check_inputs_by_content(config, LAYOUT)
+force_what_changed(config, LAYOUT)
 
 
 # Not in a dry run: planning never waits for or blocks a running workflow.
 onstart:
     take_run_lock(config)
+    discard_kept_work_of_forced_shards(config)
 
 
 include: "rules/demo.smk"

@@ -2,7 +2,7 @@
 loading them.
 
 Every run (at plan time) and every generate job fingerprint the teacher's weights
-(``weights_digest``: 4 KiB at the start, middle and end of every tensor). This
+(``teacher_content_digest``: 4 KiB at the start, middle and end of every tensor). This
 measures it on a Llama-shaped safetensors file against reading the same file with
 ``safetensors`` (what loading costs at least), and against a full SHA-256.
 
@@ -25,8 +25,8 @@ from safetensors.numpy import load_file, save_file
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from teacher_logits.fingerprints import (  # noqa: E402
     file_sha256,
+    teacher_content_digest,
     teacher_fingerprint,
-    weights_digest,
 )
 
 from common import Timer, emit, machine, table  # noqa: E402
@@ -65,7 +65,7 @@ def measure(folder: Path, cold: bool) -> dict:
     weights = folder / "model.safetensors"
     steps = {
         "load (safetensors, whole file)": lambda: load_file(weights),
-        "weights_digest": lambda: weights_digest(folder),
+        "teacher_content_digest": lambda: teacher_content_digest(folder),
         "teacher_fingerprint": lambda: teacher_fingerprint(folder),
         "full sha256": lambda: file_sha256(weights),
     }
@@ -100,15 +100,15 @@ def main(argv=None):
         load = seconds["load (safetensors, whole file)"]
         for name, value in seconds.items():
             rows.append([cache, name, value, value / load])
-        result[f"weights_digest_fraction_of_load_{cache}"] = seconds["weights_digest"] / load
+        result[f"teacher_content_digest_fraction_of_load_{cache}"] = seconds["teacher_content_digest"] / load
         result[f"full_sha256_fraction_of_load_{cache}"] = seconds["full sha256"] / load
     table(
         f"Fingerprinting {size / 2**30:.2f} GiB of weights in {num_tensors} tensors ({machine()})",
         ["page cache", "step", "seconds", "fraction of load"],
         rows,
     )
-    result["weights_digest_fraction_of_load"] = result[
-        "weights_digest_fraction_of_load_" + ("cold" if "cold" in runs else "warm")
+    result["teacher_content_digest_fraction_of_load"] = result[
+        "teacher_content_digest_fraction_of_load_" + ("cold" if "cold" in runs else "warm")
     ]
     emit(result)
 

@@ -24,20 +24,21 @@ from teacher_logits.config import (
     dataset_path,
     demo_corpus_path,
     demo_teacher_path,
+    meaning_settings_json,
     shard_names,
     teacher_path,
 )
 from teacher_logits.errors import ConfigError, UserError
-from teacher_logits.fingerprints import teacher_files
+from teacher_logits.generation.parts import remove_parts_dirs
 from teacher_logits.gpus import device_plan, resolve_gpu_assignment
 from teacher_logits.layout import RunLayout
 from teacher_logits.run_inputs import (
     InputSources,
+    changes_since_plan,
     current_run_inputs,
-    record_run_inputs,
 )
 from teacher_logits.run_lock import hold_run_lock
-from teacher_logits.shard_records import flag_damaged_shards
+from teacher_logits.shard_records import date_back
 
 
 def exit_with_config_error(error):
@@ -49,7 +50,9 @@ def exit_with_config_error(error):
 def checked_configfile(path):
     """The workflow's config file, parsed here first: Snakemake's parse error names no line.
     (A --configfile is parsed by Snakemake's command line before this file runs.)"""
-    if not Path(path).exists():  # run from elsewhere with --snakefile: the workflow's own
+    if not Path(
+        path
+    ).exists():  # run from elsewhere with --snakefile: the workflow's own
         path = str(Path(WORKFLOW_DIR) / path)
     try:
         return check_config_file(path)
@@ -88,7 +91,9 @@ def check_config(config):
     # The demo is built beside the workflow, whatever the working directory.
     # (Relative to the working directory, so a copied run's paths stay the same.)
     if not Path(config["demo"]["dir"]).is_absolute():
-        config["demo"]["dir"] = os.path.relpath(Path(WORKFLOW_DIR) / config["demo"]["dir"])
+        config["demo"]["dir"] = os.path.relpath(
+            Path(WORKFLOW_DIR) / config["demo"]["dir"]
+        )
     # Resolved first: the GPU checks differ, and every job script sees local or scheduler.
     config["gpu_assignment"] = resolve_gpu_assignment(
         config["gpu_assignment"], under_cluster_executor()
@@ -113,29 +118,50 @@ def check_config(config):
     return devices
 
 
-def check_inputs_by_content(config, layout):
-    """Compare the run's inputs and finished shards with what made them, by content.
+def force_what_changed(config, layout):
+    """Rerun the jobs whose inputs changed by content since they ran.
 
-    A change rewrites run_inputs.json (prepare's input), so Snakemake prepares again
-    and each shard's job checks its own fingerprints and tokens against the new plan;
-    a finished shard whose file changed since its job wrote it is dated back so its
-    job runs again. Works from any working directory, path spelling or .snakemake.
-    Jobs on a cluster re-read this file: only the head checks.
+    Snakemake reruns by timestamps and by its records in .snakemake, keyed by paths as
+    typed: a setting changed under another spelling of output_dir, files replaced with
+    their timestamps kept, or a fresh .snakemake go unseen. So the current inputs are
+    fingerprinted here and compared with those the plan was made from; a difference
+    dates plan.json back, so prepare runs again (each shard's job then keeps its shard
+    if it still holds), and a finished shard whose size is not what its job wrote is
+    dated back too. Only timestamps change, and a plan dated back by a dry run with
+    other settings gets its date back once the settings are back. Cluster jobs, which
+    read this file again, skip it.
     """
     if workflow.remote_exec or not workflow.is_main_process:
         return
     try:
         inputs = current_run_inputs(InputSources.from_config(config), layout)
-        changes = record_run_inputs(layout, inputs) if inputs is not None else []
     except UserError as error:
-        print(f"Error: {error}", file=sys.stderr)
-        raise SystemExit(1)
+        exit_with_config_error(error)
+    if inputs is None:  # the demo's teacher or data are still to be built: prepare runs
+        return
+    changes = changes_since_plan(layout, inputs)
     for change in changes:
-            print(
-                f"Note: since the last run, {change}: preparing again", file=sys.stderr
-            )
-    for line in flag_damaged_shards(layout, int(config["num_shards"])):
+        print(
+            f"Note: since prepare last ran, {change}: preparing again", file=sys.stderr
+        )
+    for line in date_back(layout, bool(changes), int(config["num_shards"])):
         print(f"Note: {line}", file=sys.stderr)
+
+
+def discard_kept_work_of_forced_shards(config):
+    """--forcerun, --forceall and -f on shards regenerate them from zero: drop their
+    committed parts and kept copies (the jobs cannot tell they were forced)."""
+    settings = workflow.dag_settings
+    asked = set(settings.forcerun)
+    if settings.forcetargets:
+        asked |= set(settings.targets)
+    every = settings.forceall or "generate" in asked
+    asked_files = {os.path.abspath(item) for item in asked}
+    shards = [LAYOUT.shard(i) for i in range(int(config["num_shards"]))]
+    remove_parts_dirs(
+        [s for s in shards if every or os.path.abspath(s) in asked_files],
+        keep_finished=False,
+    )
 
 
 def take_run_lock(config):
@@ -159,18 +185,7 @@ def regenerate_token():
 
 
 def teacher_input(wildcards):
-    """The teacher's files (config, weights, tokenizer, code), not its folder, whose
-    timestamp stays put when a file in it is replaced; the demo's folder is a rule's output.
-    """
-    path = teacher_path(config)
-    if config["teacher"]["path"] == "demo" or not path.is_dir():
-        return str(path)
-    return [str(p) for p in teacher_files(path)]
-
-
-def run_inputs_input(wildcards):
-    # Absent until the run's inputs exist (the demo's are built by the run); prepare writes it.
-    return [str(LAYOUT.run_inputs)] if LAYOUT.run_inputs.exists() else []
+    return str(teacher_path(config))
 
 
 def dataset_input(wildcards):

@@ -21,13 +21,9 @@ rule regenerate_request:
 
 rule generate:
     input:
-        # A change of the run's inputs reruns every shard's job even where prepare's
-        # outputs are gone; each job keeps its shard if it still holds.
-        run_inputs=run_inputs_input,
         regenerate=rules.regenerate_request.output.token,
         tokens=rules.prepare.output.tokens,
         plan=rules.prepare.output.plan,
-        teacher=teacher_input,
     output:
         shard=str(LAYOUT.shard("{shard}")),
     log:

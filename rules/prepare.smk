@@ -3,8 +3,6 @@
 
 rule prepare:
     input:
-        # Rewritten when a setting, the teacher, tokenizer or data change by content.
-        run_inputs=run_inputs_input,
         teacher=teacher_input,
         dataset=dataset_input,
     output:
@@ -15,5 +13,9 @@ rule prepare:
     conda:
         "../envs/workflow.yaml"
     threads: config["tokenize"]["num_proc"]
+    params:
+        # Only what changes the stored numbers: editing GPUs or batch sizes reruns nothing.
+        settings=meaning_settings_json(config),
+        num_shards=config["num_shards"],
     script:
         "../workflow_scripts/prepare.py"

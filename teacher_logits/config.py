@@ -352,6 +352,10 @@ def _add_meaning_settings(config: dict, settings: dict) -> None:
         settings["dataset"]["chat_template_sha256"] = file_digest(template) if template else None
 
 
+def meaning_settings_json(config: dict) -> str:
+    return json.dumps(meaning_settings(config), sort_keys=True)
+
+
 def file_digest(path: str) -> str | None:
     try:
         return hashlib.sha256(Path(path).read_bytes()).hexdigest()

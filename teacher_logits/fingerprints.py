@@ -3,8 +3,8 @@
 They let gather refuse a shard from another teacher or config, and let a rerun
 know which finished work still holds. Cheap by design: weights are fingerprinted
 by name, size and their first and last MiB (``teacher_fingerprint``, recorded in
-every shard since format version 1) plus a sample of every tensor's bytes
-(``weights_digest``), not by hashing hundreds of GB. Datasets are hashed whole,
+every shard since format version 1) plus a sample of every tensor's bytes and the
+teacher's other files whole (``teacher_content_digest``), not by hashing hundreds of GB. Datasets are hashed whole,
 once per change of the file's size, mtime, ctime or inode (``content_digest``).
 """
 
@@ -27,7 +27,7 @@ TOKENIZER_FILES = (
     "chat_template.jinja",
 )
 EDGE_BYTES = 1 << 20
-# weights_digest reads this much at the start, middle and end of every tensor
+# teacher_content_digest reads this much at the start, middle and end of every tensor
 # (safetensors), or one block per SAMPLE_STRIDE of other weight files.
 SAMPLE_BYTES = 4096
 SAMPLE_STRIDE = 64 << 20
@@ -44,7 +44,7 @@ def _digest(parts) -> str:
 def teacher_fingerprint(path: str | Path) -> str:
     path = Path(path)
     parts = [(path / "config.json").read_bytes()]
-    for weight in sorted(p for p in path.iterdir() if p.suffix in WEIGHT_SUFFIXES):
+    for weight in weight_files(path):
         size = weight.stat().st_size
         with open(weight, "rb") as handle:
             head = handle.read(EDGE_BYTES)
@@ -62,7 +62,7 @@ def teacher_files(path: str | Path) -> list[Path]:
     """Every file of a teacher folder that changes its logits: config, weights and their
     index, tokenizer, and code for ``trust_remote_code``."""
     path = Path(path)
-    names = {"config.json", *TOKENIZER_FILES}
+    names = {"config.json", "added_tokens.json", *TOKENIZER_FILES}
     found = [
         p
         for p in path.iterdir()
@@ -107,15 +107,20 @@ def _sample_offsets(spans: list[tuple[int, int]]) -> list[tuple[int, int]]:
     return sorted(reads)
 
 
-def weights_digest(path: str | Path) -> str:
-    """A content sample of every weight file: each tensor's first, middle and last 4 KiB
-    (safetensors), or 4 KiB every 64 MiB (other formats). A fine-tune, merge or another
-    checkpoint of the same shape changes it; its cost is a few thousand small reads."""
+def teacher_content_digest(path: str | Path) -> str:
+    """What the teacher's logits depend on, by content: every file of ``teacher_files``
+    that is no weight file (config, tokenizer, remote code, weight index) whole, and of
+    each weight file a sample: each tensor's first, middle and last 4 KiB (safetensors),
+    or 4 KiB every 64 MiB (other formats). A fine-tune, merge or another checkpoint of the
+    same shape changes it; its cost is a few thousand small reads."""
     parts = []
-    for weight in weight_files(path):
-        size = weight.stat().st_size
-        with open(weight, "rb") as handle:
-            spans = _safetensors_spans(handle, size) if weight.suffix == ".safetensors" else None
+    for file in teacher_files(path):
+        size = file.stat().st_size
+        if file.suffix not in WEIGHT_SUFFIXES:
+            parts += [file.name, file_sha256(file)]
+            continue
+        with open(file, "rb") as handle:
+            spans = _safetensors_spans(handle, size) if file.suffix == ".safetensors" else None
             if spans is None:
                 spans = [(0, min(size, EDGE_BYTES))]
                 spans += [(o, min(size, o + SAMPLE_BYTES)) for o in range(0, size, SAMPLE_STRIDE)]
@@ -124,7 +129,7 @@ def weights_digest(path: str | Path) -> str:
             for offset, length in _sample_offsets(spans):
                 handle.seek(offset)
                 digest.update(handle.read(length))
-        parts += [weight.name, size, digest.hexdigest()]
+        parts += [file.name, size, digest.hexdigest()]
     return _digest(parts)
 
 

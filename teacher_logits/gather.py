@@ -220,8 +220,8 @@ def gather(layout: RunLayout, workers: int | None = None) -> None:
         "tokenizer_fingerprint": plan["tokenizer_fingerprint"],
         "config_fingerprint": plan["config_fingerprint"],
     }
-    if "teacher_weights_digest" in plan:  # plans from before it have none, nor their shards
-        expected_common["teacher_weights_digest"] = plan["teacher_weights_digest"]
+    if "teacher_content_digest" in plan:  # plans from before it have none, nor their shards
+        expected_common["teacher_content_digest"] = plan["teacher_content_digest"]
     # Before hours of validation: the index and the manifest must fit, side by side.
     index_need, manifest_need = gather_bytes(
         int(plan["num_samples"]), len(shard_paths), layout.plan.stat().st_size
@@ -326,7 +326,7 @@ def gather(layout: RunLayout, workers: int | None = None) -> None:
             "teacher_fingerprint": plan["teacher_fingerprint"],
             "tokenizer_fingerprint": plan["tokenizer_fingerprint"],
             "config_fingerprint": plan["config_fingerprint"],
-            "teacher_weights_digest": plan.get("teacher_weights_digest"),
+            "teacher_content_digest": plan.get("teacher_content_digest"),
             "settings": plan["settings"],
             "shards": shards,
             "dropped": plan["dropped"],

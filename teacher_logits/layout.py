@@ -133,11 +133,6 @@ class RunLayout:
         return self._path(".run.lock")
 
     @property
-    def run_inputs(self) -> Path:
-        """What the stored numbers depend on; rewritten only when that changes."""
-        return self._path("run_inputs.json")
-
-    @property
     def status_checks(self) -> Path:
         """``status``'s quick check of each finished shard, by size, mtime, ctime, inode."""
         return self._path(".status_checks.json")

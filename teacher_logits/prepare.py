@@ -23,7 +23,7 @@ from .fingerprints import (
     tokenizer_fingerprint,
 )
 from .layout import RunLayout
-from .run_inputs import InputSources, current_run_inputs, record_run_inputs
+from .run_inputs import InputSources, current_run_inputs
 from .settings import PrepareSettings
 from .store.format import FORMAT_VERSION
 from .store.prepared import PreparedWriter
@@ -207,16 +207,14 @@ def prepare(settings: PrepareSettings, layout: RunLayout) -> None:
     tokenizer, vocab_size = check_teacher(
         settings.teacher.path, settings.top_k, settings.teacher.trust_remote_code
     )
-    # Recorded before the outputs are written, so they are newer than it.
+    # Every later run compares these with its own inputs (run_inputs.changes_since_plan).
     inputs = current_run_inputs(InputSources.from_prepare_settings(settings), layout)
-    for change in record_run_inputs(layout, inputs):
-        log.info("since the last run: %s", change)
     # tokens.h5 reports a full disk itself; what is left is the datasets library's cache.
     with disk_full_is_a_user_error(datasets_cache(), fix=CACHE_FIX):
         tokenized = tokenize_dataset(settings, tokenizer, layout)
     plan = shard_plan(settings, vocab_size, tokenized)
     # Every shard's job checks the teacher it loads against these.
-    plan["teacher_weights_digest"] = inputs["teacher_weights_digest"]
+    plan["teacher_content_digest"] = inputs["teacher_content_digest"]
     plan["run_inputs"] = inputs
     write_text_guarded(layout.plan, json.dumps(plan, indent=1))
     log.info(

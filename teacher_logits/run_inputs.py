@@ -3,28 +3,31 @@
 Snakemake decides what to rerun from file timestamps and its per-folder metadata,
 which is keyed by paths as typed. Neither sees a setting changed under another
 spelling of ``output_dir`` (or from a fresh ``.snakemake``), weights copied over in
-place, or a dataset edited with ``cp -p``. So each run computes the content
-fingerprints of its inputs and keeps them in ``run_inputs.json``, rewritten only
-when they change: its new timestamp makes Snakemake prepare again, and every
-shard's job then compares its fingerprints and tokens with the new plan, reusing
-the shards that still hold and regenerating the others.
+place, or a dataset edited with ``cp -p``. So ``prepare`` records the content
+fingerprints of its inputs in the plan, and every run compares them with the
+current ones while Snakemake plans (``changes_since_plan``); a difference forces
+prepare, and every shard's job then compares its fingerprints and tokens with the
+new plan, reusing the shards that still hold and regenerating the others.
 
-Plan time and ``prepare`` both call ``record_run_inputs``. No torch.
+Nothing here writes a file but the dataset's hash cache. No torch.
 """
 
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from .config import dataset_path, meaning_settings, teacher_path
-from .disk import write_text_guarded
-from .fingerprints import content_digest, teacher_fingerprint, tokenizer_fingerprint, weights_digest
-from .layout import RunLayout
+from .fingerprints import (
+    content_digest,
+    teacher_content_digest,
+    teacher_fingerprint,
+    tokenizer_fingerprint,
+)
+from .layout import RunLayout, atomic_write_text
 
-# What a legacy plan (made before run_inputs.json existed) recorded of its inputs.
+# What a legacy plan (made before plans recorded run_inputs) recorded of its inputs.
 LEGACY_PLAN_KEYS = ("settings", "num_shards", "teacher_fingerprint", "tokenizer_fingerprint")
 
 
@@ -74,18 +77,21 @@ def current_run_inputs(sources: InputSources, layout: RunLayout) -> dict | None:
         "settings": sources.meaning,
         "num_shards": sources.num_shards,
         "teacher_fingerprint": teacher_fingerprint(sources.teacher),
-        "teacher_weights_digest": weights_digest(sources.teacher),
+        "teacher_content_digest": teacher_content_digest(sources.teacher),
         "tokenizer_fingerprint": tokenizer_fingerprint(sources.teacher),
         "dataset_digest": content_digest(sources.dataset, cache),
     }
-    if cache != before:
-        layout.output_dir.mkdir(parents=True, exist_ok=True)
-        write_text_guarded(layout.digest_cache, json.dumps(cache, indent=1, sort_keys=True))
+    if cache != before and layout.output_dir.is_dir():
+        try:  # only a cache: a dry run on a full or read-only disk goes on without it
+            atomic_write_text(layout.digest_cache, json.dumps(cache, indent=1, sort_keys=True))
+        except OSError:
+            pass
     return inputs
 
 
-def _recorded_by_plan(layout: RunLayout) -> dict | None:
-    """What the existing plan was made from (all of it, or a legacy plan's part)."""
+def planned_run_inputs(layout: RunLayout) -> dict | None:
+    """What the existing plan was made from: all of it, a legacy plan's part (made before
+    plans recorded it), or None without a plan."""
     plan = _read_json(layout.plan)
     if not isinstance(plan, dict):
         return None
@@ -96,32 +102,18 @@ def _recorded_by_plan(layout: RunLayout) -> dict | None:
     return None
 
 
-def record_run_inputs(layout: RunLayout, inputs: dict) -> list[str]:
-    """Rewrite ``run_inputs.json`` if ``inputs`` differ from it; what changed, in words.
-
-    Without the file (a new run, or one made before it existed), an existing plan made
-    from the same inputs is adopted: the file is written dated before the plan, so
-    nothing reruns.
-    """
-    recorded = _read_json(layout.run_inputs)
-    if recorded == inputs:
+def changes_since_plan(layout: RunLayout, inputs: dict) -> list[str]:
+    """How ``inputs`` differ from what the existing plan was made from, in words (empty:
+    the plan still holds, or there is none yet and prepare runs anyway)."""
+    planned = planned_run_inputs(layout)
+    if planned is None or all(inputs.get(key) == value for key, value in planned.items()):
         return []
-    layout.output_dir.mkdir(parents=True, exist_ok=True)
-    if recorded is None:
-        planned = _recorded_by_plan(layout)
-        if planned is not None and all(inputs.get(k) == v for k, v in planned.items()):
-            write_text_guarded(layout.run_inputs, json.dumps(inputs, indent=1, sort_keys=True))
-            plan_mtime = layout.plan.stat().st_mtime_ns
-            os.utime(layout.run_inputs, ns=(plan_mtime - 10**9, plan_mtime - 10**9))
-            return []
-        recorded = planned
-    write_text_guarded(layout.run_inputs, json.dumps(inputs, indent=1, sort_keys=True))
-    return describe_changes(recorded, inputs) if recorded is not None else []
+    return describe_changes(planned, inputs) or ["the run's inputs changed"]
 
 
 WHAT_CHANGED = {
     "teacher_fingerprint": "the teacher's config or weights changed",
-    "teacher_weights_digest": "the teacher's weights changed",
+    "teacher_content_digest": "the teacher's files changed (weights, config, tokenizer or code)",
     "tokenizer_fingerprint": "the teacher's tokenizer changed",
     "dataset_digest": "the dataset's content changed",
 }
@@ -137,11 +129,11 @@ def describe_changes(old: dict, new: dict) -> list[str]:
                 changes.append(f"{section}.{key} {before.get(key)!r} -> {after.get(key)!r}")
     if "num_shards" in old and old["num_shards"] != new["num_shards"]:
         changes.append(f"num_shards {old['num_shards']} -> {new['num_shards']}")
-    weights_said = False
+    teacher_said = False
     for key, words in WHAT_CHANGED.items():
         if key in old and old[key] != new.get(key):
-            if key.startswith("teacher_") and weights_said:
+            if key.startswith("teacher_") and teacher_said:
                 continue
-            weights_said = weights_said or key.startswith("teacher_")
+            teacher_said = teacher_said or key.startswith("teacher_")
             changes.append(words)
     return changes

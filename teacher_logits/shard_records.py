@@ -1,10 +1,11 @@
-"""What a finished shard looked like when its job wrote it, checked at plan time.
+"""Make Snakemake redo what changed by content: outputs dated back, nothing else.
 
 A shard truncated or overwritten after its job finished, with its timestamp kept
 (``rsync -a``, ``cp -p``, a restore), looks finished to Snakemake. Its job records
 the size it wrote; at plan time a shard of another size is dated back to 1970, so
 Snakemake runs its job again, which validates what is there and regenerates it.
-Plain Python: this runs while Snakemake plans.
+The plan is dated back the same way when the run's inputs changed by content
+(``run_inputs.changes_since_plan``). Plain Python: this runs while Snakemake plans.
 """
 
 from __future__ import annotations
@@ -30,9 +31,36 @@ def written_size(shard_path: str | os.PathLike) -> int | None:
         return None
 
 
-def flag_damaged_shards(layout: RunLayout, num_shards: int) -> list[str]:
-    """Date back every finished shard whose size is not what its job wrote; one line each."""
-    lines = []
+# The date given to an output Snakemake must make again (0 would read as "no date").
+OUTDATED = 1
+
+
+def date_back(layout: RunLayout, plan_outdated: bool, num_shards: int) -> list[str]:
+    """Date back the plan when it is outdated (or give it its date back when it no longer
+    is, after a dry run with other settings) and every damaged shard; one line per shard."""
+    try:
+        plan_mtime = layout.plan.stat().st_mtime
+        if plan_outdated and plan_mtime != OUTDATED:
+            os.utime(layout.plan, (OUTDATED, OUTDATED))
+        elif not plan_outdated and plan_mtime == OUTDATED:
+            written = layout.tokens.stat().st_mtime_ns  # written with it
+            os.utime(layout.plan, ns=(written, written))
+    except FileNotFoundError:
+        # No plan: a first run, or a prepare that failed after Snakemake deleted its
+        # outputs. Snakemake would leave finished shards be (nothing needs the missing
+        # plan), so every shard is checked against the plan prepare makes next.
+        for index in range(num_shards):
+            if layout.shard(index).exists():
+                os.utime(layout.shard(index), (OUTDATED, OUTDATED))
+    damaged = damaged_shards(layout, num_shards)
+    for index in damaged:
+        os.utime(layout.shard(index), (OUTDATED, OUTDATED))
+    return list(damaged.values())
+
+
+def damaged_shards(layout: RunLayout, num_shards: int) -> dict[int, str]:
+    """Every finished shard whose size is not what its job wrote: index -> one line why."""
+    damaged = {}
     for index in range(num_shards):
         shard = layout.shard(index)
         expected = written_size(shard)
@@ -43,9 +71,8 @@ def flag_damaged_shards(layout: RunLayout, num_shards: int) -> list[str]:
         except OSError:
             continue  # missing: Snakemake regenerates it anyway
         if size != expected:
-            os.utime(shard, (1, 1))  # (0 reads as "no date" to Snakemake)
-            lines.append(
+            damaged[index] = (
                 f"shard {index}: {shard} is {size:,} bytes but its job wrote {expected:,} "
                 "(truncated or overwritten since): it will be validated and regenerated"
             )
-    return lines
+    return damaged

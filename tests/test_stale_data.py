@@ -15,20 +15,21 @@ import pytest
 from safetensors.numpy import load_file, save_file
 
 import test_resume
-from conftest import REPO
+from conftest import REPO, WORKFLOW_FILES
 from test_resume import committed_parts, kill_when
 
 sys.path.insert(0, str(REPO))
 from teacher_logits.errors import TeacherError  # noqa: E402
 from teacher_logits.fingerprints import (  # noqa: E402
     content_digest,
+    teacher_content_digest,
     teacher_fingerprint,
-    weights_digest,
+    tokenizer_fingerprint,
 )
 from teacher_logits.generation.shard_job import check_teacher_matches_plan  # noqa: E402
 from teacher_logits.layout import RunLayout  # noqa: E402
-from teacher_logits.run_inputs import record_run_inputs  # noqa: E402
-from teacher_logits.shard_records import flag_damaged_shards, record_written_shard  # noqa: E402
+from teacher_logits.run_inputs import changes_since_plan  # noqa: E402
+from teacher_logits.shard_records import damaged_shards, record_written_shard  # noqa: E402
 
 # An uninterrupted run's store, as test_resume builds it.
 reference = test_resume.reference
@@ -129,17 +130,22 @@ def write_safetensors(path: Path, middle_scale: float = 1.0) -> None:
     save_file(tensors, path, metadata={"format": "pt"})
 
 
-def test_weights_digest_sees_a_tensor_the_edge_hashes_miss(tmp_path):
+def test_teacher_content_digest_sees_a_tensor_the_edge_hashes_miss(tmp_path):
     """teacher_fingerprint (recorded since format 1) hashes each file's first and last
-    MiB; a replaced tensor between them changes only weights_digest."""
+    MiB; a replaced tensor between them changes only teacher_content_digest."""
     (tmp_path / "config.json").write_text("{}")
     write_safetensors(tmp_path / "model.safetensors")
-    before = teacher_fingerprint(tmp_path), weights_digest(tmp_path)
+    before = teacher_fingerprint(tmp_path), teacher_content_digest(tmp_path)
     write_safetensors(tmp_path / "model.safetensors", middle_scale=1.5)
-    after = teacher_fingerprint(tmp_path), weights_digest(tmp_path)
+    after = teacher_fingerprint(tmp_path), teacher_content_digest(tmp_path)
     assert (tmp_path / "model.safetensors").stat().st_size > 3 << 20
     assert after[0] == before[0]
     assert after[1] != before[1]
+    # Code for trust_remote_code and tokenizer files count whole.
+    (tmp_path / "modeling_mine.py").write_text("SCALE = 1\n")
+    with_code = teacher_content_digest(tmp_path)
+    (tmp_path / "modeling_mine.py").write_text("SCALE = 2\n")
+    assert teacher_content_digest(tmp_path) != with_code
 
 
 def test_content_digest_sees_an_edit_whose_timestamp_was_put_back(tmp_path):
@@ -152,49 +158,55 @@ def test_content_digest_sees_an_edit_whose_timestamp_was_put_back(tmp_path):
     assert content_digest(data, cache) != first
 
 
-def test_run_inputs_are_rewritten_only_when_they_change_and_say_what_changed(tmp_path):
+def write_plan(layout: RunLayout, plan: dict) -> None:
+    layout.plan.parent.mkdir(parents=True, exist_ok=True)
+    layout.plan.write_text(json.dumps(plan))
+
+
+def test_changes_since_the_plan_are_said_in_words(tmp_path):
     layout = RunLayout(tmp_path / "out")
     inputs = {
         "settings": {"generation": {"top_k": 64}},
         "num_shards": 2,
         "teacher_fingerprint": "t1",
-        "teacher_weights_digest": "w1",
+        "teacher_content_digest": "w1",
         "tokenizer_fingerprint": "k1",
         "dataset_digest": "d1",
     }
-    assert record_run_inputs(layout, inputs) == []
-    written = layout.run_inputs.stat().st_mtime_ns
-    assert record_run_inputs(layout, dict(inputs)) == []
-    assert layout.run_inputs.stat().st_mtime_ns == written
+    assert changes_since_plan(layout, inputs) == []  # no plan yet: prepare runs anyway
+    write_plan(layout, {"run_inputs": inputs})
+    assert changes_since_plan(layout, dict(inputs)) == []
     changed = {**inputs, "settings": {"generation": {"top_k": 32}}, "dataset_digest": "d2"}
-    assert record_run_inputs(layout, changed) == [
+    assert changes_since_plan(layout, changed) == [
         "generation.top_k 64 -> 32",
         "the dataset's content changed",
     ]
+    weights = {**inputs, "teacher_content_digest": "w2"}
+    assert changes_since_plan(layout, weights) == [
+        "the teacher's files changed (weights, config, tokenizer or code)"
+    ]
 
 
-def test_a_plan_from_before_run_inputs_is_adopted_without_a_rerun(tmp_path):
+def test_a_plan_from_before_run_inputs_is_compared_on_what_it_recorded(tmp_path):
     layout = RunLayout(tmp_path / "out")
-    layout.plan.parent.mkdir(parents=True)
     legacy = {"settings": {"x": {"y": 1}}, "num_shards": 2}
     legacy |= {"teacher_fingerprint": "t", "tokenizer_fingerprint": "k"}
-    layout.plan.write_text(json.dumps(legacy))
-    inputs = {**legacy, "teacher_weights_digest": "w", "dataset_digest": "d"}
-    assert record_run_inputs(layout, inputs) == []
-    assert layout.run_inputs.stat().st_mtime < layout.plan.stat().st_mtime
+    write_plan(layout, legacy)
+    inputs = {**legacy, "teacher_content_digest": "w", "dataset_digest": "d"}
+    assert changes_since_plan(layout, inputs) == []  # an upgrade reruns nothing
+    assert changes_since_plan(layout, {**inputs, "num_shards": 3}) == ["num_shards 2 -> 3"]
 
 
-def test_a_shard_whose_size_changed_after_its_job_is_dated_back(tmp_path):
+def test_a_shard_whose_size_changed_after_its_job_is_named(tmp_path):
     layout = RunLayout(tmp_path / "out")
     shard = layout.shard(1)
     layout.parts_dir(1).mkdir(parents=True)
     shard.write_bytes(b"x" * 1000)
     record_written_shard(shard)
-    assert flag_damaged_shards(layout, 3) == []
+    assert damaged_shards(layout, 3) == {}
     write_keeping_times(shard, lambda: os.truncate(shard, 500))
-    (line,) = flag_damaged_shards(layout, 3)
+    (line,) = damaged_shards(layout, 3).values()
     assert "shard 1" in line and "500 bytes" in line and "1,000" in line
-    assert shard.stat().st_mtime == 1
 
 
 def test_generate_refuses_a_plan_made_for_other_weights(tmp_path):
@@ -202,12 +214,9 @@ def test_generate_refuses_a_plan_made_for_other_weights(tmp_path):
     write_safetensors(tmp_path / "model.safetensors")
     plan = {
         "teacher_fingerprint": teacher_fingerprint(tmp_path),
-        "tokenizer_fingerprint": "",
-        "teacher_weights_digest": weights_digest(tmp_path),
+        "tokenizer_fingerprint": tokenizer_fingerprint(tmp_path),
+        "teacher_content_digest": teacher_content_digest(tmp_path),
     }
-    from teacher_logits.fingerprints import tokenizer_fingerprint
-
-    plan["tokenizer_fingerprint"] = tokenizer_fingerprint(tmp_path)
     check_teacher_matches_plan(tmp_path, plan)
     write_safetensors(tmp_path / "model.safetensors", middle_scale=1.5)
     with pytest.raises(TeacherError, match="changed after prepare planned this run"):
@@ -260,12 +269,12 @@ def test_weights_replaced_in_place_regenerate_every_shard(workflow, demo_dir, tm
     workflow.run("--cores", "2", config=config)
 
     plan = json.loads(workflow.path(OUT, "prepared", "plan.json").read_text())
-    assert plan["teacher_weights_digest"] != old_plan["teacher_weights_digest"]
+    assert plan["teacher_content_digest"] != old_plan["teacher_content_digest"]
     for index in range(2):
         assert (
-            shard_attrs(workflow, index)["teacher_weights_digest"] == plan["teacher_weights_digest"]
+            shard_attrs(workflow, index)["teacher_content_digest"] == plan["teacher_content_digest"]
         )
-    assert "the teacher's weights changed" in generate_logs(workflow)
+    assert "the teacher's files changed" in generate_logs(workflow)
     after = stored_sample(workflow, 0)
     assert not np.array_equal(before["logsumexp"], after["logsumexp"])  # shard 0 is new too
     assert verify_deep(workflow).returncode == 0
@@ -304,7 +313,7 @@ def test_timestamp_preserving_edits_are_noticed(workflow, demo_dir, tmp_path):
     only the shards they touch are computed again."""
     data = tmp_path / "data.jsonl"
     data.write_text("".join(demo_dir.joinpath("corpus.jsonl").read_text().splitlines(True)[:300]))
-    config = {**SMALL, "dataset": {"path": str(data)}}
+    config = {**SMALL, "num_shards": 3, "dataset": {"path": str(data)}}
     workflow.run("--cores", "2", config=config)
     shard_1 = workflow.path(OUT, "shards", "shard_00001.h5")
     with h5py.File(shard_1) as handle:
@@ -318,9 +327,13 @@ def test_timestamp_preserving_edits_are_noticed(workflow, demo_dir, tmp_path):
     assert "shard 1:" in dry.stderr and "truncated" in dry.stderr
     workflow.run("--cores", "2", config=config)
 
-    logs = generate_logs(workflow)
-    assert "the shard's token ids changed" in logs  # shard 0: its data changed
-    assert "it failed validation" in logs  # shard 1: truncated
+    log = {
+        i: workflow.path(OUT, "logs", "generate", f"shard_0000{i}.log").read_text()
+        for i in (0, 1, 2)
+    }
+    assert "the shard's token ids changed" in log[0]  # its data changed
+    assert "it failed validation" in log[1]  # truncated
+    assert "reusing the copy an earlier job finished" in log[2]  # untouched: not computed
     after = stored_sample(workflow, 5)
     assert not np.array_equal(before["input_ids"], after["input_ids"])
     with h5py.File(shard_1) as handle:
@@ -336,3 +349,45 @@ def test_output_dir_with_spaces_and_unicode(workflow):
     assert len(workflow.manifest(out)["shards"]) == 2
     assert not workflow.path("results", "with").exists()
     assert sorted(p.name for p in workflow.path("results").iterdir()) == ["with space"]
+
+
+@pytest.mark.slow
+def test_forcerun_of_a_shard_computes_it_from_zero(workflow):
+    workflow.run("--cores", "2", config=SMALL)
+    shard = f"{OUT}/shards/shard_00000.h5"
+    workflow.run("--cores", "2", "--forcerun", shard, config=SMALL)
+    log = workflow.path(OUT, "logs", "generate", "shard_00000.log").read_text()
+    assert "teacher loaded" in log and "reusing" not in log
+
+
+def install_workflow(root: Path, source: Path) -> None:
+    """Put the workflow files of ``source`` (a checkout) into ``root``, replacing others."""
+    for name in WORKFLOW_FILES:
+        target = root / name
+        if target.is_dir() and not target.is_symlink():
+            shutil.rmtree(target)
+        elif target.exists() or target.is_symlink():
+            target.unlink()
+        if (source / name).is_dir():
+            ignore = shutil.ignore_patterns("__pycache__")
+            shutil.copytree(source / name, target, symlinks=True, ignore=ignore)
+        elif (source / name).exists():
+            shutil.copy2(source / name, target)
+
+
+@pytest.mark.slow
+def test_upgrading_from_the_previous_version_reruns_nothing(workflow, tmp_path):
+    """A store made by the workflow before the content checks (commit f8e21d6) is kept."""
+    previous = tmp_path / "previous"
+    previous.mkdir()
+    archive = subprocess.run(
+        f"git -C {REPO} archive f8e21d6 | tar -x -C {previous}", shell=True, capture_output=True
+    )
+    if archive.returncode != 0 or not (previous / "Snakefile").exists():
+        pytest.skip("the previous version is not in this clone's history")
+    install_workflow(workflow.root, previous)
+    workflow.run("--cores", "2", config=SMALL)
+    install_workflow(workflow.root, REPO)
+    assert "Nothing to be done" in workflow.run("-n", config=SMALL).stdout
+    again = workflow.run("--cores", "2", config=SMALL)
+    assert "Nothing to be done" in again.stdout + again.stderr

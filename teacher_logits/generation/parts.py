@@ -56,7 +56,7 @@ IDENTITY_REASONS = {
     "top_k": "top_k changed",
     "value_dtype": "storage.value_dtype changed",
     "store_entropy": "generation.store_entropy changed",
-    "teacher_weights_digest": "the teacher's weights changed",
+    "teacher_content_digest": "the teacher's files changed (weights, config, tokenizer or code)",
     "shard_plan": "the shard's samples changed (prepare ran again with other data)",
     "tokens_digest": "the shard's token ids changed (the dataset or its tokenization was edited)",
     "regenerate_token": "a regeneration was requested (force_regenerate=true)",
@@ -167,6 +167,8 @@ class CommittedParts:
             stored = json.loads(self._meta_path().read_text())
         except (OSError, ValueError):
             return "their record of the run that wrote them is missing or unreadable"
+        if any(key not in stored for key in self.identity):
+            return "an older version of this workflow made them, without the records it now checks"
         changed = [k for k in self.identity if stored.get(k) != self.identity[k]]
         return "; ".join(IDENTITY_REASONS.get(k, f"{k} changed") for k in changed) or None
 
@@ -247,13 +249,14 @@ class CommittedParts:
         self.parts = []
 
 
-def remove_parts_dirs(shard_paths) -> None:
-    """Drop the resume files of every shard once the gathered store is complete; each
-    shard's kept copy (a hard link, no disk cost) and its size record stay."""
+def remove_parts_dirs(shard_paths, keep_finished: bool = True) -> None:
+    """Drop the resume files of these shards (once the gathered store is complete); each
+    shard's kept copy (a hard link, no disk cost) and its size record stay unless
+    ``keep_finished`` is false (the shard is to be computed again from zero)."""
     keep = {PARTS_ASSEMBLED, PARTS_ASSEMBLED_RECORD, PARTS_META}
     for shard_path in shard_paths:
         directory = parts_dir_for(shard_path)
-        if not (directory / PARTS_ASSEMBLED).exists():
+        if not keep_finished or not (directory / PARTS_ASSEMBLED).exists():
             shutil.rmtree(directory, ignore_errors=True)
             continue
         for path in directory.iterdir():

@@ -21,7 +21,7 @@ import numpy as np
 
 from ..disk import check_shard_fits, disk_full_is_a_user_error
 from ..errors import ShardError, TeacherError
-from ..fingerprints import teacher_fingerprint, tokenizer_fingerprint, weights_digest
+from ..fingerprints import teacher_content_digest, teacher_fingerprint, tokenizer_fingerprint
 from ..gpus import gpu_claim
 from ..layout import RunLayout
 from ..settings import GenerateSettings
@@ -55,14 +55,6 @@ def generate(settings: GenerateSettings, layout: RunLayout, shard: int) -> None:
     output = layout.shard(shard)
     plan = json.loads(layout.plan.read_text())
     check_teacher_matches_plan(settings.teacher.path, plan)
-    check_shard_fits(
-        layout,
-        plan,
-        shard,
-        settings.value_dtype,
-        settings.store_entropy,
-        rows_per_part=min(PART_MAX_ROWS, WINDOW_BATCHES * settings.batch_tokens),
-    )
     prepared = read_prepared_shard(layout.tokens, shard)
     sample_ids, offsets, input_ids = prepared.shard_slice(0)
     loss_mask = prepared.loss_mask
@@ -100,12 +92,23 @@ def generate(settings: GenerateSettings, layout: RunLayout, shard: int) -> None:
 
         if parts.take_assembled(output, is_valid):
             return
+        # Only now: putting back a kept copy needs no room.
+        check_shard_fits(
+            layout,
+            plan,
+            shard,
+            settings.value_dtype,
+            settings.store_entropy,
+            rows_per_part=min(PART_MAX_ROWS, WINDOW_BATCHES * settings.batch_tokens),
+        )
         this_claim = {"teacher_load_seconds": 0.0, "rows": 0}
         live = open_shard_writer(output, sample_ids, offsets, settings, loss_mask)
         sink = ShardSink(live, input_ids, settings.store_entropy, loss_mask)
         try:
             if parts.rows_done < num_tokens:
-                this_claim = compute_remaining(settings, shard, parts, offsets, input_ids, sink)
+                this_claim = compute_remaining(
+                    settings, shard, parts, offsets, input_ids, sink, plan=plan
+                )
             else:  # every row was committed by earlier jobs: copy them into the shard
                 sink.replay(parts)
             if parts.rows_done != num_tokens:
@@ -131,6 +134,7 @@ def compute_remaining(
     offsets: np.ndarray,
     input_ids: np.ndarray,
     sink: ShardSink,
+    plan: dict,
 ) -> dict:
     """Claim a GPU group, run every window not yet committed, commit parts as it goes.
 
@@ -162,6 +166,8 @@ def compute_remaining(
 
             # Same threads, same reductions: bit-identical reruns.
             torch.set_num_threads(settings.threads)
+            # Again: the wait for a GPU group can be long, and the weights may be replaced.
+            check_teacher_matches_plan(settings.teacher.path, plan)
             load_start = time.time()
             head = load_top_k_head(settings, claim)
             load_seconds = time.time() - load_start
@@ -256,7 +262,7 @@ def finished_by_an_earlier_job(output: Path, plan: dict, shard: int) -> bool:
 
 # Optional shard attributes (shards from before them lack them; validation then reads
 # every input id against prepare's tokens, as always).
-CONTENT_ATTRS = ("teacher_weights_digest", "tokens_digest")
+CONTENT_ATTRS = ("teacher_content_digest", "tokens_digest")
 
 
 def tokens_digest(sample_ids, offsets, input_ids, loss_mask) -> str:
@@ -273,8 +279,8 @@ def tokens_digest(sample_ids, offsets, input_ids, loss_mask) -> str:
 def content_attrs(plan: dict, tokens: str) -> dict:
     """What the shard records of the exact content it was made from."""
     attrs = {"tokens_digest": tokens}
-    if "teacher_weights_digest" in plan:  # plans made before it have none
-        attrs["teacher_weights_digest"] = plan["teacher_weights_digest"]
+    if "teacher_content_digest" in plan:  # plans made before it have none
+        attrs["teacher_content_digest"] = plan["teacher_content_digest"]
     return attrs
 
 
@@ -285,8 +291,8 @@ def check_teacher_matches_plan(teacher_path: Path, plan: dict) -> None:
         "teacher_fingerprint": teacher_fingerprint(teacher_path),
         "tokenizer_fingerprint": tokenizer_fingerprint(teacher_path),
     }
-    if "teacher_weights_digest" in plan:
-        current["teacher_weights_digest"] = weights_digest(teacher_path)
+    if "teacher_content_digest" in plan:
+        current["teacher_content_digest"] = teacher_content_digest(teacher_path)
     changed = [key for key, value in current.items() if plan.get(key) != value]
     if changed:
         raise TeacherError(

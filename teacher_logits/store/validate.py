@@ -38,7 +38,7 @@ VALIDATE_BLOCK_ROWS = 1 << 16
 FINGERPRINTS = {
     "teacher_fingerprint": "made by different teachers",
     "tokenizer_fingerprint": "made with different tokenizers",
-    "teacher_weights_digest": "made by different teacher weights",
+    "teacher_content_digest": "made by different teacher weights",
     "config_fingerprint": (
         "made with different settings that change the stored numbers (top_k, max_length, "
         "dtypes, chat or overflow settings)"
