@@ -100,7 +100,9 @@ def main(argv=None):
         load = seconds["load (safetensors, whole file)"]
         for name, value in seconds.items():
             rows.append([cache, name, value, value / load])
-        result[f"teacher_content_digest_fraction_of_load_{cache}"] = seconds["teacher_content_digest"] / load
+        result[f"teacher_content_digest_fraction_of_load_{cache}"] = (
+            seconds["teacher_content_digest"] / load
+        )
         result[f"full_sha256_fraction_of_load_{cache}"] = seconds["full sha256"] / load
     table(
         f"Fingerprinting {size / 2**30:.2f} GiB of weights in {num_tensors} tensors ({machine()})",

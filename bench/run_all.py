@@ -30,7 +30,12 @@ TARGETS = [
     ("gather_tokens_per_s", ">=", 1e6, "gather validation + indexing tokens/s"),
     ("reader_tokens_per_s", ">=", 250e3, "reader, random order, 1 process, tokens/s"),
     ("plan_ratio_1000", "<=", 2.0, "snakemake -n at 1,000 shards vs bare"),
-    ("teacher_content_digest_fraction_of_load", "<=", 0.03, "weights fingerprint vs reading the weights"),
+    (
+        "teacher_content_digest_fraction_of_load",
+        "<=",
+        0.03,
+        "weights fingerprint vs reading the weights",
+    ),
 ]
 
 
