@@ -35,6 +35,9 @@ include: "rules/report.smk"
 rule all:
     default_target: True
     input:
+        # Listed too, so a plan lost to a failed prepare is made again (and every
+        # shard checked against it), not left missing under an older store.
+        rules.prepare.output,
         rules.gather.output,
         rules.report_figures.output,
         # Listed too, so a deleted shard is regenerated (and gathered again).

@@ -48,7 +48,12 @@ def _brief(exc: Exception, limit: int = 300) -> str:
 
 
 def load_column(
-    path: Path, split: str, column: str, max_samples: int | None, key: str = "dataset.text_field"
+    path: Path,
+    split: str,
+    column: str,
+    max_samples: int | None,
+    key: str = "dataset.text_field",
+    content_digest: str | None = None,
 ):
     """The dataset reduced to ``column``, row order preserved, memory-mapped (never loaded
     whole): ``datasets`` converts files to Arrow once and maps them from disk."""
@@ -69,13 +74,15 @@ def load_column(
                 loaded = loaded[split]
         else:
             builder = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".arrow": "arrow"}
-            # datasets keys its Arrow cache of a file by path and mtime: a file edited
-            # with its timestamp kept (cp -p, rsync -a) would be read from the old cache.
+            # datasets keys its Arrow copy of a file by path and mtime: a file edited
+            # with its timestamp kept (cp -p, rsync -a) would be read from the old copy.
+            # So one cache folder per content (without a digest: convert afresh).
+            where = {"download_mode": "force_redownload"}
+            if content_digest:
+                cache = Path(datasets.config.HF_DATASETS_CACHE) / "by_content" / content_digest
+                where = {"cache_dir": str(cache)}
             loaded = datasets.load_dataset(
-                builder[path.suffix],
-                data_files=str(path),
-                split="train",
-                download_mode="force_redownload",
+                builder[path.suffix], data_files=str(path), split="train", **where
             )
     except DataError:
         raise
@@ -211,7 +218,7 @@ def prepare(settings: PrepareSettings, layout: RunLayout) -> None:
     inputs = current_run_inputs(InputSources.from_prepare_settings(settings), layout)
     # tokens.h5 reports a full disk itself; what is left is the datasets library's cache.
     with disk_full_is_a_user_error(datasets_cache(), fix=CACHE_FIX):
-        tokenized = tokenize_dataset(settings, tokenizer, layout)
+        tokenized = tokenize_dataset(settings, tokenizer, layout, inputs["dataset_digest"])
     plan = shard_plan(settings, vocab_size, tokenized)
     # Every shard's job checks the teacher it loads against these.
     plan["teacher_content_digest"] = inputs["teacher_content_digest"]
@@ -232,12 +239,16 @@ def prepare(settings: PrepareSettings, layout: RunLayout) -> None:
         log.info("loss mask: %d of %d tokens trained on", tokenized.trained, tokenized.offsets[-1])
 
 
-def tokenize_dataset(settings: PrepareSettings, tokenizer, layout: RunLayout) -> Tokenized:
+def tokenize_dataset(
+    settings: PrepareSettings, tokenizer, layout: RunLayout, dataset_digest: str | None = None
+) -> Tokenized:
     """Stream the dataset through the tokenizer into ``layout.tokens`` (atomically)."""
     chat = chat_renderer(settings, tokenizer)
     key = "dataset.messages_field" if chat else "dataset.text_field"
     column = settings.messages_field if chat else settings.text_field
-    data = load_column(settings.dataset_path, settings.split, column, settings.max_samples, key)
+    data = load_column(
+        settings.dataset_path, settings.split, column, settings.max_samples, key, dataset_digest
+    )
     num_rows = len(data)
     processes = max(1, min(settings.threads, -(-num_rows // ROWS_PER_PROCESS)))
     log.info(

@@ -1,11 +1,11 @@
-"""Make Snakemake redo what changed by content: outputs dated back, nothing else.
+"""Make Snakemake redo what changed by content: timestamps moved, nothing else.
 
-A shard truncated or overwritten after its job finished, with its timestamp kept
-(``rsync -a``, ``cp -p``, a restore), looks finished to Snakemake. Its job records
-the size it wrote; at plan time a shard of another size is dated back to 1970, so
-Snakemake runs its job again, which validates what is there and regenerates it.
-The plan is dated back the same way when the run's inputs changed by content
-(``run_inputs.changes_since_plan``). Plain Python: this runs while Snakemake plans.
+The plan is dated back to 1970 when the run's inputs changed by content
+(``run_inputs.changes_since_plan``), so Snakemake prepares again. A shard truncated
+or overwritten after its job finished, with its timestamp kept (``rsync -a``,
+``cp -p``, a restore), looks finished to Snakemake: its job records the size it
+wrote, and at plan time a shard of another size is dated forward, so gather checks
+it again and names it. Plain Python: this runs while Snakemake plans.
 """
 
 from __future__ import annotations
@@ -46,33 +46,42 @@ def date_back(layout: RunLayout, plan_outdated: bool, num_shards: int) -> list[s
             written = layout.tokens.stat().st_mtime_ns  # written with it
             os.utime(layout.plan, ns=(written, written))
     except FileNotFoundError:
-        # No plan: a first run, or a prepare that failed after Snakemake deleted its
-        # outputs. Snakemake would leave finished shards be (nothing needs the missing
-        # plan), so every shard is checked against the plan prepare makes next.
-        for index in range(num_shards):
-            if layout.shard(index).exists():
-                os.utime(layout.shard(index), (OUTDATED, OUTDATED))
+        pass  # no plan: the workflow's target asks for one, so prepare runs
     damaged = damaged_shards(layout, num_shards)
     for index in damaged:
-        os.utime(layout.shard(index), (OUTDATED, OUTDATED))
+        # Dated forward, not back: Snakemake skips a job whose small inputs keep the
+        # checksums it recorded, however old its output; a newer shard makes gather
+        # validate it again, and gather names it with the command that regenerates it.
+        os.utime(layout.shard(index))
     return list(damaged.values())
 
 
+def gathered_sizes(layout: RunLayout) -> dict[int, int]:
+    """Shard sizes the last gather recorded: one file to read instead of one per shard."""
+    try:
+        manifest = json.loads(layout.manifest.read_text())
+        return {int(entry["index"]): int(entry["bytes"]) for entry in manifest["shards"]}
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
+
+
 def damaged_shards(layout: RunLayout, num_shards: int) -> dict[int, str]:
-    """Every finished shard whose size is not what its job wrote: index -> one line why."""
+    """Every finished shard whose size is not what its job wrote: index -> one line why.
+    A stat per shard; a shard's own record is read only where the manifest's size differs."""
+    gathered = gathered_sizes(layout)
     damaged = {}
     for index in range(num_shards):
         shard = layout.shard(index)
-        expected = written_size(shard)
-        if expected is None:
-            continue
         try:
             size = shard.stat().st_size
         except OSError:
             continue  # missing: Snakemake regenerates it anyway
-        if size != expected:
+        if gathered.get(index) == size:
+            continue
+        expected = written_size(shard)
+        if expected is not None and size != expected:
             damaged[index] = (
                 f"shard {index}: {shard} is {size:,} bytes but its job wrote {expected:,} "
-                "(truncated or overwritten since): it will be validated and regenerated"
+                "(truncated or overwritten since): gather checks it again"
             )
     return damaged

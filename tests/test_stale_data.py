@@ -29,7 +29,11 @@ from teacher_logits.fingerprints import (  # noqa: E402
 from teacher_logits.generation.shard_job import check_teacher_matches_plan  # noqa: E402
 from teacher_logits.layout import RunLayout  # noqa: E402
 from teacher_logits.run_inputs import changes_since_plan  # noqa: E402
-from teacher_logits.shard_records import damaged_shards, record_written_shard  # noqa: E402
+from teacher_logits.shard_records import (  # noqa: E402
+    damaged_shards,
+    date_back,
+    record_written_shard,
+)
 
 # An uninterrupted run's store, as test_resume builds it.
 reference = test_resume.reference
@@ -207,6 +211,9 @@ def test_a_shard_whose_size_changed_after_its_job_is_named(tmp_path):
     write_keeping_times(shard, lambda: os.truncate(shard, 500))
     (line,) = damaged_shards(layout, 3).values()
     assert "shard 1" in line and "500 bytes" in line and "1,000" in line
+    os.utime(shard, (1000, 1000))
+    assert date_back(layout, False, 3) == [line]
+    assert shard.stat().st_mtime > 1000  # newer than the store: gather checks it again
 
 
 def test_generate_refuses_a_plan_made_for_other_weights(tmp_path):
