@@ -162,7 +162,7 @@ def config_fingerprint(settings: dict, teacher_fp: str, tokenizer_fp: str) -> st
     return _digest([blob])
 
 
-def _stat_key(path: Path) -> str:
+def stat_key(path: Path) -> str:
     # ctime moves on every write and cannot be set back by cp -p or rsync -a.
     st = path.stat()
     return f"{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}:{st.st_ino}"
@@ -180,7 +180,7 @@ def content_digest(path: str | Path, cache: dict) -> str:
         )
     parts = []
     for file in files:
-        key, name = _stat_key(file), str(file.resolve())
+        key, name = stat_key(file), str(file.resolve())
         entry = cache.get(name)
         if not entry or entry.get("key") != key:
             entry = cache[name] = {"key": key, "sha256": file_sha256(file)}

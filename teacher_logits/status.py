@@ -34,6 +34,7 @@ from pathlib import Path
 
 from .disk import free_bytes, gather_bytes, human_bytes, render_disk, run_needs
 from .errors import ShardError
+from .fingerprints import stat_key
 from .layout import RunLayout, atomic_write_text, job_record_for, partial_path
 from .run_stats import busy_seconds, group_summary
 from .store.isolated import check_batched
@@ -106,7 +107,7 @@ def check_finished(layout: RunLayout, plan: dict, indexes: list[int]) -> dict:
     cache_path = layout.status_checks
     cache = read_json(cache_path) or {}
     known = cache.get("shards", {}) if cache.get("expected") == expected else {}
-    keys = {index: stat_key(layout.shard(index)) for index in indexes}
+    keys = {index: shard_stat_key(layout.shard(index)) for index in indexes}
     results = {
         index: known[str(index)]["result"]
         for index in indexes
@@ -133,12 +134,11 @@ def check_finished(layout: RunLayout, plan: dict, indexes: list[int]) -> dict:
     return results
 
 
-def stat_key(path: Path) -> str | None:
+def shard_stat_key(path: Path) -> str | None:
     try:
-        st = path.stat()
+        return stat_key(path)
     except OSError:
         return None
-    return f"{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}:{st.st_ino}"
 
 
 def shard_state(layout: RunLayout, entry: dict, plan_mtime: float, checked: dict) -> dict:
