@@ -35,18 +35,11 @@ from .generation.parts import remove_parts_dirs
 from .layout import RunLayout, partial_path
 from .run_stats import group_summary, overall_rate
 from .store.format import FORMAT_VERSION, read_attrs
+from .store.identity import fingerprint_conflicts, identity_mismatch, shard_list
 from .store.isolated import check_isolated, default_workers
 from .store.prepared import read_prepared_sample_ids, read_prepared_shard
 from .store.stats import MASS_BINS, entropy_bins
-from .store.validate import (
-    ForeignShard,
-    ShardExpectation,
-    fingerprint_conflicts,
-    identity_mismatch,
-    open_shard,
-    shard_list,
-    validate_shard,
-)
+from .store.validate import ForeignShard, ShardExpectation, open_shard, validate_shard
 from .store.writer import GuardedFile
 
 log = logging.getLogger("gather")

@@ -37,8 +37,9 @@ from .errors import ShardError
 from .fingerprints import stat_key
 from .layout import RunLayout, atomic_write_text, job_record_for, partial_path
 from .run_stats import busy_seconds, group_summary
+from .store.identity import FINGERPRINTS, identity_mismatch, shard_list
 from .store.isolated import check_batched
-from .store.validate import FINGERPRINTS, identity_mismatch, quick_check, shard_list
+from .store.validate import quick_check
 
 # Provenance a finished shard's attributes give the table and the speed figures.
 PROVENANCE_KEYS = (

@@ -26,16 +26,9 @@ from .errors import ShardError, StoreError
 from .fingerprints import file_sha256
 from .layout import INDEX_NAME, MANIFEST_NAME, RunLayout
 from .store.format import read_attrs
+from .store.identity import FINGERPRINTS, fingerprint_conflicts, identity_mismatch
 from .store.isolated import check_isolated, default_workers
-from .store.validate import (
-    FINGERPRINTS,
-    ForeignShard,
-    ShardExpectation,
-    fingerprint_conflicts,
-    identity_mismatch,
-    open_shard,
-    validate_shard,
-)
+from .store.validate import ForeignShard, ShardExpectation, open_shard, validate_shard
 
 
 def store_dir(path: str | Path) -> Path:

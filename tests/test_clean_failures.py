@@ -407,7 +407,7 @@ def test_shards_of_another_teacher_are_refused_by_verify_deep_and_gather(finishe
 
 
 def test_fingerprint_conflicts_name_the_shards_on_each_side():
-    from teacher_logits.store.validate import fingerprint_conflicts, shard_list
+    from teacher_logits.store.identity import fingerprint_conflicts, shard_list
 
     ours = {"teacher_fingerprint": "t" * 64, "config_fingerprint": "c" * 64}
     found = {i: dict(ours) for i in range(8)}
