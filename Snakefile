@@ -30,6 +30,7 @@ include: "rules/prepare.smk"
 include: "rules/generate.smk"
 include: "rules/gather.smk"
 include: "rules/report.smk"
+include: "rules/distill.smk"
 
 
 rule all:

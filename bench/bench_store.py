@@ -193,10 +193,10 @@ def read_random(store_dir, seconds: float, seed=0) -> tuple[float, int]:
 def read_loader(store_dir, workers: int) -> float:
     from torch.utils.data import DataLoader
 
+    from teacher_logits.training import collate
+
     store = LogitStore(store_dir)
-    loader = DataLoader(
-        store, batch_size=16, shuffle=True, num_workers=workers, collate_fn=LogitStore.collate
-    )
+    loader = DataLoader(store, batch_size=16, shuffle=True, num_workers=workers, collate_fn=collate)
     tokens, start = 0, time.perf_counter()
     for batch in loader:
         tokens += int(batch["attention_mask"].sum())

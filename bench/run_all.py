@@ -1,6 +1,6 @@
 """Every benchmark in one command; the last line printed is one JSON object.
 
-    python bench/run_all.py --quick      # about 10 minutes on 2 cores
+    python bench/run_all.py --quick      # about 16 minutes on 2 cores
     python bench/run_all.py              # bigger sizes
 
 Each benchmark runs in its own process (a fresh interpreter, so one cannot warm
@@ -20,7 +20,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import emit, machine, table  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
-SCRIPTS = ["bench_generate.py", "bench_store.py", "bench_plan.py", "bench_fingerprint.py"]
+SCRIPTS = [
+    "bench_generate.py",
+    "bench_store.py",
+    "bench_plan.py",
+    "bench_fingerprint.py",
+    "bench_distill.py",
+]
 # target: (key, comparison, bound, what)
 TARGETS = [
     ("floor_ratio", ">=", 0.95, "generate job vs floor tokens/s"),
@@ -36,6 +42,7 @@ TARGETS = [
         0.03,
         "weights fingerprint vs reading the weights",
     ),
+    ("distill_ppl_ratio", "<=", 0.92, "KD+CE student vs CE-only, held-out perplexity"),
 ]
 
 

@@ -39,6 +39,7 @@ from teacher_logits.run_inputs import (
 )
 from teacher_logits.run_lock import hold_run_lock
 from teacher_logits.shard_records import date_back
+from teacher_logits.temperatures import check_temperatures
 
 
 def exit_with_config_error(error):
@@ -103,6 +104,7 @@ def check_config(config):
         check_library_source(WORKFLOW_DIR)
         check_paths(config)
         check_chat_and_overflow(config)
+        check_temperatures(config)
     except ConfigError as error:
         exit_with_config_error(error)
     if devices.mode == "scheduler" and devices.groups and workflow.is_main_process:

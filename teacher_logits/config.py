@@ -14,6 +14,7 @@ from pathlib import Path
 
 from .errors import ConfigError
 from .layout import shard_name
+from .temperatures import normalise_temperatures
 
 DEMO = "demo"
 DATASET_SUFFIXES = (".jsonl", ".json", ".parquet", ".arrow")
@@ -29,13 +30,14 @@ MEANING_KEYS = {
 }
 
 # Meaning keys added after format version 1 shipped (chat data, loss masks, long
-# documents). Each enters the fingerprint only when it differs from the behaviour
+# documents, temperatures). Each enters the fingerprint only when it differs from the behaviour
 # that existed before it, so upgrading the workflow keeps finished shards.
 # (section, key): the value that reproduces the old behaviour.
 ADDED_MEANING_DEFAULTS = {
     ("tokenize", "overflow"): "truncate",
     ("tokenize", "split_special_tokens"): False,
     ("generation", "store_masked_only"): False,
+    ("generation", "temperatures"): [1.0],
 }
 KNOWN_ROLES = ("system", "developer", "user", "assistant", "tool", "function", "ipython")
 
@@ -341,6 +343,8 @@ def _add_meaning_settings(config: dict, settings: dict) -> None:
     """Chat, loss-mask and long-document settings, only where they change the numbers."""
     for (section, key), old in ADDED_MEANING_DEFAULTS.items():
         value = config[section].get(key, old)
+        if key == "temperatures":  # [2.0], [1, 2] and [1.0, 2.0] store the same numbers
+            value = list(normalise_temperatures(value))
         if value != old:
             settings[section][key] = value
     if config["tokenize"].get("overflow", "truncate") == "split":

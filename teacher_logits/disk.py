@@ -27,7 +27,8 @@ from pathlib import Path
 
 from .errors import DiskFullError
 from .layout import RunLayout, partial_path
-from .store.format import CHUNK_ROWS
+from .store.format import CHUNK_ROWS, extra_temperatures
+from .temperatures import DEFAULT_TEMPERATURES, planned_temperatures
 
 VALUE_BYTES = {"float16": 2, "float32": 4}
 # Per sample: one int64 sample id and one int64 offset.
@@ -46,14 +47,20 @@ INDEX_SAMPLE_BYTES = 28
 MANIFEST_SHARD_BYTES = 4096
 
 
-def uncompressed_bytes_per_token(top_k: int, value_dtype: str, store_entropy: bool) -> int:
-    """Raw bytes of one token row: input id, k ids, k logits, logsumexp, entropy."""
-    return 4 + top_k * 4 + top_k * VALUE_BYTES[value_dtype] + 4 + (2 if store_entropy else 0)
+def uncompressed_bytes_per_token(
+    top_k: int, value_dtype: str, store_entropy: bool, temperatures=DEFAULT_TEMPERATURES
+) -> int:
+    """Raw bytes of one token row: input id, k ids, k logits, logsumexp, entropy, and one
+    float32 logsumexp per temperature other than 1."""
+    extra = 4 * len(extra_temperatures(temperatures))
+    return 4 + top_k * (4 + VALUE_BYTES[value_dtype]) + 4 + (2 if store_entropy else 0) + extra
 
 
-def part_bytes_per_token(top_k: int, value_dtype: str, store_entropy: bool) -> int:
+def part_bytes_per_token(
+    top_k: int, value_dtype: str, store_entropy: bool, temperatures=DEFAULT_TEMPERATURES
+) -> int:
     """Raw bytes of one row in a resume part: a shard's row without its input id."""
-    return uncompressed_bytes_per_token(top_k, value_dtype, store_entropy) - 4
+    return uncompressed_bytes_per_token(top_k, value_dtype, store_entropy, temperatures) - 4
 
 
 def parts_bytes(rows: int, per_token: int, rows_per_part: int = DEFAULT_ROWS_PER_PART) -> int:
@@ -167,7 +174,8 @@ def bytes_per_token(
     if tokens:
         return Estimate(written / tokens, measured=True)
     value_dtype, store_entropy = storage_settings(plan, value_dtype, store_entropy)
-    raw = uncompressed_bytes_per_token(int(plan["top_k"]), value_dtype, store_entropy)
+    temperatures = planned_temperatures(plan.get("settings"))
+    raw = uncompressed_bytes_per_token(int(plan["top_k"]), value_dtype, store_entropy, temperatures)
     if "loss_mask" in plan:  # chat data: one uint8 per token more
         raw += 1
     return Estimate(float(raw), measured=False)
@@ -208,7 +216,8 @@ def check_shard_fits(
     num_tokens = int(entry["num_tokens"])
     estimate = bytes_per_token(plan, layout, value_dtype, store_entropy)
     shard_need = estimate.shard_bytes(num_tokens, int(entry["num_samples"]))
-    per_row = part_bytes_per_token(int(plan["top_k"]), value_dtype, store_entropy)
+    temperatures = planned_temperatures(plan.get("settings"))
+    per_row = part_bytes_per_token(int(plan["top_k"]), value_dtype, store_entropy, temperatures)
     parts_need = parts_bytes(num_tokens - committed_rows(layout, shard), per_row, rows_per_part)
     needed = shard_need + parts_need
     free = free_bytes(output.parent)
@@ -339,7 +348,8 @@ def run_needs(layout: RunLayout, plan: dict, shards: list, done: set, running: i
     resume parts (uncompressed) of as many shards as run at once (those running now, at
     least one); each shard's parts are deleted when it finishes."""
     estimate = bytes_per_token(plan, layout, shards=done)
-    per_row = part_bytes_per_token(int(plan["top_k"]), *storage_settings(plan))
+    temperatures = planned_temperatures(plan.get("settings"))
+    per_row = part_bytes_per_token(int(plan["top_k"]), *storage_settings(plan), temperatures)
     todo = [s for s in shards if s["state"] != "done"]
     shard_need = 0
     for s in todo:  # a shard being written already has part of its file on disk

@@ -38,3 +38,11 @@ class StoreError(UserError):
 
 class DiskFullError(UserError):
     """Not enough room on the disk for what a job must write."""
+
+
+class TrainingInputError(UserError, ValueError):
+    """A batch, store or student that the training helpers cannot use as asked."""
+
+
+class TokenizerMismatch(UserError, ValueError):
+    """A student's tokenizer that differs from the teacher's; the message names the first difference."""

@@ -22,25 +22,25 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from .disk import (
-    disk_full_is_a_user_error,
-    ensure_room,
-    gather_bytes,
-    uncompressed_bytes_per_token,
-    write_text_guarded,
-)
+from .disk import disk_full_is_a_user_error, ensure_room, gather_bytes, write_text_guarded
 from .errors import DiskFullError, ShardError
 from .fingerprints import file_sha256
+from .gather_stats import loss_mask_counts, run_statistics, shard_entry
 from .generation.parts import remove_parts_dirs
 from .layout import RunLayout, partial_path
-from .run_stats import group_summary, overall_rate
-from .store.format import FORMAT_VERSION, read_attrs
-from .store.identity import fingerprint_conflicts, identity_mismatch, shard_list
+from .store.format import FORMAT_VERSION, TEMPERATURES_ATTR, read_attrs
+from .store.identity import (
+    fingerprint_conflicts,
+    identity_mismatch,
+    shard_list,
+    temperature_mismatch,
+)
 from .store.isolated import check_isolated, default_workers
 from .store.prepared import read_prepared_sample_ids, read_prepared_shard
-from .store.stats import MASS_BINS, entropy_bins
 from .store.validate import ForeignShard, ShardExpectation, open_shard, validate_shard
 from .store.writer import GuardedFile
+from .temperatures import planned_temperatures
+from .tokenizer_identity import copy_tokenizer_files
 
 log = logging.getLogger("gather")
 
@@ -56,93 +56,6 @@ NO_STORE = (
     "no store is served until gather succeeds: Snakemake removed the previous index.h5 and "
     "manifest.json (if any) when this gather started, as it does before rerunning a job"
 )
-
-
-def shard_entry(index: int, path: str, relative: str, summary) -> dict:
-    """A shard's manifest entry: counts, checksum, size, provenance and fidelity."""
-    attrs = summary.attrs
-    generation_seconds = attrs.get("generation_seconds")
-    return {
-        "index": index,
-        "path": relative,
-        "num_samples": summary.num_samples,
-        "num_tokens": summary.num_tokens,
-        "sha256": file_sha256(path),
-        "bytes": os.path.getsize(path),
-        "cuda_visible_devices": attrs["cuda_visible_devices"],
-        "hostname": attrs["hostname"],
-        "started_at": attrs["started_at"],
-        "finished_at": attrs["finished_at"],
-        "claims": attrs["claims"],
-        "job_started_at": attrs.get("job_started_at"),
-        "teacher_load_seconds": attrs.get("teacher_load_seconds"),
-        "generation_seconds": generation_seconds,
-        "tokens_per_second": summary.num_tokens / generation_seconds
-        if generation_seconds
-        else None,
-        "mean_topk_mass": summary.stats.topk_mass_sum / max(summary.num_rows, 1),
-        "next_token_in_topk_fraction": (
-            summary.stats.next_token_in_topk / max(summary.stats.next_token_rows, 1)
-        ),
-        **loss_mask_counts([summary]),
-    }
-
-
-def loss_mask_counts(summaries: list) -> dict:
-    """Chat data: tokens trained on (loss_mask 1) and not, and the top-k rows stored."""
-    if any(s.loss_mask_ones is None for s in summaries):
-        return {}
-    ones = sum(s.loss_mask_ones for s in summaries)
-    return {
-        "loss_mask": {"ones": ones, "zeros": sum(s.num_tokens for s in summaries) - ones},
-        "stored_rows": sum(s.num_rows for s in summaries),
-    }
-
-
-def run_statistics(summaries: list, shards: list[dict], plan: dict, index_path: str) -> dict:
-    """The manifest's ``stats``: teacher fidelity, storage and throughput, from gather's one pass."""
-    total_tokens = sum(s.num_tokens for s in summaries)
-    # Means over the rows stored: every token, or fewer with store_masked_only.
-    total_rows = sum(s.num_rows for s in summaries)
-    mass_hist = sum(s.stats.topk_mass_hist for s in summaries)
-    hits = sum(s.stats.next_token_in_topk for s in summaries)
-    next_rows = sum(s.stats.next_token_rows for s in summaries)
-    shard_bytes = sum(entry["bytes"] for entry in shards)
-    with_entropy = [s for s in summaries if len(s.stats.entropy_hist)]
-    dataset_bytes: dict = {}
-    for summary in summaries:
-        for name, size in summary.dataset_bytes.items():
-            dataset_bytes[name] = dataset_bytes.get(name, 0) + size
-    return {
-        "mean_topk_mass": sum(s.stats.topk_mass_sum for s in summaries) / max(total_rows, 1),
-        "topk_mass_histogram": {"bin_edges": MASS_BINS.tolist(), "counts": mass_hist.tolist()},
-        "mean_entropy_nats": (
-            sum(s.stats.entropy_sum for s in with_entropy)
-            / max(sum(s.num_rows for s in with_entropy), 1)
-            if with_entropy
-            else None
-        ),
-        # null when no shard stored the entropy dataset (generation.store_entropy=false).
-        "entropy_histogram": {
-            "unit": "nats",
-            "bin_edges": entropy_bins(plan["vocab_size"]).tolist(),
-            "counts": sum(s.stats.entropy_hist for s in with_entropy).tolist(),
-            "num_tokens": sum(s.num_rows for s in with_entropy),
-        }
-        if with_entropy
-        else None,
-        "next_token_in_topk_fraction": hits / max(next_rows, 1),
-        "next_token_rows": next_rows,
-        "bytes_per_token": shard_bytes / max(total_tokens, 1),
-        "uncompressed_bytes_per_token": uncompressed_bytes_per_token(
-            plan["top_k"], plan["settings"]["storage"]["value_dtype"], bool(with_entropy)
-        ),
-        "total_bytes": shard_bytes,
-        "index_bytes": os.path.getsize(index_path),
-        # Compressed bytes per dataset over all shards: where the storage goes.
-        "dataset_bytes": dataset_bytes,
-        "throughput": {**overall_rate(shards), "groups": group_summary(shards)},
-    }
 
 
 def _snakemake_argv() -> list[str] | None:
@@ -198,13 +111,16 @@ def regenerate_hint(shard_paths: list[str]) -> str:
     return shlex.join([*kept, "--forcerun", *shard_paths])
 
 
-def gather(layout: RunLayout, workers: int | None = None) -> None:
+def gather(
+    layout: RunLayout, workers: int | None = None, tokenizer_source: Path | None = None
+) -> None:
     """Validate every planned shard of the run, then index them into one store."""
     start = time.time()
     plan = json.loads(layout.plan.read_text())
     tokens_path, index_out, manifest_out = layout.tokens, layout.index, layout.manifest
     shard_paths = [str(layout.shard(i)) for i in range(int(plan["num_shards"]))]
     masked_only = bool(plan["settings"]["generation"].get("store_masked_only", False))
+    temperatures = planned_temperatures(plan["settings"])
     store_dir = layout.output_dir
     expected_common = {
         "num_shards": plan["num_shards"],
@@ -242,6 +158,7 @@ def gather(layout: RunLayout, workers: int | None = None) -> None:
             vocab_size=plan["vocab_size"],
             loss_mask=prepared.loss_mask,
             masked_only=masked_only,
+            temperatures=temperatures,
         )
         return validate_shard(shard_paths[index], expected, progress=progress)
 
@@ -253,6 +170,7 @@ def gather(layout: RunLayout, workers: int | None = None) -> None:
         if isinstance(result.value, ForeignShard):
             identities[index] = result.value.attrs
             wrong = identity_mismatch(result.value.attrs, {**expected_common, "shard_index": index})
+            wrong += temperature_mismatch(result.value.attrs, temperatures)
             why = f"not this run's shard {index} ({'; '.join(wrong)})"
             log.info("shard %d is bad: %s: %s", index, shard_paths[index], why)
             problems.append((index, shard_paths[index], why))
@@ -298,7 +216,15 @@ def gather(layout: RunLayout, workers: int | None = None) -> None:
             "num_tokens": int(lengths.sum()),
             "has_loss_mask": all(s.loss_mask_ones is not None for _, _, s in summaries),
             "masked_only": masked_only,
+            # Every index says which temperatures its records carry (the reader's default: [1.0]).
+            TEMPERATURES_ATTR: json.dumps(list(temperatures)),
+            "vocab_size": int(plan["vocab_size"]),
         }
+        if plan.get("tokenizer_content_fingerprint"):  # plans made before it have none
+            attrs["tokenizer_content_fingerprint"] = plan["tokenizer_content_fingerprint"]
+        if tokenizer_source is not None:
+            # Before the index: every store that has an index has its tokenizer beside it.
+            copy_tokenizer_files(tokenizer_source, layout.tokenizer_dir)
         columns = {
             "sample_ids": all_ids[order],
             "sample_shard": shard_of[order],
@@ -315,9 +241,11 @@ def gather(layout: RunLayout, workers: int | None = None) -> None:
             "num_samples": len(all_ids),
             "num_tokens": total_tokens,
             "top_k": plan["top_k"],
+            "temperatures": list(temperatures),
             "vocab_size": plan["vocab_size"],
             "teacher_fingerprint": plan["teacher_fingerprint"],
             "tokenizer_fingerprint": plan["tokenizer_fingerprint"],
+            "tokenizer_content_fingerprint": plan.get("tokenizer_content_fingerprint"),
             "config_fingerprint": plan["config_fingerprint"],
             "teacher_content_digest": plan.get("teacher_content_digest"),
             "settings": plan["settings"],

@@ -127,6 +127,20 @@ class RunLayout:
     def manifest(self) -> Path:
         return self._path(MANIFEST_NAME)
 
+    @property
+    def tokenizer_dir(self) -> Path:
+        """A copy of the teacher's tokenizer files, for ``check_tokenizer``."""
+        return self._path("tokenizer")
+
+    # distill (the student proof; not part of the default target)
+    @property
+    def distill_result(self) -> Path:
+        return self._path("distill", "distill.json")
+
+    @property
+    def distill_figure(self) -> Path:
+        return self._path("distill", "distill.png")
+
     # the run
     @property
     def run_lock(self) -> Path:

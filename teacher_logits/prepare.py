@@ -34,6 +34,7 @@ from .tokenization import (
     special_token_note,
     tokenize_rows,
 )
+from .tokenizer_identity import tokenizer_content_fingerprint
 
 log = logging.getLogger("prepare")
 
@@ -223,6 +224,8 @@ def prepare(settings: PrepareSettings, layout: RunLayout) -> None:
     # Every shard's job checks the teacher it loads against these.
     plan["teacher_content_digest"] = inputs["teacher_content_digest"]
     plan["run_inputs"] = inputs
+    # What the tokenizer does, not its files' bytes: a student's check_tokenizer compares it.
+    plan["tokenizer_content_fingerprint"] = tokenizer_content_fingerprint(tokenizer)
     write_text_guarded(layout.plan, json.dumps(plan, indent=1))
     log.info(
         "prepared %d samples, %d tokens (%d truncated to %d, %d longer kept whole, %d dropped) "

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from .config import dataset_path, meaning_settings, teacher_path
 from .gpus import DevicePlan, device_plan
+from .temperatures import DEFAULT_TEMPERATURES, normalise_temperatures
 
 
 @dataclass(frozen=True)
@@ -98,6 +99,8 @@ class GenerateSettings:
     max_length: int
     stride: int
     threads: int = 1
+    # Every temperature a logsumexp is stored for, sorted, 1.0 included (its `logsumexp`).
+    temperatures: tuple[float, ...] = DEFAULT_TEMPERATURES
 
     @classmethod
     def from_config(cls, config: dict, threads: int = 1) -> GenerateSettings:
@@ -115,4 +118,5 @@ class GenerateSettings:
             max_length=int(tok["max_length"]),
             stride=int(tok["stride"]),
             threads=int(threads),
+            temperatures=normalise_temperatures(gen.get("temperatures")),
         )

@@ -25,10 +25,16 @@ import numpy as np
 from .errors import ShardError, StoreError
 from .fingerprints import file_sha256
 from .layout import INDEX_NAME, MANIFEST_NAME, RunLayout
-from .store.format import read_attrs
-from .store.identity import FINGERPRINTS, fingerprint_conflicts, identity_mismatch
+from .store.format import TEMPERATURES_ATTR, read_attrs
+from .store.identity import (
+    FINGERPRINTS,
+    fingerprint_conflicts,
+    identity_mismatch,
+    temperature_mismatch,
+)
 from .store.isolated import check_isolated, default_workers
 from .store.validate import ForeignShard, ShardExpectation, open_shard, validate_shard
+from .temperatures import planned_temperatures
 
 
 def store_dir(path: str | Path) -> Path:
@@ -132,10 +138,15 @@ def deep_problems(root: Path, manifest: dict, workers: int) -> list[str]:
         key: manifest[key] for key in ("top_k", *FINGERPRINTS) if manifest.get(key) is not None
     }
     identity = {**common, "num_shards": num_shards}
+    temperatures = planned_temperatures(manifest.get("settings"))
+    # Indexes from before temperatures were stored name none: those stores hold 1.0 only.
+    index_wrong = identity_mismatch(index_attrs, common)
+    if TEMPERATURES_ATTR in index_attrs:
+        index_wrong += temperature_mismatch(index_attrs, temperatures)
     problems = [
         f"{INDEX_NAME}: {why}, from manifest.json (gathered from another run's shards?); rerun "
         "gather, or copy the store again"
-        for why in identity_mismatch(index_attrs, common)
+        for why in index_wrong
     ]
 
     def check(index: int, progress):
@@ -161,6 +172,7 @@ def deep_problems(root: Path, manifest: dict, workers: int) -> list[str]:
             input_ids=input_ids,
             attrs={**common, "shard_index": index, "num_shards": num_shards},
             vocab_size=manifest["vocab_size"],
+            temperatures=temperatures,
         )
         summary = validate_shard(path, expectation, progress=progress)
         if summary.num_tokens != entry["num_tokens"] or summary.num_samples != entry["num_samples"]:
@@ -176,6 +188,7 @@ def deep_problems(root: Path, manifest: dict, workers: int) -> list[str]:
         if isinstance(result.value, ForeignShard):
             found[result.item] = result.value.attrs
             wrong = identity_mismatch(result.value.attrs, {**identity, "shard_index": result.item})
+            wrong += temperature_mismatch(result.value.attrs, temperatures)
             problems.append(
                 f"{relative}: not the shard manifest.json lists ({'; '.join(wrong)}); "
                 f"{_regenerate(relative)}"

@@ -282,9 +282,14 @@ def test_chat_workflow_loss_mask_and_masked_only_storage(workflow, demo_dir, tmp
     assert manifest["stored_rows"] == stored < masked.num_tokens
     assert manifest["loss_mask"] == {"ones": ones, "zeros": masked.num_tokens - ones}
     assert sum(s["bytes"] for s in manifest["shards"]) < full_bytes
-    # A padded batch keeps everything aligned, absent rows included.
-    batch = LogitStore.collate([masked[0], masked[1]])
-    assert batch["row_stored"].shape == batch["loss_mask"].shape == batch["input_ids"].shape
+    # The training collate counts exactly the rows a trainer weights: all stored.
+    from teacher_logits.training import collate
+
+    batch = collate([masked[0], masked[1]])
+    for row in range(2):
+        n = len(masked[row]["input_ids"])
+        stored = np.flatnonzero(masked[row]["row_stored"])
+        np.testing.assert_array_equal(np.flatnonzero(batch["kd_mask"][row, :n].numpy()), stored)
 
 
 @pytest.mark.slow

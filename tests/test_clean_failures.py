@@ -419,7 +419,7 @@ def test_fingerprint_conflicts_name_the_shards_on_each_side():
         "uuuuuuuuuuuu...: they were made by different teachers",
         "shards 0-4 and plan.json have config_fingerprint cccccccccccc..., shards 6-7 have "
         "eeeeeeeeeeee...: they were made with different settings that change the stored "
-        "numbers (top_k, max_length, dtypes, chat or overflow settings)",
+        "numbers (top_k, max_length, dtypes, temperatures, chat or overflow settings)",
     ]
     assert fingerprint_conflicts({0: ours}, ours, "plan.json") == []
     assert shard_list(range(0, 40, 2), limit=3) == "shards 0, 2, 4, ... (20 in all)"

@@ -53,6 +53,8 @@ def assert_reads_as_recorded(path: Path) -> None:
             record = reader[i]
             assert record["sample_id"] == int(expected[f"{i}/sample_id"])
             names = {key.split("/")[1] for key in expected if key.startswith(f"{i}/")}
+            # Added since the recording: the logsumexp per temperature (here 1.0 alone).
+            assert set(record.pop("logsumexp_t")) == {1.0} and reader.temperatures == [1.0]
             assert names - {"sample_id"} == set(record) - {"sample_id"}
             for name in names - {"sample_id"}:
                 np.testing.assert_array_equal(record[name], expected[f"{i}/{name}"], err_msg=name)

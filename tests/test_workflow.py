@@ -152,10 +152,16 @@ def test_stored_topk_matches_unbatched_float32_forward(workflow, demo_dir):
         "storage": {"value_dtype": "float32"},
         "num_shards": 2,
         "dataset": {"max_samples": 120},
-        "generation": {"top_k": 16, "batch_tokens": 4096, "threads": 2},
+        "generation": {
+            "top_k": 16,
+            "batch_tokens": 4096,
+            "threads": 2,
+            "temperatures": [0.5, 1.0, 2.0],
+        },
     }
     workflow.run("--cores", "2", config=config)
     store = LogitStore(workflow.path("results/demo"))
+    assert store.temperatures == [0.5, 1.0, 2.0]
     model = AutoModelForCausalLM.from_pretrained(demo_dir / "teacher", dtype=torch.float32)
     model.eval()
     for i in (0, 7, 55, len(store) - 1):
@@ -166,6 +172,12 @@ def test_stored_topk_matches_unbatched_float32_forward(workflow, demo_dir):
         values, ids = torch.topk(logits, 16, -1)
         np.testing.assert_allclose(rec["logsumexp"], expected_lse, atol=1e-4, rtol=1e-5)
         np.testing.assert_allclose(rec["topk_logits"], values.numpy(), atol=1e-4, rtol=1e-5)
+        # The same bound at each temperature: batched and unbatched float32 forwards differ
+        # by a few ulps (~1e-6 relative), which 1/T = 2 at most doubles.
+        assert list(rec["logsumexp_t"]) == [0.5, 1.0, 2.0]
+        for temperature, lse in rec["logsumexp_t"].items():
+            expected = torch.logsumexp(logits / temperature, -1).numpy()
+            np.testing.assert_allclose(lse, expected, atol=1e-4, rtol=1e-5, err_msg=temperature)
         # Ids agree except where two logits tie within float noise.
         differs = rec["topk_ids"] != ids.numpy()
         gaps = np.abs(np.diff(values.numpy(), axis=1))
@@ -176,6 +188,31 @@ def test_stored_topk_matches_unbatched_float32_forward(workflow, demo_dir):
         probs = torch.softmax(logits, -1)
         entropy = -(probs * torch.log_softmax(logits, -1)).sum(-1).numpy()
         np.testing.assert_allclose(rec["entropy"].astype(np.float32), entropy, rtol=2e-3, atol=2e-3)
+
+    # The training side reads the same rows: the teacher's own logits, as a student,
+    # have zero KD loss at every stored temperature (rows aligned, logsumexp_t right).
+    # Bound: float32 storage, so the only error is the float32 rounding of the
+    # log-probabilities (~1e-6 each), far below 1e-4 nats.
+    from transformers import AutoTokenizer
+
+    from teacher_logits.tokenizer_identity import tokenizer_content_fingerprint
+    from teacher_logits.training import check_tokenizer, collate, kd_loss
+
+    records = [store[i] for i in (0, 7, 55)]
+    batch = collate(records)
+    with torch.no_grad():
+        teacher_logits = model(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+        ).logits
+    for temperature in (0.5, 1.0, 2.0):
+        for tail in ("bucket", "renormalize"):
+            loss = kd_loss(teacher_logits, batch, temperature=temperature, tail=tail)
+            assert abs(float(loss)) < 1e-4, (temperature, tail, float(loss))
+    # Gather copied the tokenizer; the teacher's own passes the student check.
+    assert store.vocab_size == model.config.vocab_size
+    tokenizer = AutoTokenizer.from_pretrained(demo_dir / "teacher")
+    check_tokenizer(store, tokenizer)
+    assert store.tokenizer_content_fingerprint == tokenizer_content_fingerprint(tokenizer)
 
 
 def _small_teacher(arch: str, demo_dir, out):
@@ -259,9 +296,12 @@ def test_reader_random_access_and_dataloader(workflow):
     seen = {int(r["sample_id"]) for r in loader}
     assert seen == set(int(s) for s in store.sample_ids)
 
-    # Padded batches through the reader's own collate, also with workers.
+    # Token-budget batches through the training collate, with workers.
+    from teacher_logits.training import ShardLocalBatchSampler, collate
+
+    sampler = ShardLocalBatchSampler(store, max_tokens=2048, seed=0)
     batched = torch.utils.data.DataLoader(
-        store, batch_size=8, shuffle=True, num_workers=2, collate_fn=LogitStore.collate
+        store, batch_sampler=sampler, num_workers=2, collate_fn=collate
     )
     total = 0
     for batch in batched:
@@ -270,8 +310,13 @@ def test_reader_random_access_and_dataloader(workflow):
             rec = store.by_sample_id(int(sid))
             n = int(lengths[row])
             assert n == len(rec["input_ids"])
-            np.testing.assert_array_equal(batch["topk_logits"][row, :n], rec["topk_logits"])
-            assert (batch["topk_ids"][row, n:] == 0).all()
+            expected = rec["topk_logits"].astype(np.float32) - rec["logsumexp"][:, None]
+            kept = batch["kd_mask"][row, :n].numpy()
+            assert kept.sum() == n - 1  # every row but the last predicts a token of the sample
+            np.testing.assert_array_equal(
+                batch["topk_logprobs"][row, :n].numpy()[kept], expected[kept]
+            )
+            assert not batch["kd_mask"][row, n:].any()
         total += len(batch["sample_id"])
     assert total == len(store)
 

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from ..errors import TeacherError
+from ..store.format import temperature_dataset
 from .batching import long_document_windows, plan_batches
 
 log = logging.getLogger("generate")
@@ -54,7 +55,8 @@ def forward_batch(head, batch: np.ndarray, input_ids: np.ndarray, offsets: np.nd
 def compute_window(
     head, input_ids: np.ndarray, offsets: np.ndarray, batch_tokens: int, pad_id: int
 ):
-    """Top-k rows of the samples in one window, concatenated in sample order."""
+    """Top-k rows of the samples in one window, concatenated in sample order, keyed by
+    their shard dataset names (each extra temperature's logsumexp under its own)."""
     lengths = np.diff(offsets)
     num_rows = int(offsets[-1])
     out = {
@@ -77,6 +79,10 @@ def compute_window(
                 out["topk_logits"][start:stop] = result.logits[cursor : cursor + n].numpy()
                 out["logsumexp"][start:stop] = result.logsumexp[cursor : cursor + n].numpy()
                 out["entropy"][start:stop] = result.entropy[cursor : cursor + n].numpy()
+                for temperature, lse in result.logsumexp_t.items():
+                    name = temperature_dataset(temperature)
+                    column = out.setdefault(name, np.empty(num_rows, dtype=np.float32))
+                    column[start:stop] = lse[cursor : cursor + n].numpy()
                 cursor += n
     return out
 

@@ -42,7 +42,14 @@ from ..layout import (
     parts_dir_for,
 )
 from ..shard_records import record_written_shard
-from ..store.format import CHUNK_ROWS, ROW_DATASETS, VALUE_DTYPES, fsync_dir, read_attrs
+from ..store.format import (
+    CHUNK_ROWS,
+    VALUE_DTYPES,
+    fsync_dir,
+    is_row_dataset,
+    read_attrs,
+    row_datasets,
+)
 
 log = logging.getLogger(__name__)
 
@@ -56,11 +63,14 @@ IDENTITY_REASONS = {
     "top_k": "top_k changed",
     "value_dtype": "storage.value_dtype changed",
     "store_entropy": "generation.store_entropy changed",
+    "temperatures": "generation.temperatures changed",
     "teacher_content_digest": "the teacher's files changed (weights, config, tokenizer or code)",
     "shard_plan": "the shard's samples changed (prepare ran again with other data)",
     "tokens_digest": "the shard's token ids changed (the dataset or its tokenization was edited)",
     "regenerate_token": "a regeneration was requested (force_regenerate=true)",
 }
+# Identity keys added later, and the value parts committed before them were made with.
+IDENTITY_DEFAULTS = {"temperatures": [1.0]}
 
 
 @contextmanager
@@ -167,9 +177,11 @@ class CommittedParts:
             stored = json.loads(self._meta_path().read_text())
         except (OSError, ValueError):
             return "their record of the run that wrote them is missing or unreadable"
-        if any(key not in stored for key in self.identity):
+        if any(key not in stored and key not in IDENTITY_DEFAULTS for key in self.identity):
             return "an older version of this workflow made them, without the records it now checks"
-        changed = [k for k in self.identity if stored.get(k) != self.identity[k]]
+        changed = [
+            k for k in self.identity if stored.get(k, IDENTITY_DEFAULTS.get(k)) != self.identity[k]
+        ]
         return "; ".join(IDENTITY_REASONS.get(k, f"{k} changed") for k in changed) or None
 
     def _drop_from(self, paths: list[Path], why: str) -> None:
@@ -284,6 +296,8 @@ class PartWriter:
         top_k: int,
         value_dtype: str = "float16",
         with_entropy: bool = True,
+        *,
+        temperatures=(1.0,),
     ):
         self.path = Path(path)
         self.temp_path = partial_path(self.path)
@@ -297,6 +311,10 @@ class PartWriter:
             "logsumexp": np.float32,
             "entropy": np.float16,
         }
+        # Extra temperatures' logsumexps: float32, like logsumexp.
+        dtypes.update(
+            {name: np.float32 for name in row_datasets(temperatures) if name not in dtypes}
+        )
         for name, dtype in dtypes.items():
             if name == "entropy" and not with_entropy:
                 continue
@@ -312,8 +330,8 @@ class PartWriter:
 
     def append(self, num_samples: int, arrays: dict) -> None:
         rows = len(arrays["logsumexp"])
-        for name in ROW_DATASETS:
-            if name in self._file:
+        for name in self._file:
+            if is_row_dataset(name):
                 ds = self._file[name]
                 ds.resize(self.num_rows + rows, axis=0)
                 ds[self.num_rows :] = arrays[name]
@@ -360,8 +378,8 @@ def read_part_attrs(path: str | os.PathLike) -> dict:
     try:
         with h5py.File(path, "r") as f:
             attrs = read_attrs(f)
-            for name in ROW_DATASETS:
-                if name in f and f[name].shape[0] != attrs["num_rows"]:
+            for name in f:
+                if is_row_dataset(name) and f[name].shape[0] != attrs["num_rows"]:
                     raise ShardError(f"part {path}: dataset {name} has the wrong length")
             return attrs
     except (OSError, KeyError) as exc:
@@ -371,7 +389,7 @@ def read_part_attrs(path: str | os.PathLike) -> dict:
 def iter_part_rows(path: str | os.PathLike, block_rows: int = PART_READ_BLOCK_ROWS):
     """A committed part's rows in blocks: ``(first_row_in_part, {dataset: array})``."""
     with h5py.File(path, "r") as f:
-        names = [n for n in ROW_DATASETS if n in f]
+        names = [n for n in f if is_row_dataset(n)]
         total = f["logsumexp"].shape[0]
         for r0 in range(0, total, block_rows):
             yield r0, {n: f[n][r0 : r0 + block_rows] for n in names}

@@ -80,6 +80,7 @@ def generate(settings: GenerateSettings, layout: RunLayout, shard: int) -> None:
             vocab_size=plan["vocab_size"],
             loss_mask=loss_mask,
             masked_only=settings.store_masked_only,
+            temperatures=settings.temperatures,
         )
 
         def is_valid(path):
@@ -316,6 +317,7 @@ def part_identity(
         "top_k": settings.top_k,
         "value_dtype": settings.value_dtype,
         "store_entropy": settings.store_entropy,
+        "temperatures": list(settings.temperatures),
         "shard_plan": f"{shard}/{plan['num_shards']}:{plan_digest}",
         "regenerate_token": regenerate_token,
     }

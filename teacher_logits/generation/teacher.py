@@ -1,4 +1,5 @@
-"""The teacher: load it, run a padded batch, keep per-token top-k and logsumexp.
+"""The teacher: load it, run a padded batch, keep per-token top-k and logsumexp (at
+temperature 1 and at each extra ``generation.temperatures`` entry).
 
 Knows nothing of files or Snakemake. The full ``[tokens, vocab]`` logits are never
 materialised in float32: rows go through the output head in chunks of
@@ -9,11 +10,12 @@ batch x sequence x vocabulary.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from ..errors import TeacherError
+from ..store.format import extra_temperatures
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +38,8 @@ class TopK:
     logits: torch.Tensor  # float32 [N, k], most likely first
     logsumexp: torch.Tensor  # float32 [N]
     entropy: torch.Tensor  # float32 [N]
+    # Temperature T (other than 1) -> float32 [N] logsumexp(logits / T).
+    logsumexp_t: dict = field(default_factory=dict)
 
 
 def load_teacher(
@@ -108,7 +112,12 @@ def load_top_k_head(settings, claim):
         allow_offload=teacher.allow_offload,
         on_gpu=on_gpu,
     )
-    return TopKHead(model, settings.top_k, with_entropy=settings.store_entropy)
+    return TopKHead(
+        model,
+        settings.top_k,
+        with_entropy=settings.store_entropy,
+        temperatures=settings.temperatures,
+    )
 
 
 class TopKHead:
@@ -120,13 +129,24 @@ class TopKHead:
     to top-k in chunks.
     """
 
+    # Temperatures other than 1 whose logsumexp is kept too (a class default, so a head
+    # assembled by hand, as bench/bench_generate.py does, needs no new attribute).
+    extra_temperatures: tuple[float, ...] = ()
+
     def __init__(
-        self, model, top_k: int, chunk_bytes: int = DEFAULT_CHUNK_BYTES, with_entropy: bool = True
+        self,
+        model,
+        top_k: int,
+        chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+        with_entropy: bool = True,
+        temperatures=(1.0,),
     ):
         self.model = model
         self.top_k = top_k
         # The entropy costs one more pass over each logits chunk (~13% of lm_head + top-k).
         self.with_entropy = with_entropy
+        # Each costs one exp pass more over each chunk, no more memory than the entropy's.
+        self.extra_temperatures = extra_temperatures(temperatures)
         self.head = model.get_output_embeddings()
         self.body = model.base_model
         self.vocab_size = self.head.weight.shape[0] if self.head is not None else None
@@ -176,6 +196,8 @@ class TopKHead:
         out_values = torch.empty((n, k), dtype=torch.float32, device=device)
         out_lse = torch.empty(n, dtype=torch.float32, device=device)
         out_entropy = torch.empty(n, dtype=torch.float32, device=device)
+        temperatures = self.extra_temperatures
+        out_tempered = [torch.empty(n, dtype=torch.float32, device=device) for _ in temperatures]
         for start in range(0, n, self.chunk_rows):
             stop = min(n, start + self.chunk_rows)
             chunk = rows[start:stop]
@@ -185,12 +207,20 @@ class TopKHead:
             values, ids = torch.topk(chunk, k, dim=-1, sorted=True)
             out_values[start:stop] = values
             out_ids[start:stop] = ids
+            top = values[:, :1]
             if self.with_entropy:
-                reduce_chunk(chunk, values[:, :1], out_lse[start:stop], out_entropy[start:stop])
+                reduce_chunk(chunk, top, out_lse[start:stop], out_entropy[start:stop])
             else:
                 torch.logsumexp(chunk, dim=-1, out=out_lse[start:stop])
                 out_entropy[start:stop] = 0.0
-        return TopK(*to_host((out_ids, out_values, out_lse, out_entropy)))
+                if temperatures:
+                    chunk.sub_(top)  # as reduce_chunk leaves it
+            if temperatures:
+                tempered_logsumexps(
+                    chunk, top, temperatures, [out[start:stop] for out in out_tempered]
+                )
+        host = to_host((out_ids, out_values, out_lse, out_entropy, *out_tempered))
+        return TopK(*host[:4], logsumexp_t=dict(zip(temperatures, host[4:])))
 
 
 def reduce_chunk(logits: torch.Tensor, top: torch.Tensor, lse_out, entropy_out) -> None:
@@ -212,6 +242,22 @@ def reduce_chunk(logits: torch.Tensor, top: torch.Tensor, lse_out, entropy_out) 
     log_total = torch.log(total)
     torch.add(top.squeeze(1), log_total, out=lse_out)
     torch.sub(log_total, dot / total, out=entropy_out)
+
+
+def tempered_logsumexps(shifted: torch.Tensor, top: torch.Tensor, temperatures, outs) -> None:
+    """logsumexp(x / T) of each row for each T, from ``shifted`` = x - max (float32).
+
+    With y = x - max <= 0: logsumexp(x / T) = max / T + log sum(e^(y / T)); the sum is
+    at least 1 (the top logit's term), so it neither overflows nor underflows whatever
+    T is. One scratch buffer of the chunk's size serves every T, so the peak memory is
+    the entropy pass's (``reduce_chunk`` frees its own exp buffer before this runs).
+    """
+    scratch = torch.empty_like(shifted)
+    top = top.squeeze(1)
+    for temperature, out in zip(temperatures, outs):
+        torch.div(shifted, temperature, out=scratch)
+        scratch.exp_()
+        torch.add(top / temperature, torch.log(scratch.sum(dim=-1)), out=out)
 
 
 def to_host(tensors):

@@ -43,6 +43,7 @@ class PartCommitter:
                 self.settings.top_k,
                 self.settings.value_dtype,
                 self.settings.store_entropy,
+                temperatures=self.settings.temperatures,
             )
             self.opened_at = time.time()
         with disk_full_is_a_user_error(self.writer.path):
@@ -169,6 +170,7 @@ def open_shard_writer(
         with_entropy=settings.store_entropy,
         with_loss_mask=loss_mask is not None,
         stored_rows=needed_rows(loss_mask, offsets) if settings.store_masked_only else None,
+        temperatures=settings.temperatures,
     )
     writer.add_samples(sample_ids, np.diff(offsets))
     return writer

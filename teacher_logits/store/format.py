@@ -18,6 +18,7 @@ import h5py
 import numpy as np
 
 from ..errors import ShardError
+from ..temperatures import normalise_temperatures
 
 try:  # registers the Zstd filter; without it zstd-compressed shards cannot be read
     import hdf5plugin
@@ -57,7 +58,7 @@ OPTIONAL_DATASETS = ("entropy", "loss_mask")
 # Datasets with one entry per top-k row: all T rows, or with generation.store_masked_only
 # only the rows a trainer uses (``needed_rows``). Resume's part files hold these too.
 ROW_DATASETS = ("topk_ids", "topk_logits", "logsumexp", "entropy")
-# Per-token arrays a sample record carries (those the shard has).
+# Per-token arrays a sample record carries (those the shard has; temperature datasets too).
 SAMPLE_FIELDS = ("input_ids", "topk_ids", "topk_logits", "logsumexp", "entropy", "loss_mask")
 
 VALUE_DTYPES = {"float16": np.float16, "float32": np.float32}
@@ -92,10 +93,60 @@ def read_attrs(handle: h5py.File) -> dict:
             value = value.decode()
         if isinstance(value, np.generic):
             value = value.item()
-        if key in ("versions", "claims") and isinstance(value, str):
+        if key in ("versions", "claims", TEMPERATURES_ATTR) and isinstance(value, str):
             value = json.loads(value)
         out[key] = value
     return out
+
+
+# --- temperatures (generation.temperatures) ----------------------------------------------
+#
+# `logsumexp` is temperature 1. Each other temperature T adds the float32 row dataset
+# `logsumexp_t{T!r}` (T a Python float: `logsumexp_t2.0`, `logsumexp_t0.5`) holding
+# logsumexp(logits / T) over the whole vocabulary, with a `temperature` attribute. The
+# file attribute `temperatures` (JSON) lists every stored T, 1.0 included; it is written
+# only when there are others, so a shard without it stores temperature 1 alone.
+TEMPERATURE_PREFIX = "logsumexp_t"
+TEMPERATURES_ATTR = "temperatures"
+
+
+def temperature_dataset(temperature: float) -> str:
+    """The one naming rule: 2 -> ``logsumexp_t2.0``, 0.5 -> ``logsumexp_t0.5``."""
+    return f"{TEMPERATURE_PREFIX}{float(temperature)!r}"
+
+
+def dataset_temperature(name: str) -> float | None:
+    """T of a ``logsumexp_t{T}`` dataset, or None for a name the rule does not make."""
+    if not name.startswith(TEMPERATURE_PREFIX):
+        return None
+    try:
+        temperature = float(name[len(TEMPERATURE_PREFIX) :])
+    except ValueError:
+        return None
+    return temperature if temperature_dataset(temperature) == name else None
+
+
+def extra_temperatures(temperatures) -> tuple[float, ...]:
+    """The temperatures other than 1.0 (those with a dataset of their own), sorted."""
+    return tuple(t for t in normalise_temperatures(temperatures) if t != 1.0)
+
+
+def row_datasets(temperatures=(1.0,)) -> tuple[str, ...]:
+    """Every row dataset a shard with these temperatures may hold."""
+    return ROW_DATASETS + tuple(temperature_dataset(t) for t in extra_temperatures(temperatures))
+
+
+def is_row_dataset(name: str) -> bool:
+    return name in ROW_DATASETS or dataset_temperature(name) is not None
+
+
+def stored_temperatures(attrs: dict) -> tuple[float, ...]:
+    """Every temperature a shard (or an index) with these attributes stores, 1.0 included
+    (``attrs``: ``read_attrs``' dict, or an h5py ``.attrs`` holding the JSON text)."""
+    value = attrs.get(TEMPERATURES_ATTR)
+    if isinstance(value, bytes):
+        value = value.decode()
+    return normalise_temperatures(json.loads(value) if isinstance(value, str) else value)
 
 
 def fsync_dir(path: str | os.PathLike) -> None:

@@ -3,6 +3,9 @@ them are named in one sentence (gather, ``verify --deep`` and ``status`` say it 
 
 from __future__ import annotations
 
+from ..temperatures import normalise_temperatures
+from .format import stored_temperatures
+
 # The attributes that say which run made a shard, in the order a difference is
 # explained (a new teacher changes the config fingerprint too), and what it means.
 FINGERPRINTS = {
@@ -11,7 +14,7 @@ FINGERPRINTS = {
     "teacher_content_digest": "made by different teacher weights",
     "config_fingerprint": (
         "made with different settings that change the stored numbers (top_k, max_length, "
-        "dtypes, chat or overflow settings)"
+        "dtypes, temperatures, chat or overflow settings)"
     ),
 }
 
@@ -22,6 +25,18 @@ def identity_mismatch(attrs: dict, expected: dict) -> list[str]:
         f"attribute {key}={attrs.get(key)!r}, expected {value!r}"
         for key, value in expected.items()
         if attrs.get(key) != value
+    ]
+
+
+def temperature_mismatch(attrs: dict, expected) -> list[str]:
+    """How the temperatures a shard stores a logsumexp for differ from the run's (empty: the
+    same). A run with other temperatures has another config fingerprint too; this says why."""
+    found, want = stored_temperatures(attrs), normalise_temperatures(expected)
+    if found == want:
+        return []
+    return [
+        f"logsumexp at temperatures {list(found)}, expected {list(want)} "
+        "(generation.temperatures differs)"
     ]
 
 

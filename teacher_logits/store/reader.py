@@ -8,25 +8,29 @@ the process that reads (each worker opens its own).
     store = LogitStore("results/demo")
     rec = store[0]                      # i-th sample in sample-id order
     rec = store.by_sample_id(1234)
+    rec["logsumexp_t"][2.0]             # {temperature: logsumexp(logits / T)}, 1.0 included
 """
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
 import h5py
 import numpy as np
 
-from ..layout import INDEX_NAME
+from ..layout import INDEX_NAME, MANIFEST_NAME
 from .codec import decode_topk
 from .format import (
     ABSENT_ROW_FILL,
     FORMAT_VERSION,
     OLDEST_READABLE_VERSION,
-    ROW_DATASETS,
     SAMPLE_FIELDS,
+    dataset_temperature,
+    is_row_dataset,
     needed_rows,
+    stored_temperatures,
 )
 
 
@@ -41,14 +45,30 @@ def read_sample(handle, position: int, offsets=None) -> dict:
         start, stop = offsets[position], offsets[position + 1]
     record = {"sample_id": int(handle["sample_ids"][position])}
     if "row_offsets" in handle:
-        return _read_masked_only_sample(handle, position, start, stop, record)
-    for name in SAMPLE_FIELDS:
-        if name in handle:
-            record[name] = handle[name][start:stop]
+        return _with_temperatures(_read_masked_only_sample(handle, position, start, stop, record))
+    for name in sample_fields(handle):
+        record[name] = handle[name][start:stop]
     if "topk_ids" in record:
         record["topk_ids"], record["topk_logits"] = decode_topk(
             record["topk_ids"], record["topk_logits"]
         )
+    return _with_temperatures(record)
+
+
+def sample_fields(handle) -> list[str]:
+    """The per-token datasets of this shard a record carries."""
+    names = [name for name in SAMPLE_FIELDS if name in handle]
+    return names + [name for name in handle if dataset_temperature(name) is not None]
+
+
+def _with_temperatures(record: dict) -> dict:
+    """``logsumexp_t``: {temperature: its logsumexp rows} for every stored one, 1.0 included
+    (the ``logsumexp`` array itself); each ``logsumexp_t{T}`` array moves in there."""
+    if "logsumexp" in record:
+        tempered = {1.0: record["logsumexp"]}
+        for name in [n for n in record if dataset_temperature(n) is not None]:
+            tempered[dataset_temperature(name)] = record.pop(name)
+        record["logsumexp_t"] = dict(sorted(tempered.items()))
     return record
 
 
@@ -58,7 +78,7 @@ def _read_masked_only_sample(handle, position: int, start: int, stop: int, recor
     record["input_ids"] = handle["input_ids"][start:stop]
     record["loss_mask"] = handle["loss_mask"][start:stop]
     stored = needed_rows(record["loss_mask"], np.array([0, stop - start]))
-    kept = {name: handle[name][c0:c1] for name in ROW_DATASETS if name in handle}
+    kept = {name: handle[name][c0:c1] for name in handle if is_row_dataset(name)}
     if "topk_ids" in kept:
         kept["topk_ids"], kept["topk_logits"] = decode_topk(kept["topk_ids"], kept["topk_logits"])
     for name, values in kept.items():
@@ -67,6 +87,13 @@ def _read_masked_only_sample(handle, position: int, start: int, stop: int, recor
         record[name] = full
     record["row_stored"] = stored.astype(np.uint8)
     return record
+
+
+def _manifest_field(root: Path, key: str):
+    try:
+        return json.loads((root / MANIFEST_NAME).read_text()).get(key)
+    except (OSError, ValueError):
+        return None
 
 
 class LogitStore:
@@ -98,6 +125,12 @@ class LogitStore:
             # were not stored and read back as zeros (rec["row_stored"] marks the rest).
             self.has_loss_mask = bool(index.attrs.get("has_loss_mask", False))
             self.masked_only = bool(index.attrs.get("masked_only", False))
+            # Each has a logsumexp in every record's rec["logsumexp_t"]; older indexes: [1.0].
+            self.temperatures = list(stored_temperatures(index.attrs))
+            # The teacher's vocabulary (its logits' width), and what its tokenizer does
+            # (check_tokenizer). Indexes from before they were recorded: from the manifest.
+            vocab_size = index.attrs.get("vocab_size")
+            self.tokenizer_content_fingerprint = index.attrs.get("tokenizer_content_fingerprint")
             self.shard_paths = [
                 self.root / p.decode() if isinstance(p, bytes) else self.root / p
                 for p in index["shard_paths"][:]
@@ -106,6 +139,11 @@ class LogitStore:
             self.sample_shard = index["sample_shard"][:]
             self.sample_position = index["sample_position"][:]
             self.sample_length = index["sample_length"][:]
+        if vocab_size is None:
+            vocab_size = _manifest_field(self.root, "vocab_size")
+        self.vocab_size = None if vocab_size is None else int(vocab_size)
+        if isinstance(self.tokenizer_content_fingerprint, bytes):
+            self.tokenizer_content_fingerprint = self.tokenizer_content_fingerprint.decode()
         self._handles: dict[int, tuple[h5py.File, np.ndarray, dict]] = {}
         self._pid = os.getpid()
 
@@ -134,7 +172,7 @@ class LogitStore:
             handle = h5py.File(self.shard_paths[shard], "r")
             # Dataset objects and the small index arrays once per shard: looking them up
             # by name on every read costs more than a small sample's decompression.
-            datasets = {name: handle[name] for name in SAMPLE_FIELDS if name in handle}
+            datasets = {name: handle[name] for name in sample_fields(handle)}
             datasets["sample_ids"] = handle["sample_ids"][:]
             if "row_offsets" in handle:  # masked-only storage: where each sample's rows start
                 datasets["row_offsets"] = handle["row_offsets"][:]
@@ -150,38 +188,6 @@ class LogitStore:
         state = self.__dict__.copy()
         state["_handles"] = {}
         return state
-
-    @staticmethod
-    def collate(records: list[dict], pad_id: int = 0) -> dict:
-        """Pad a list of samples to the longest into ``[B, L, ...]`` numpy arrays.
-
-        ``attention_mask`` marks real tokens. Pass as ``DataLoader(..., collate_fn=
-        LogitStore.collate)`` (torch's default collate cannot stack ragged samples).
-        """
-        width = max(len(r["input_ids"]) for r in records)
-        batch = {
-            "sample_id": np.array([r["sample_id"] for r in records], dtype=np.int64),
-            "attention_mask": np.zeros((len(records), width), dtype=np.uint8),
-        }
-        fills = {
-            "input_ids": pad_id,
-            "topk_ids": 0,
-            "topk_logits": 0.0,
-            "logsumexp": 0.0,
-            "entropy": 0.0,
-            "loss_mask": 0,
-            "row_stored": 0,
-        }
-        for name, fill in fills.items():
-            if name not in records[0]:
-                continue
-            first = records[0][name]
-            batch[name] = np.full((len(records), width, *first.shape[1:]), fill, dtype=first.dtype)
-            for row, record in enumerate(records):
-                batch[name][row, : len(record[name])] = record[name]
-        for row, record in enumerate(records):
-            batch["attention_mask"][row, : len(record["input_ids"])] = 1
-        return batch
 
     def __enter__(self):
         return self

@@ -18,15 +18,20 @@ import h5py
 import numpy as np
 
 from ..errors import ShardError
+from ..temperatures import normalise_temperatures
 from .codec import ids_from_deltas
 from .format import (
     FORMAT_VERSION,
     OLDEST_READABLE_VERSION,
     REQUIRED_ATTRS,
     TOPK_ENCODING,
+    dataset_temperature,
+    extra_temperatures,
     needed_rows,
     read_attrs,
     stored_row_offsets,
+    stored_temperatures,
+    temperature_dataset,
 )
 from .stats import ShardStats
 
@@ -53,6 +58,8 @@ class ShardExpectation:
     loss_mask: np.ndarray | None = None
     # Only the rows ``needed_rows`` selects are stored (generation.store_masked_only).
     masked_only: bool = False
+    # Every temperature the run stores a logsumexp for, 1.0 included (generation.temperatures).
+    temperatures: tuple = (1.0,)
 
     @property
     def num_tokens(self) -> int:
@@ -135,6 +142,8 @@ def quick_check(path: str | os.PathLike, num_samples: int, num_tokens: int) -> d
             }
             if "entropy" in handle:
                 shapes["entropy"] = (rows,)
+            for temperature in extra_temperatures(stored_temperatures(attrs)):
+                shapes[temperature_dataset(temperature)] = (rows,)
             for name, shape in shapes.items():
                 if name not in handle:
                     raise ShardError(f"dataset {name!r} is missing")
@@ -153,6 +162,7 @@ def _validate_open_shard(handle, expected: ShardExpectation, progress) -> ShardS
     progress()
     stored = _expected_stored_rows(handle, expected)
     num_rows = expected.num_tokens if stored is None else int(stored.sum())
+    _check_temperatures(handle, attrs, expected.temperatures)
     _check_datasets(handle, expected, int(attrs["top_k"]), num_rows, stored is not None)
     sample_ids, offsets = handle["sample_ids"][:], handle["offsets"][:]
     if not np.array_equal(sample_ids, expected.sample_ids):
@@ -218,6 +228,8 @@ def _check_datasets(
         shapes["loss_mask"] = ((num_tokens,), np.uint8)
     if masked_only:
         shapes["row_offsets"] = ((num_samples + 1,), np.int64)
+    for temperature in extra_temperatures(expected.temperatures):
+        shapes[temperature_dataset(temperature)] = ((num_rows,), np.float32)
     for name, (shape, dtype) in shapes.items():
         if name not in handle:
             raise ShardError(f"dataset {name!r} is missing")
@@ -237,6 +249,30 @@ def _check_datasets(
         raise ShardError(f"topk_logits has dtype {handle['topk_logits'].dtype}")
     if "entropy" in handle and handle["entropy"].shape != (num_rows,):
         raise ShardError(f"dataset 'entropy' has shape {handle['entropy'].shape}")
+
+
+def _check_temperatures(handle, attrs: dict, expected) -> None:
+    """The shard stores a logsumexp for exactly the run's temperatures, each labelled."""
+    found, expected = stored_temperatures(attrs), normalise_temperatures(expected)
+    if found != expected:
+        raise ShardError(
+            f"stores logsumexp at temperatures {list(found)}, the run asks for {list(expected)} "
+            "(generation.temperatures changed?)"
+        )
+    for name in handle:
+        temperature = dataset_temperature(name)
+        if temperature is not None and temperature not in found:
+            raise ShardError(f"dataset {name!r} is not among its temperatures {list(found)}")
+    for temperature in extra_temperatures(found):
+        name = temperature_dataset(temperature)
+        if name not in handle:
+            raise ShardError(f"dataset {name!r} is missing")
+        label = handle[name].attrs.get("temperature")
+        label = None if label is None else float(label)
+        if label != temperature:
+            raise ShardError(
+                f"dataset {name!r} has temperature attribute {label!r}, expected {temperature!r}"
+            )
 
 
 def _check_rows(
@@ -278,6 +314,7 @@ def _check_rows(
         # The largest logit cannot exceed logsumexp (allow the storage dtype's rounding).
         if (logits.max(axis=1) > lse + 1e-2 * np.maximum(1.0, np.abs(lse))).any():
             raise ShardError(f"logsumexp smaller than the top logit in rows {r0}..{r1 - 1}")
+        _check_tempered_rows(handle, expected.temperatures, logits, (c0, c1), (r0, r1))
         entropy = None
         if has_entropy:
             entropy = handle["entropy"][c0:c1].astype(np.float64)
@@ -285,6 +322,22 @@ def _check_rows(
                 raise ShardError(f"entropy negative or not finite in rows {c0}..{c1 - 1}")
         next_ids = exp_input_ids[np.minimum(rows + 1, num_tokens - 1)]
         stats.add(ids, logits, lse, entropy, next_ids, all_have_next[rows])
+
+
+def _check_tempered_rows(handle, temperatures, logits, stored_span, token_span) -> None:
+    """Each extra temperature's logsumexp is finite and at least the top logit / T (within
+    the same allowance for the storage dtype's rounding as ``logsumexp``'s check)."""
+    (c0, c1), (r0, r1) = stored_span, token_span
+    top = logits.max(axis=1)
+    for temperature in extra_temperatures(temperatures):
+        name = temperature_dataset(temperature)
+        lse = handle[name][c0:c1]
+        if not np.isfinite(lse).all():
+            raise ShardError(f"non-finite values in {name} in rows {r0}..{r1 - 1}")
+        if (top / temperature > lse + 1e-2 * np.maximum(1.0, np.abs(lse))).any():
+            raise ShardError(
+                f"{name} smaller than the top logit / {temperature!r} in rows {r0}..{r1 - 1}"
+            )
 
 
 def _expected_stored_rows(handle, expected: ShardExpectation):

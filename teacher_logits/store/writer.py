@@ -19,12 +19,15 @@ from .format import (
     CHUNK_ROWS,
     FORMAT_VERSION,
     OPTIONAL_DATASETS,
-    ROW_DATASETS,
+    TEMPERATURES_ATTR,
     TOPK_ENCODING,
     VALUE_DTYPES,
     compression_options,
+    extra_temperatures,
     fsync_dir,
+    is_row_dataset,
     stored_row_offsets,
+    temperature_dataset,
 )
 
 
@@ -48,6 +51,7 @@ class ShardWriter:
         with_entropy: bool = True,
         with_loss_mask: bool = False,
         stored_rows: np.ndarray | None = None,
+        temperatures=(1.0,),
     ):
         self.path = Path(path)
         self.temp_path = partial_path(self.path)
@@ -79,6 +83,17 @@ class ShardWriter:
             f.create_dataset(
                 "entropy", shape=(num_rows,), dtype=np.float16, chunks=(rows,), **flat, **opts
             )
+        self.extra_temperatures = extra_temperatures(temperatures)
+        for temperature in self.extra_temperatures:
+            ds = f.create_dataset(
+                temperature_dataset(temperature),
+                shape=(num_rows,),
+                dtype=np.float32,
+                chunks=(rows,),
+                **flat,
+                **opts,
+            )
+            ds.attrs["temperature"] = temperature
         self._sample_ids = np.zeros(num_samples, dtype=np.int64)
         self._offsets = np.zeros(num_samples + 1, dtype=np.int64)
         self._samples_done = 0
@@ -129,13 +144,17 @@ class ShardWriter:
         for name in arrays:
             if name not in self._file and name not in OPTIONAL_DATASETS:
                 raise ShardError(f"unknown shard dataset {name!r}")
+        # Left out, a temperature's rows would stay zeros that can pass for values.
+        for temperature in self.extra_temperatures:
+            if temperature_dataset(temperature) not in arrays:
+                raise ShardError(f"rows without {temperature_dataset(temperature)!r}")
         # Per-token datasets take every row; top-k rows only the kept ones (masked-only).
         keep = None if self._stored is None else self._stored[r0 : r0 + rows]
         block = {}
         for name, values in arrays.items():
             if name not in self._file:
                 continue
-            if name in ROW_DATASETS:
+            if is_row_dataset(name):
                 block[name] = np.asarray(values) if keep is None else np.asarray(values)[keep]
             else:
                 self._file[name][r0 : r0 + rows] = values
@@ -180,6 +199,8 @@ class ShardWriter:
         f.attrs["format_version"] = FORMAT_VERSION
         f.attrs["topk_encoding"] = TOPK_ENCODING
         f.attrs["top_k"] = self.top_k
+        if self.extra_temperatures:  # absent: temperature 1 only, as in every older shard
+            f.attrs[TEMPERATURES_ATTR] = json.dumps(sorted([1.0, *self.extra_temperatures]))
         for key, value in attrs.items():
             f.attrs[key] = json.dumps(value) if isinstance(value, (dict, list)) else value
         f.close()

@@ -1,0 +1,46 @@
+"""``generation.temperatures``: which temperatures a run stores a logsumexp for.
+
+Plain Python, so the plan-time check (``rules/common.smk``) and the fingerprint
+(``config.meaning_settings``) spell the list the way the jobs, the shards and the
+reader do: sorted, each once, 1.0 always (temperature 1 is ``logsumexp`` itself).
+"""
+
+from __future__ import annotations
+
+import math
+
+from .errors import ConfigError
+
+DEFAULT_TEMPERATURES = (1.0,)
+EXAMPLE = "e.g. temperatures: [0.5, 1.0, 2.0]"
+
+
+def normalise_temperatures(values) -> tuple[float, ...]:
+    """Sorted floats, each once, 1.0 included whether listed or not."""
+    return tuple(sorted({float(v) for v in values or ()} | set(DEFAULT_TEMPERATURES)))
+
+
+def check_temperatures(config: dict) -> None:
+    """A temperature at or below 0 (or not finite) or one listed twice, as one line."""
+    listed = config["generation"].get("temperatures") or []
+    seen: set[float] = set()
+    for value in listed:
+        temperature = float(value)
+        if not (math.isfinite(temperature) and temperature > 0):
+            raise ConfigError(
+                f"generation.temperatures: {value!r} is not a temperature above 0 (a logsumexp "
+                f"of logits / T needs a finite T > 0); list only positive numbers, {EXAMPLE}"
+            )
+        if temperature in seen:
+            raise ConfigError(
+                f"generation.temperatures lists {temperature!r} more than once; list each "
+                f"temperature once (1.0 is always stored, listed or not), {EXAMPLE}"
+            )
+        seen.add(temperature)
+
+
+def planned_temperatures(settings: dict) -> tuple[float, ...]:
+    """The temperatures of a run from its meaning settings (``plan.json``'s and
+    ``manifest.json``'s ``settings``): they name them only when they are not the default."""
+    listed = (settings or {}).get("generation", {}).get("temperatures")
+    return normalise_temperatures(listed)

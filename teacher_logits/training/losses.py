@@ -1,0 +1,156 @@
+"""Distillation loss against the stored teacher rows of a ``collate`` batch.
+
+    out = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    loss = kd_loss(out.logits, batch, temperature=2.0, tail="bucket", ce_weight=0.1)
+
+The student's logits at position t are compared with the teacher's row t as they
+are (``collate`` already aligned them; see its module docstring).
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+
+import torch
+
+from ..errors import TrainingInputError
+from ._chunked_kd import ChunkedDistillationLoss, DistillationRows, default_chunk_rows
+
+TAILS = ("bucket", "renormalize")
+
+
+def kd_loss(
+    student_logits: torch.Tensor,
+    batch: dict,
+    temperature: float = 1.0,
+    tail: str = "bucket",
+    ce_weight: float = 0.0,
+    *,
+    chunk_rows: int | None = None,
+) -> torch.Tensor:
+    """Mean over ``kd_mask`` rows of KL(teacher || student) at ``temperature`` T.
+
+    Not multiplied by T**2 (scale it yourself if you want the classic Hinton factor).
+    Teacher top-k probabilities at T are ``exp(logits / T - logsumexp_t[T])``, the
+    student's ``softmax(student_logits / T)``.
+
+    ``tail="bucket"``: outcomes are the k stored ids plus one "rest" outcome holding
+    the teacher's mass outside its top-k and the student's mass outside those ids.
+    Needs the teacher's logsumexp at T (``generation.temperatures``).
+    ``tail="renormalize"``: both distributions renormalised over the k ids; it needs
+    no stored logsumexp, so any temperature works.
+
+    Returns ``(1 - ce_weight) * kd + ce_weight * ce`` (ce: mean cross-entropy of the
+    student at temperature 1 against ``labels`` on the same rows), a float32 scalar
+    (float64 for float64 logits). With no ``kd_mask`` row it is 0 with zero gradient.
+
+    ``student_logits``: [B, L, V] (packed: [1, N, V]), any float dtype. Rows are read
+    ``chunk_rows`` at a time (default: as many as fit in ~64 MiB of float32, 130 rows
+    at V=128256); neither forward nor backward makes a float copy of all the logits.
+    """
+    if tail not in TAILS:
+        raise TrainingInputError(f"kd_loss: tail={tail!r}; use one of {', '.join(TAILS)}")
+    if not _is_number(ce_weight) or not 0.0 <= float(ce_weight) <= 1.0:
+        raise TrainingInputError(f"kd_loss: ce_weight={ce_weight!r}; use a number in [0, 1]")
+    if not _is_number(temperature) or not math.isfinite(temperature) or temperature <= 0:
+        raise TrainingInputError(f"kd_loss: temperature={temperature!r}; use a number > 0")
+    if chunk_rows is not None and (
+        not isinstance(chunk_rows, numbers.Integral)
+        or isinstance(chunk_rows, bool)
+        or chunk_rows < 1
+    ):
+        raise TrainingInputError(f"kd_loss: chunk_rows={chunk_rows!r}; use a positive integer")
+    _check_logits(student_logits, batch)
+    rows = _gather_rows(
+        student_logits, batch, float(temperature), tail, float(ce_weight), chunk_rows
+    )
+    return ChunkedDistillationLoss.apply(student_logits, rows)
+
+
+def _check_logits(student_logits, batch: dict) -> None:
+    if not isinstance(student_logits, torch.Tensor) or not student_logits.is_floating_point():
+        raise TrainingInputError("kd_loss: student_logits must be a floating-point torch tensor")
+    kd_mask = batch["kd_mask"]
+    if student_logits.dim() != 3 or tuple(student_logits.shape[:2]) != tuple(kd_mask.shape):
+        raise TrainingInputError(
+            f"kd_loss: student_logits has shape {tuple(student_logits.shape)} but the batch is "
+            f"{tuple(kd_mask.shape)} positions; pass the logits of every position [B, L, V] "
+            "unshifted (collate already aligned labels and teacher rows)"
+        )
+
+
+def _gather_rows(
+    student_logits, batch, temperature, tail, ce_weight, chunk_rows
+) -> DistillationRows:
+    device, vocab_size = student_logits.device, student_logits.shape[-1]
+    compute_dtype = torch.float64 if student_logits.dtype == torch.float64 else torch.float32
+    positions = batch["kd_mask"].nonzero()
+    b, t = positions[:, 0], positions[:, 1]
+
+    def rows_of(tensor: torch.Tensor) -> torch.Tensor:
+        # The batch may still sit on the CPU while the logits are on a GPU: only these
+        # rows travel.
+        return tensor[b.to(tensor.device), t.to(tensor.device)].to(device)
+
+    topk_ids = rows_of(batch["topk_ids"]).long()
+    logprobs_t1 = rows_of(batch["topk_logprobs"]).to(compute_dtype)
+    if topk_ids.numel() and int(topk_ids.max()) >= vocab_size:
+        raise TrainingInputError(
+            f"kd_loss: the teacher's top-k holds token id {int(topk_ids.max())} but the "
+            f"student's vocabulary has {vocab_size} entries; use a student with the "
+            "teacher's tokenizer (check_tokenizer)"
+        )
+    labels = None
+    if ce_weight > 0:
+        labels = rows_of(batch["labels"]).long()
+        if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= vocab_size):
+            raise TrainingInputError(
+                f"kd_loss: labels on kd_mask rows must lie in [0, {vocab_size}); found "
+                f"{int(labels.min())}..{int(labels.max())}"
+            )
+    teacher_rest = None
+    if ce_weight == 1.0:  # the teacher plays no part: no temperature to look up
+        teacher_log_p = logprobs_t1
+    elif tail == "bucket":
+        teacher_log_p = logprobs_t1
+        if temperature != 1.0:
+            lse_1 = rows_of(_logsumexp_at(batch, 1.0)).to(compute_dtype)
+            lse_t = rows_of(_logsumexp_at(batch, temperature)).to(compute_dtype)
+            teacher_log_p = (logprobs_t1 + lse_1[:, None]) / temperature - lse_t[:, None]
+        teacher_rest = (1.0 - teacher_log_p.exp().sum(-1)).clamp_min(0.0)
+    else:
+        # Renormalising cancels any per-row shift, so logits - logsumexp will do.
+        teacher_log_p = torch.log_softmax(logprobs_t1 / temperature, dim=-1)
+    return DistillationRows(
+        batch_index=b.to(device),
+        position_index=t.to(device),
+        topk_ids=topk_ids,
+        teacher_log_p=teacher_log_p,
+        teacher_rest=teacher_rest,
+        labels=labels,
+        temperature=temperature,
+        tail=tail,
+        kd_weight=1.0 - ce_weight,
+        ce_weight=ce_weight,
+        chunk_rows=int(chunk_rows or default_chunk_rows(vocab_size, compute_dtype)),
+        compute_dtype=compute_dtype,
+    )
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _logsumexp_at(batch: dict, temperature: float) -> torch.Tensor:
+    stored = batch.get("logsumexp_t") or {}
+    for key, values in stored.items():
+        if math.isclose(float(key), temperature, rel_tol=1e-6):
+            return values
+    listed = ", ".join(f"{float(key):g}" for key in sorted(stored)) or "none"
+    raise TrainingInputError(
+        f"kd_loss(temperature={temperature:g}, tail='bucket'): the store has the teacher's "
+        f"logsumexp at temperatures {listed} only; add {temperature:g} to "
+        "generation.temperatures in the workflow config and rerun the workflow, train at a "
+        "stored temperature, or use tail='renormalize'"
+    )
