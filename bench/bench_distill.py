@@ -40,6 +40,7 @@ def main(argv=None):
         (work / "config.yaml").write_text(yaml.safe_dump(config))
         command = [
             str(Path(sys.executable).with_name("snakemake")),
+            "distill",
             "-s",
             str(REPO / "Snakefile"),
             "-d",
@@ -48,7 +49,6 @@ def main(argv=None):
             "2",
             "--configfile",
             str(work / "config.yaml"),
-            "distill",
         ]
         with Timer() as workflow:
             run = subprocess.run(command, capture_output=True, text=True)

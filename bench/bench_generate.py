@@ -143,6 +143,7 @@ class Model(torch.nn.Module):
 model = Model()
 head = TopKHead.__new__(TopKHead)
 head.model, head.top_k, head.head, head.with_entropy = model, 64, model.lm_head, True
+head.extra_temperatures = ()
 head.chunk_rows = max(1, chunk_bytes // (vocab * 4))
 x = torch.randn(rows, hidden)
 with torch.inference_mode():

@@ -144,7 +144,11 @@ def settings_student_config(store, settings: DistillSettings):
 
 
 class HeldOut:
-    """The held-out samples, cropped like training, with the teacher's own logits' scores."""
+    """The held-out samples, cropped like training, scored against the teacher's own logits.
+
+    The teacher is run again batch by batch when a score needs it: nothing the size
+    of held-out rows x vocabulary is kept, whatever the vocabulary.
+    """
 
     def __init__(self, store, positions, settings: DistillSettings, teacher):
         from .training import collate
@@ -154,9 +158,11 @@ class HeldOut:
             collate(records[i : i + settings.batch_size], max_length=settings.max_length)
             for i in range(0, len(records), settings.batch_size)
         ]
+        self.teacher = teacher
         self.num_samples = len(records)
         self.num_tokens = int(sum(b["kd_mask"].sum() for b in self.batches))
-        self.teacher_logprobs = [self._logprobs(teacher, b) for b in self.batches]
+        nll = sum(self._nll(self._logprobs(teacher, b), b) for b in self.batches)
+        self.teacher_perplexity = math.exp(nll / self.num_tokens)
 
     @staticmethod
     def _logprobs(model, batch):
@@ -170,16 +176,21 @@ class HeldOut:
             ).logits
         return torch.log_softmax(logits[batch["kd_mask"]].double(), dim=-1)
 
+    @staticmethod
+    def _nll(logprobs, batch) -> float:
+        labels = batch["labels"][batch["kd_mask"]]
+        return -float(logprobs.gather(1, labels[:, None]).sum())
+
     def score(self, model, with_kl: bool) -> dict:
         """Perplexity on the next tokens, and the mean KL(teacher || model) per token."""
         was_training = model.training
         model.eval()
         nll, kl = 0.0, 0.0
-        for batch, teacher in zip(self.batches, self.teacher_logprobs):
+        for batch in self.batches:
             student = self._logprobs(model, batch)
-            labels = batch["labels"][batch["kd_mask"]]
-            nll -= float(student.gather(1, labels[:, None]).sum())
+            nll += self._nll(student, batch)
             if with_kl:
+                teacher = self._logprobs(self.teacher, batch)
                 kl += float((teacher.exp() * (teacher - student)).sum())
         model.train(was_training)
         out = {"perplexity": math.exp(nll / self.num_tokens)}
@@ -187,24 +198,28 @@ class HeldOut:
             out["kl_to_teacher"] = kl / self.num_tokens
         return out
 
-    def teacher_perplexity(self) -> float:
-        nll = 0.0
-        for batch, teacher in zip(self.batches, self.teacher_logprobs):
-            labels = batch["labels"][batch["kd_mask"]]
-            nll -= float(teacher.gather(1, labels[:, None]).sum())
-        return math.exp(nll / self.num_tokens)
-
 
 def run_distill(settings: DistillSettings, students=("kd_ce", "ce_only")) -> dict:
     """Train the named students (``kd_ce``, ``ce_only``) and score them on the held-out ids."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
     from .store.reader import LogitStore
 
     check_settings(settings)
+    with LogitStore(settings.store_dir) as store:
+        return _run(store, settings, students)
+
+
+def _run(store, settings: DistillSettings, students) -> dict:
+    import torch
+    from transformers import AutoModelForCausalLM
+
     torch.set_num_threads(max(1, settings.threads))
-    store = LogitStore(settings.store_dir)
+    if settings.tail == "bucket" and "kd_ce" in students:
+        if not any(math.isclose(settings.temperature, t) for t in store.temperatures):
+            raise ConfigError(
+                f"distill.temperature={settings.temperature}: the store has a logsumexp at "
+                f"{store.temperatures} only; add it to generation.temperatures and run the "
+                "workflow again, or use one of those"
+            )
     held = holdout_mask(store.sample_ids, settings.holdout_fraction)
     if held.all() or not held.any():
         raise ConfigError(
@@ -215,13 +230,12 @@ def run_distill(settings: DistillSettings, students=("kd_ce", "ce_only")) -> dic
     teacher = AutoModelForCausalLM.from_pretrained(settings.teacher_path, dtype=torch.float32)
     teacher.eval()
     heldout = HeldOut(store, np.flatnonzero(held), settings, teacher)
-    del teacher
     result = {
         "settings": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(settings).items()},
         "train_samples": int((~held).sum()),
         "heldout_samples": heldout.num_samples,
         "heldout_tokens": heldout.num_tokens,
-        "teacher": {"perplexity": heldout.teacher_perplexity()},
+        "teacher": {"perplexity": heldout.teacher_perplexity},
         "students": {},
     }
     for name in students:
@@ -241,7 +255,6 @@ def run_distill(settings: DistillSettings, students=("kd_ce", "ce_only")) -> dic
     if {"kd_ce", "ce_only"} <= set(result["students"]):
         kd, ce = result["students"]["kd_ce"], result["students"]["ce_only"]
         result["ppl_ratio"] = kd["perplexity"] / ce["perplexity"]
-    store.close()
     return result
 
 

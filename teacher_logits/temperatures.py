@@ -12,6 +12,9 @@ import math
 from .errors import ConfigError
 
 DEFAULT_TEMPERATURES = (1.0,)
+# Below this, logits / T leave the range the stored float32 logsumexp can hold for some
+# vocabularies' logits, and no distillation setup uses such a temperature anyway.
+MIN_TEMPERATURE = 1e-3
 EXAMPLE = "e.g. temperatures: [0.5, 1.0, 2.0]"
 
 
@@ -26,10 +29,11 @@ def check_temperatures(config: dict) -> None:
     seen: set[float] = set()
     for value in listed:
         temperature = float(value)
-        if not (math.isfinite(temperature) and temperature > 0):
+        if not (math.isfinite(temperature) and temperature >= MIN_TEMPERATURE):
             raise ConfigError(
-                f"generation.temperatures: {value!r} is not a temperature above 0 (a logsumexp "
-                f"of logits / T needs a finite T > 0); list only positive numbers, {EXAMPLE}"
+                f"generation.temperatures: {value!r} is not a temperature of at least "
+                f"{MIN_TEMPERATURE} (a logsumexp of logits / T needs a finite T > 0); list only "
+                f"such numbers, {EXAMPLE}"
             )
         if temperature in seen:
             raise ConfigError(

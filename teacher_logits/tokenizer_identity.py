@@ -75,9 +75,11 @@ def tokenizer_summary(tokenizer) -> dict:
 def tokenizer_content_fingerprint(tokenizer) -> str:
     """sha256 of the summary in canonical JSON: the same for a tokenizer saved again
     (whatever bytes or key order its files get), another for any change the summary sees."""
-    canonical = json.dumps(
-        tokenizer_summary(tokenizer), sort_keys=True, ensure_ascii=False, separators=(",", ":")
-    )
+    return summary_fingerprint(tokenizer_summary(tokenizer))
+
+
+def summary_fingerprint(summary: dict) -> str:
+    canonical = json.dumps(summary, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
     return hashlib.sha256(canonical.encode("utf-8", "surrogatepass")).hexdigest()
 
 

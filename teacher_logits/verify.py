@@ -139,6 +139,7 @@ def deep_problems(root: Path, manifest: dict, workers: int) -> list[str]:
     }
     identity = {**common, "num_shards": num_shards}
     temperatures = planned_temperatures(manifest.get("settings"))
+    masked_only = bool(index_attrs.get("masked_only", False))
     # Indexes from before temperatures were stored name none: those stores hold 1.0 only.
     index_wrong = identity_mismatch(index_attrs, common)
     if TEMPERATURES_ATTR in index_attrs:
@@ -164,6 +165,8 @@ def deep_problems(root: Path, manifest: dict, workers: int) -> list[str]:
             # and fletcher32 checksums vouch for them.
             with h5py.File(path, "r") as handle:
                 input_ids = handle["input_ids"][:]
+                # Chat data: likewise its own loss mask, which says which rows it stores.
+                loss_mask = handle["loss_mask"][:] if "loss_mask" in handle else None
         except Exception as exc:  # noqa: BLE001
             raise ShardError(f"input_ids unreadable ({type(exc).__name__}: {exc})") from None
         expectation = ShardExpectation(
@@ -172,6 +175,8 @@ def deep_problems(root: Path, manifest: dict, workers: int) -> list[str]:
             input_ids=input_ids,
             attrs={**common, "shard_index": index, "num_shards": num_shards},
             vocab_size=manifest["vocab_size"],
+            loss_mask=loss_mask,
+            masked_only=masked_only,
             temperatures=temperatures,
         )
         summary = validate_shard(path, expectation, progress=progress)

@@ -290,6 +290,11 @@ def test_chat_workflow_loss_mask_and_masked_only_storage(workflow, demo_dir, tmp
         n = len(masked[row]["input_ids"])
         stored = np.flatnonzero(masked[row]["row_stored"])
         np.testing.assert_array_equal(np.flatnonzero(batch["kd_mask"][row, :n].numpy()), stored)
+    # A copied chat store passes the deep check, full and masked-only alike.
+    from teacher_logits.verify import verify
+
+    for output_dir in ("results/demo", "results/masked"):
+        assert verify(workflow.path(output_dir), deep=True) == [], output_dir
 
 
 @pytest.mark.slow

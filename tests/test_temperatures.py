@@ -59,7 +59,7 @@ def default_config() -> dict:
     "temperatures,message",
     [
         ([0.5, 2.0, 0.5], "generation.temperatures lists 0.5 more than once"),
-        ([1.0, 0.0], "generation.temperatures: 0.0 is not a temperature above 0"),
+        ([1.0, 0.0], "generation.temperatures: 0.0 is not a temperature of at least 0.001"),
     ],
 )
 def test_a_bad_temperature_list_fails_at_plan_time_in_one_line(workflow, temperatures, message):
@@ -75,9 +75,10 @@ def test_a_bad_temperature_list_fails_at_plan_time_in_one_line(workflow, tempera
     [
         ([2, 2.0], "lists 2.0 more than once"),
         ([1, 1.0], "lists 1.0 more than once"),
-        ([-1.5], "-1.5 is not a temperature above 0"),
-        ([float("inf")], "inf is not a temperature above 0"),
-        ([float("nan")], "nan is not a temperature above 0"),
+        ([-1.5], "-1.5 is not a temperature of at least 0.001"),
+        ([float("inf")], "inf is not a temperature of at least 0.001"),
+        ([float("nan")], "nan is not a temperature of at least 0.001"),
+        ([1e-40], "1e-40 is not a temperature of at least 0.001"),
     ],
 )
 def test_check_temperatures_names_the_key_the_value_and_the_fix(temperatures, message):

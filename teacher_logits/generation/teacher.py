@@ -129,10 +129,6 @@ class TopKHead:
     to top-k in chunks.
     """
 
-    # Temperatures other than 1 whose logsumexp is kept too (a class default, so a head
-    # assembled by hand, as bench/bench_generate.py does, needs no new attribute).
-    extra_temperatures: tuple[float, ...] = ()
-
     def __init__(
         self,
         model,

@@ -107,9 +107,9 @@ class ShardLocalBatchSampler:
             )
         if int(seed) < 0:
             raise TrainingInputError(f"seed must be a non-negative integer, not {seed}")
-        if max_length is not None and int(max_length) <= 0:
+        if max_length is not None and int(max_length) < 2:
             raise TrainingInputError(
-                f"max_length must be a positive number of tokens or None, not {max_length}"
+                f"max_length must be at least 2 tokens (as collate's) or None, not {max_length}"
             )
         if int(pool_batches) < 0:
             raise TrainingInputError(

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from ..errors import TokenizerMismatch, TrainingInputError
 from ..layout import INDEX_NAME, RunLayout
-from ..tokenizer_identity import first_difference, tokenizer_summary
+from ..tokenizer_identity import first_difference, summary_fingerprint, tokenizer_summary
 
 WHY = (
     "the student must use the teacher's tokenizer (the store's ids index the teacher's vocabulary)"
@@ -37,6 +37,18 @@ def _load(tokenizer):
     return tokenizer
 
 
+def _stored_fingerprint(store, root: Path) -> str | None:
+    if isinstance(store, (str, os.PathLike)):
+        from ..store.reader import LogitStore
+
+        try:
+            with LogitStore(root) as opened:
+                return opened.tokenizer_content_fingerprint
+        except (OSError, ValueError):  # no readable index: compare with the copy alone
+            return None
+    return getattr(store, "tokenizer_content_fingerprint", None)
+
+
 def check_tokenizer(store, tokenizer) -> None:
     """Raise ``TokenizerMismatch`` naming the first difference between the teacher's
     tokenizer (kept in the store) and ``tokenizer`` (an object, or a directory to load
@@ -45,6 +57,11 @@ def check_tokenizer(store, tokenizer) -> None:
 
     ``store``: a ``LogitStore``, or the store directory (or its ``index.h5``)."""
     root = _store_root(store)
+    student = tokenizer_summary(_load(tokenizer))
+    # The store records what the teacher's tokenizer does: an equal student needs no
+    # loading of the copy (which, for trust_remote_code tokenizers, may need their code).
+    if _stored_fingerprint(store, root) == summary_fingerprint(student):
+        return
     teacher_dir = RunLayout(root).tokenizer_dir
     if not teacher_dir.is_dir():
         raise TrainingInputError(
@@ -55,6 +72,6 @@ def check_tokenizer(store, tokenizer) -> None:
     from transformers import AutoTokenizer
 
     teacher = tokenizer_summary(AutoTokenizer.from_pretrained(str(teacher_dir)))
-    difference = first_difference(teacher, tokenizer_summary(_load(tokenizer)))
+    difference = first_difference(teacher, student)
     if difference:
         raise TokenizerMismatch(f"{difference}; {WHY}")
