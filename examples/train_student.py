@@ -26,6 +26,10 @@ def build_student(args, store):
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 
     if args.tiny:
+        if store.vocab_size is None:
+            raise SystemExit(
+                f"{args.store} records no vocab_size: gather it again, or use --student"
+            )
         config = LlamaConfig(
             vocab_size=store.vocab_size,
             hidden_size=64,

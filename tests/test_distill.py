@@ -81,3 +81,25 @@ def test_distill_rule_trains_and_reports_two_students(tmp_path, demo_dir):
     wf.run("--report", "report.html", "distill", config=config)
     html = wf.path("report.html").read_text(errors="replace")
     assert "distill.png" in html and "4. Student" in html
+
+
+def test_example_training_script_runs_against_a_store(tmp_path):
+    """examples/train_student.py on the checked-in store (made by an older version: no
+    tokenizer copy, vocab_size from its manifest), two workers, a few steps."""
+    import shutil
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    store = tmp_path / "store"
+    shutil.copytree(REPO / "tests" / "data" / "store_v2", store)
+    script = REPO / "examples" / "train_student.py"
+    args = ["--tiny", "--steps", "4", "--workers", "2", "--max-tokens", "512"]
+    result = subprocess.run(
+        [sys.executable, str(script), str(store), *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
