@@ -43,6 +43,7 @@ def test_settings_come_from_the_distill_section(tmp_path):
     assert settings.store_dir == tmp_path / "out"
 
 
+@pytest.mark.slow
 def test_dry_run_plans_distill_only_when_asked(workflow):
     plain = workflow.run("-n", "--cores", "2")
     assert "rule distill:" not in plain.stdout
@@ -83,6 +84,7 @@ def test_distill_rule_trains_and_reports_two_students(tmp_path, demo_dir):
     assert "distill.png" in html and "4. Student" in html
 
 
+@pytest.mark.slow
 def test_example_training_script_runs_against_a_store(tmp_path):
     """examples/train_student.py on the checked-in store (made by an older version: no
     tokenizer copy, vocab_size from its manifest), two workers, a few steps."""

@@ -16,6 +16,7 @@ import h5py
 import numpy as np
 import pytest
 import yaml
+from test_prepare_and_teacher import _tiny_model
 
 from teacher_logits import LogitStore
 from teacher_logits.config import meaning_settings
@@ -59,7 +60,12 @@ def default_config() -> dict:
     "temperatures,message",
     [
         ([0.5, 2.0, 0.5], "generation.temperatures lists 0.5 more than once"),
-        ([1.0, 0.0], "generation.temperatures: 0.0 is not a temperature of at least 0.001"),
+        # The same wiring as above (check_temperatures' cases are unit tests below).
+        pytest.param(
+            [1.0, 0.0],
+            "generation.temperatures: 0.0 is not a temperature of at least 0.001",
+            marks=pytest.mark.slow,
+        ),
     ],
 )
 def test_a_bad_temperature_list_fails_at_plan_time_in_one_line(workflow, temperatures, message):
@@ -131,25 +137,11 @@ def test_the_disk_estimate_adds_4_bytes_per_token_per_extra_temperature():
 
 
 def tiny_model(arch: str):
+    """The teacher tests' tiny model, with logits spread (random init gives ~0.1) so
+    that the temperatures matter."""
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
 
-    torch.manual_seed(0)
-    common = dict(
-        vocab_size=300,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=8,
-    )
-    if arch == "gemma2":  # soft-capping after lm_head: the head uses the model's forward
-        config = AutoConfig.for_model("gemma2", final_logit_softcapping=5.0, **common)
-    else:
-        config = AutoConfig.for_model("llama", **common)
-    model = AutoModelForCausalLM.from_config(config).eval()
-    # Spread the logits (random init gives ~0.1): the temperatures must matter.
+    model = _tiny_model(arch)
     with torch.no_grad():
         model.get_output_embeddings().weight.mul_(30.0)
     return model
