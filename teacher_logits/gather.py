@@ -23,7 +23,7 @@ import h5py
 import numpy as np
 
 from .disk import disk_full_is_a_user_error, ensure_room, gather_bytes, write_text_guarded
-from .errors import DiskFullError, ShardError
+from .errors import DiskFullError, ShardError, TeacherError
 from .fingerprints import file_sha256
 from .gather_stats import loss_mask_counts, run_statistics, shard_entry
 from .generation.parts import remove_parts_dirs
@@ -224,7 +224,10 @@ def gather(
             attrs["tokenizer_content_fingerprint"] = plan["tokenizer_content_fingerprint"]
         if tokenizer_source is not None:
             # Before the index: every store that has an index has its tokenizer beside it.
-            copy_tokenizer_files(tokenizer_source, layout.tokenizer_dir)
+            try:
+                copy_tokenizer_files(tokenizer_source, layout.tokenizer_dir)
+            except TeacherError as exc:  # the store is whole without it; the check says so
+                log.warning("no tokenizer copy in the store: %s", exc)
         columns = {
             "sample_ids": all_ids[order],
             "sample_shard": shard_of[order],

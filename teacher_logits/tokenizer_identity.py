@@ -172,13 +172,23 @@ def first_difference(expected_summary: dict, actual_summary: dict) -> str | None
 # -- the teacher tokenizer's copy ------------------------------------------------------
 
 
+def _tokenizer_like(name: str) -> bool:
+    """Files other tokenizers load from: SentencePiece and tiktoken models, and the code
+    of a ``trust_remote_code`` tokenizer."""
+    return name.startswith(("tokenizer", "tokenization")) or name.endswith((".model", ".tiktoken"))
+
+
 def copy_tokenizer_files(source_dir: str | os.PathLike, dest_dir: str | os.PathLike) -> list[str]:
     """Copy the tokenizer files of a model directory to ``dest_dir``, replacing an
     existing one. The files are written into a sibling folder that is then renamed into
     place, so a reader sees the old copy, the new one, or (for the instant between two
     renames) none, never half of one. Returns the names copied."""
     source, dest = Path(source_dir), Path(dest_dir)
-    names = [name for name in TOKENIZER_FILES if (source / name).is_file()]
+    names = sorted(
+        path.name
+        for path in source.iterdir()
+        if path.is_file() and (path.name in TOKENIZER_FILES or _tokenizer_like(path.name))
+    )
     if not names:
         raise TeacherError(
             f"{source} holds no tokenizer files ({', '.join(TOKENIZER_FILES[:3])}, ...); "
