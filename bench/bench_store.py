@@ -18,16 +18,18 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
+import blosc2
 import h5py
 import numpy as np
 
 # This folder (for common) and the repository (for teacher_logits), before any import
 # of either: the benchmarks run from a plain checkout.
 sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1])]
+import teacher_logits.store.chunks as shard_chunks
 import teacher_logits.store.writer as shard_writer
 from teacher_logits import LogitStore
 from teacher_logits.layout import RunLayout
-from teacher_logits.store.codec import decode_topk
+from teacher_logits.store.codec import decode_topk, encode_topk
 from teacher_logits.store.format import COMPRESSIONS
 from teacher_logits.store.prepared import read_prepared
 from teacher_logits.store.writer import ShardWriter
@@ -38,12 +40,15 @@ from common import (  # noqa: E402
     Timer,
     demo_assets,
     emit,
+    id_floor_bytes_per_token,
     machine,
     prepared_shard,
     table,
 )
 
 TOP_K = 64
+# A Llama-3-sized vocabulary for the proxies of real vocabularies.
+BIG_VOCAB = 128256
 
 
 def demo_rows(num_docs: int):
@@ -85,9 +90,9 @@ def rank_order_layout():
         shard_writer.encode_topk = saved
 
 
-def write_shard(path, lengths, input_ids, rows, compression, sample_ids=None):
+def write_shard(path, lengths, input_ids, rows, compression, sample_ids=None, cls=ShardWriter):
     offsets = np.concatenate([[0], np.cumsum(lengths)])
-    writer = ShardWriter(path, len(lengths), int(offsets[-1]), TOP_K, compression=compression)
+    writer = cls(path, len(lengths), int(offsets[-1]), TOP_K, compression=compression)
     writer.add_samples(np.arange(len(lengths)) if sample_ids is None else sample_ids, lengths)
     step = 1 << 14
     for r0 in range(0, int(offsets[-1]), step):
@@ -119,6 +124,170 @@ def read_all(path, decode: bool) -> None:
             f["logsumexp"][r0 : r0 + 4096]
             if decode:
                 decode_topk(ids, values)
+
+
+def vocab_proxies(rows, vocab: int) -> dict:
+    """The demo rows at ``vocab`` (2k) and at two 128,256-token proxies of the same rows:
+    (a) ids through a fixed random injective map (pessimistic: no frequency order), (b) ids
+    spread in order plus a fixed jitter, as a BPE vocabulary keeps frequent tokens low."""
+    spread = BIG_VOCAB // vocab
+    random_map = np.random.default_rng(0).choice(BIG_VOCAB, vocab, replace=False)
+    ordered_map = np.arange(vocab) * BIG_VOCAB // vocab + np.random.default_rng(1).integers(
+        0, spread, vocab
+    )
+    assert len(np.unique(ordered_map)) == vocab and ordered_map.max() < BIG_VOCAB
+    out = {f"{vocab:,}": rows}
+    for name, mapping in (("128k random (a)", random_map), ("128k ordered (b)", ordered_map)):
+        out[name] = {**rows, "topk_ids": mapping.astype(np.int32)[rows["topk_ids"]]}
+    return out
+
+
+class BaselineWriter(ShardWriter):
+    """The writer before chunks were compressed outside HDF5: its flush loop, verbatim, so
+    ``write_speedup`` compares both on the same rows in the same run."""
+
+    def _flush(self, final: bool) -> None:
+        if not self._pending:
+            return
+        block = {n: np.concatenate([p[n] for p in self._pending]) for n in self._pending[0]}
+        chunk = shard_writer.CHUNK_ROWS
+        count = self._pending_rows if final else self._pending_rows // chunk * chunk
+        r0 = self._written
+        if "topk_ids" in block:
+            block["topk_ids"][:count], block["topk_logits"][:count] = encode_topk(
+                block["topk_ids"][:count], block["topk_logits"][:count]
+            )
+        for name, values in block.items():
+            self._file[name][r0 : r0 + count] = values[:count]
+        self._written += count
+        self._pending_rows -= count
+        self._pending = [{n: v[count:] for n, v in block.items()}] if self._pending_rows else []
+
+
+@contextmanager
+def chunk_settings(threads=None, ids=None, values=None):
+    """Run the default writer with another pool size or other Blosc2 settings."""
+    saved = shard_chunks.compress_threads, dict(shard_chunks.CODECS), shard_chunks.VALUES_CODEC
+    if threads is not None:
+        shard_chunks.compress_threads = lambda: threads
+    if ids is not None:
+        shard_chunks.CODECS["topk_ids"] = ids
+    if values is not None:
+        shard_chunks.VALUES_CODEC = values
+    try:
+        yield
+    finally:
+        shard_chunks.compress_threads = saved[0]
+        shard_chunks.CODECS.clear()
+        shard_chunks.CODECS.update(saved[1])
+        shard_chunks.VALUES_CODEC = saved[2]
+
+
+def dataset_bytes(path) -> dict:
+    with h5py.File(path, "r") as f:
+        return {name: f[name].id.get_storage_size() for name in f}
+
+
+def codec_options(by_vocab: dict, tokens: int) -> list[dict]:
+    """Blosc2 settings per dataset on the stored (encoded) rows: B/token and one thread's
+    compression speed, chunk by chunk as the writer compresses them."""
+    codec = shard_chunks.ChunkCodec
+    bitshuffle = blosc2.Filter.BITSHUFFLE
+    options = {
+        "zstd 5, byte shuffle (before)": codec(5),
+        "zstd 5, bit shuffle": codec(5, shuffle=bitshuffle),
+        "zstd 1, byte shuffle": codec(1),
+        "zstd 1, bit shuffle": codec(1, shuffle=bitshuffle),
+        "zstd 2, byte shuffle, chunk-sized block": codec(2, whole_chunk_block=True),
+        "zstd 5, byte shuffle, chunk-sized block": codec(5, whole_chunk_block=True),
+    }
+    step = shard_writer.CHUNK_ROWS
+    results = []
+    for vocab, rows in by_vocab.items():
+        ids, values = encode_topk(rows["topk_ids"], rows["topk_logits"])
+        stored = {"topk_ids": ids, "topk_logits": values, "logsumexp": rows["logsumexp"]}
+        stored["entropy"] = rows["entropy"]
+        for option, settings in options.items():
+            result = {"vocab": vocab, "option": option}
+            for name, array in stored.items():
+                with Timer() as t:
+                    size = sum(
+                        len(shard_chunks.compress_chunk(array[r0 : r0 + step], step, settings))
+                        for r0 in range(0, len(array), step)
+                    )
+                result[name] = size / tokens
+                result[f"{name}_tokens_per_s"] = tokens / t.seconds
+            results.append(result)
+    return results
+
+
+def vocab_storage(folder, lengths, input_ids, by_vocab: dict) -> list[dict]:
+    """The default writer's shard at each vocabulary: file and per-dataset bytes/token."""
+    tokens = len(input_ids)
+    results = []
+    for n, (vocab, rows) in enumerate(by_vocab.items()):
+        path = folder / f"vocab_{n}.h5"
+        write_shard(path, lengths, input_ids, rows, "default")
+        sizes = dataset_bytes(path)
+        size = path.stat().st_size
+        big = vocab.startswith("128k")
+        results.append(
+            {
+                "vocab": vocab,
+                "bytes_per_token": size / tokens,
+                "fraction_of_naive": size / tokens / NAIVE_BYTES_PER_TOKEN,
+                "id_bytes_per_token": sizes["topk_ids"] / tokens,
+                "value_bytes_per_token": sizes["topk_logits"] / tokens,
+                "id_floor_bytes_per_token": id_floor_bytes_per_token(
+                    BIG_VOCAB if big else int(vocab.replace(",", "")), TOP_K
+                ),
+            }
+        )
+    return results
+
+
+def writer_throughput(folder, lengths, input_ids, rows, repeats: int) -> list[dict]:
+    """Tokens/s of the writer before (HDF5 compresses, one thread) and now, best of
+    ``repeats`` each, interleaved so that load from elsewhere hits all alike."""
+    tokens = len(input_ids)
+    codec = shard_chunks.ChunkCodec
+    variants = [
+        ("before: HDF5 filter, zstd 5, 1 thread", {}, BaselineWriter),
+        ("pool of 1, today's levels", {"threads": 1}, ShardWriter),
+        ("pool of 1, zstd 5 everywhere", {"threads": 1, "ids": codec(5), "values": codec(5)}, None),
+        (
+            "pool of 1, Blosc2 with 2 threads",
+            {
+                "threads": 1,
+                "ids": codec(2, whole_chunk_block=True, nthreads=2),
+                "values": codec(1, nthreads=2),
+            },
+            None,
+        ),
+        ("pool of 2", {"threads": 2}, None),
+        ("pool of 4", {"threads": 4}, None),
+        (f"default (pool of {shard_chunks.compress_threads()})", {}, ShardWriter),
+    ]
+    best = {name: float("inf") for name, _, _ in variants}
+    sizes = {}
+    for _ in range(repeats):
+        for n, (name, settings, cls) in enumerate(variants):
+            path = folder / f"write_{n}.h5"
+            with chunk_settings(**settings), Timer() as t:
+                write_shard(path, lengths, input_ids, rows, "default", cls=cls or ShardWriter)
+            best[name] = min(best[name], t.seconds)
+            sizes[name] = path.stat().st_size / tokens
+            path.unlink()
+    baseline = best[variants[0][0]]
+    return [
+        {
+            "writer": name,
+            "tokens_per_s": tokens / best[name],
+            "speedup": baseline / best[name],
+            "bytes_per_token": sizes[name],
+        }
+        for name, _, _ in variants
+    ]
 
 
 def storage_options(folder, lengths, input_ids, rows):
@@ -222,7 +391,8 @@ def main(argv=None):
     table(
         f"Storage at k={TOP_K} on {machine()}: demo teacher (trained Llama, vocab {vocab}), "
         f"demo corpus, teacher in bfloat16; naive = {NAIVE_BYTES_PER_TOKEN} B/token (int32 ids, float16 values, "
-        "float32 logsumexp); MB/s of naive bytes, one thread",
+        "float32 logsumexp); MB/s of naive bytes; default compresses in a pool of "
+        f"{shard_chunks.compress_threads()} threads, the others in HDF5 (one thread)",
         [
             "layout",
             "compression",
@@ -248,6 +418,61 @@ def main(argv=None):
     default = next(
         s for s in storage if s["layout"] == "sorted id deltas" and s["compression"] == "default"
     )
+
+    # Real vocabularies: the same rows at 128,256 ids (proxies a and b).
+    by_vocab = vocab_proxies(rows, vocab)
+    options = codec_options(by_vocab, tokens)
+    datasets = ("topk_ids", "topk_logits", "logsumexp", "entropy")
+    table(
+        "Blosc2 settings per dataset (B/token of each stored dataset; compression k tokens/s, "
+        "one thread, chunks of the writer)",
+        [
+            "vocabulary",
+            "setting",
+            "ids",
+            "values",
+            "lse",
+            "entropy",
+            "ids k tok/s",
+            "values k tok/s",
+        ],
+        [
+            [
+                o["vocab"],
+                o["option"],
+                *(o[name] for name in datasets),
+                o["topk_ids_tokens_per_s"] / 1e3,
+                o["topk_logits_tokens_per_s"] / 1e3,
+            ]
+            for o in options
+        ],
+    )
+    vocabs = vocab_storage(work / "storage", lengths, input_ids, by_vocab)
+    table(
+        f"Default storage by vocabulary (same rows; naive = {NAIVE_BYTES_PER_TOKEN} B/token at "
+        "every vocabulary; floor = log2(C(vocab, 64))/8, a uniformly random 64-id set)",
+        ["vocabulary", "B/token (file)", "of naive", "ids B/token", "id floor", "values B/token"],
+        [
+            [
+                v["vocab"],
+                v["bytes_per_token"],
+                f"{v['fraction_of_naive']:.1%}",
+                v["id_bytes_per_token"],
+                v["id_floor_bytes_per_token"],
+                v["value_bytes_per_token"],
+            ]
+            for v in vocabs
+        ],
+    )
+    random_proxy, ordered_proxy = vocabs[1], vocabs[2]
+    writers = writer_throughput(work / "storage", lengths, input_ids, rows, 2 if args.quick else 3)
+    table(
+        f"Shard writer, default compression, {tokens:,} tokens at vocab {vocab} on {machine()} "
+        "(best of runs interleaved in one process)",
+        ["writer", "tokens/s", "speedup", "B/token (file)"],
+        [[w["writer"], w["tokens_per_s"], w["speedup"], w["bytes_per_token"]] for w in writers],
+    )
+    new_writer = writers[-1]
 
     # Chunk layout: random-order reads against bytes per token.
     layouts = []
@@ -302,6 +527,17 @@ def main(argv=None):
             "storage_bytes_per_token": default["bytes_per_token"],
             "storage_read_mb_per_s": default["read_mb_per_s"],
             "storage_write_mb_per_s": default["write_mb_per_s"],
+            "vocab_storage": vocabs,
+            "codec_options": options,
+            "storage_fraction_of_naive_128k": random_proxy["fraction_of_naive"],
+            "storage_fraction_of_naive_128k_ordered": ordered_proxy["fraction_of_naive"],
+            "storage_bytes_per_token_128k": random_proxy["bytes_per_token"],
+            "id_floor_bytes_per_token_128k": random_proxy["id_floor_bytes_per_token"],
+            "id_bytes_per_token_128k": random_proxy["id_bytes_per_token"],
+            "writers": writers,
+            "write_speedup": new_writer["speedup"],
+            "write_tokens_per_s": new_writer["tokens_per_s"],
+            "write_threads": shard_chunks.compress_threads(),
             "chunk_layouts": [{k: v for k, v in c.items() if k != "folder"} for c in layouts],
             "chunk_rows": saved,
             "gather_tokens_per_s": chosen["gather_tokens_per_s"],

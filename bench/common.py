@@ -27,6 +27,14 @@ DEMO_DIR = Path(os.environ.get("TEACHER_LOGITS_DEMO_DIR", REPO / "resources" / "
 NAIVE_BYTES_PER_TOKEN = 64 * 4 + 64 * 2 + 4
 
 
+def id_floor_bytes_per_token(vocab: int, k: int = 64) -> float:
+    """Bytes per token of a uniformly random k-id subset of ``vocab``: log2(C(vocab, k)) / 8."""
+    import math
+
+    bits = (math.lgamma(vocab + 1) - math.lgamma(k + 1) - math.lgamma(vocab - k + 1)) / math.log(2)
+    return bits / 8
+
+
 def machine() -> str:
     cpu = platform.processor() or platform.machine()
     try:

@@ -23,6 +23,7 @@ HERE = Path(__file__).resolve().parent
 SCRIPTS = [
     "bench_generate.py",
     "bench_store.py",
+    "bench_scale.py",
     "bench_plan.py",
     "bench_fingerprint.py",
     "bench_distill.py",
@@ -32,9 +33,13 @@ TARGETS = [
     ("floor_ratio", ">=", 0.95, "generate job vs floor tokens/s"),
     ("naive_ratio", ">=", 3.0, "generate job vs naive script tokens/s"),
     ("storage_fraction_of_naive", "<=", 0.28, "default storage / naive 388 B/token"),
+    ("storage_fraction_of_naive_128k", "<=", 0.45, "default storage at a 128,256 vocabulary"),
+    ("write_speedup", ">=", 3.0, "shard writer vs the previous writer, same rows"),
     ("storage_read_mb_per_s", ">=", 300.0, "default storage read MB/s"),
     ("gather_tokens_per_s", ">=", 1e6, "gather validation + indexing tokens/s"),
     ("reader_tokens_per_s", ">=", 250e3, "reader, random order, 1 process, tokens/s"),
+    ("reader_rss_ratio_2000_vs_50", "<=", 1.2, "reader worker peak RSS, 2,000 vs 50 shards"),
+    ("gather_incremental_ratio", "<=", 0.10, "gather after replacing 20 of 2,000 shards"),
     ("plan_ratio_1000", "<=", 2.0, "snakemake -n at 1,000 shards vs bare"),
     (
         "teacher_content_digest_fraction_of_load",

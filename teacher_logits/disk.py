@@ -25,6 +25,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from .disk_reservations import LEDGER_NAME, room_ledger
 from .errors import DiskFullError
 from .layout import RunLayout, partial_path
 from .store.format import CHUNK_ROWS, extra_temperatures
@@ -205,7 +206,9 @@ def check_shard_fits(
     store_entropy: bool,
     rows_per_part: int = DEFAULT_ROWS_PER_PART,
 ) -> None:
-    """Refuse to start a shard whose job cannot fit in the free space of its folder.
+    """Refuse to start a shard whose job cannot fit in the free space of its folder less
+    what other running jobs reserved; else reserve its room while the caller holds the
+    shard's job lock (``disk_reservations``).
 
     The job writes the shard (compressed) and, beside it, resume parts holding the same
     rows uncompressed (about 4x the shard's size at top_k=64); the parts are deleted
@@ -220,19 +223,26 @@ def check_shard_fits(
     per_row = part_bytes_per_token(int(plan["top_k"]), value_dtype, store_entropy, temperatures)
     parts_need = parts_bytes(num_tokens - committed_rows(layout, shard), per_row, rows_per_part)
     needed = shard_need + parts_need
-    free = free_bytes(output.parent)
-    partial = partial_path(output)
-    if partial.exists():  # a killed attempt's file is overwritten: its space counts as free
-        free += partial.stat().st_size
-    if needed > free:
-        raise DiskFullError(
-            f"disk full: shard {shard} needs about {human_bytes(needed)} ({needed} bytes: "
-            f"{human_bytes(shard_need)} for the shard, {estimate.basis}, and "
-            f"{human_bytes(parts_need)} for its resume parts, {per_row} bytes/token "
-            f"uncompressed, deleted once the shard is written) but only {human_bytes(free)} "
-            f"({free} bytes) are free under {output.parent}; free some space or point "
-            "output_dir at a bigger disk, then rerun"
-        )
+    with room_ledger(layout) as ledger:
+        free = free_bytes(output.parent)
+        partial = partial_path(output)
+        if partial.exists():  # a killed attempt's file is overwritten: its space counts as free
+            free += partial.stat().st_size
+        others = ledger.reserved_by_others(shard)
+        taken = sum(others.values())
+        if needed > free - taken:
+            busy = ", ".join(str(s) for s in sorted(others) if others[s])
+            also = f", of which running jobs (shards {busy}) still need {human_bytes(taken)}"
+            raise DiskFullError(
+                f"disk full: shard {shard} needs about {human_bytes(needed)} ({needed} bytes: "
+                f"{human_bytes(shard_need)} for the shard, {estimate.basis}, and "
+                f"{human_bytes(parts_need)} for its resume parts, {per_row} bytes/token "
+                f"uncompressed, deleted once the shard is written) but only {human_bytes(free)} "
+                f"({free} bytes) are free under {output.parent}{also if taken else ''}; free "
+                "some space or point output_dir at a bigger disk, then rerun"
+            )
+        with disk_full_is_a_user_error(layout.shards_dir / LEDGER_NAME):
+            ledger.record(shard, needed, others)
 
 
 DISK_FULL_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}

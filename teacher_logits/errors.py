@@ -20,6 +20,11 @@ class GpuConfigError(ConfigError):
     """A problem with ``gpus``, ``gpus_per_model`` or the GPU mask of the shell."""
 
 
+class LockError(ConfigError):
+    """A lock the filesystem cannot take (flock failing with more than "already held");
+    the message names the lock, the OS error and where the lock must live instead."""
+
+
 class DataError(UserError):
     """A dataset, row or chat conversation the workflow cannot use."""
 

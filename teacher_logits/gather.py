@@ -1,5 +1,9 @@
 """Gather: validate every shard, then write ``index.h5`` and ``manifest.json``.
 
+Shards are checked and hashed in worker processes (``gather_checks``); a shard whose
+file and expectations did not change since a previous gather checked it is taken from
+the check cache (``output_dir/.gather_checks.json``) instead of being read again.
+
 A shard that fails any check, or that another run made (its teacher, tokenizer or
 config fingerprint differs from the plan's), stops the gather: the first line of the
 error names the shards, one line per bad shard says why, and the last line is the
@@ -25,25 +29,17 @@ import numpy as np
 from .disk import disk_full_is_a_user_error, ensure_room, gather_bytes, write_text_guarded
 from .errors import DiskFullError, ShardError, TeacherError
 from .fingerprints import file_sha256
+from .gather_checks import check_shards, planned_samples
 from .gather_stats import loss_mask_counts, run_statistics, shard_entry
 from .generation.parts import remove_parts_dirs
 from .layout import RunLayout, partial_path
-from .store.format import FORMAT_VERSION, TEMPERATURES_ATTR, read_attrs
-from .store.identity import (
-    fingerprint_conflicts,
-    identity_mismatch,
-    shard_list,
-    temperature_mismatch,
-)
-from .store.isolated import check_isolated, default_workers
-from .store.prepared import read_prepared_sample_ids, read_prepared_shard
-from .store.validate import ForeignShard, ShardExpectation, open_shard, validate_shard
+from .store.format import FORMAT_VERSION, TEMPERATURES_ATTR
+from .store.identity import fingerprint_conflicts, shard_list
 from .store.writer import GuardedFile
 from .temperatures import planned_temperatures
 from .tokenizer_identity import copy_tokenizer_files
 
 log = logging.getLogger("gather")
-
 
 # Snakemake options that must not be repeated in the printed command.
 _DROP_WITH_VALUE = {"--forcerun", "-R", "--until", "-U", "--omit-from", "-O"}
@@ -111,19 +107,24 @@ def regenerate_hint(shard_paths: list[str]) -> str:
     return shlex.join([*kept, "--forcerun", *shard_paths])
 
 
+def load_plan(layout: RunLayout) -> dict:
+    """The run's shard plan: the one place gather reads it."""
+    return json.loads(layout.plan.read_text())
+
+
 def gather(
     layout: RunLayout, workers: int | None = None, tokenizer_source: Path | None = None
 ) -> None:
     """Validate every planned shard of the run, then index them into one store."""
     start = time.time()
-    plan = json.loads(layout.plan.read_text())
-    tokens_path, index_out, manifest_out = layout.tokens, layout.index, layout.manifest
+    plan = load_plan(layout)
+    index_out, manifest_out = layout.index, layout.manifest
     shard_paths = [str(layout.shard(i)) for i in range(int(plan["num_shards"]))]
     masked_only = bool(plan["settings"]["generation"].get("store_masked_only", False))
     temperatures = planned_temperatures(plan["settings"])
     store_dir = layout.output_dir
+    # Not num_shards: shards planned when the run was smaller (appended data) say fewer.
     expected_common = {
-        "num_shards": plan["num_shards"],
         "top_k": plan["top_k"],
         "teacher_fingerprint": plan["teacher_fingerprint"],
         "tokenizer_fingerprint": plan["tokenizer_fingerprint"],
@@ -141,50 +142,12 @@ def gather(
     except DiskFullError as exc:
         raise DiskFullError(f"{exc}; {NO_STORE}") from None
 
-    def check(index: int, progress):
-        # Runs in a worker process: a libhdf5 crash on a corrupt file kills only the worker.
-        with open_shard(shard_paths[index]) as handle:
-            attrs = read_attrs(handle)
-        if identity_mismatch(attrs, {**expected_common, "shard_index": index}):
-            return ForeignShard(attrs)  # another run's shard (or another index): not read on
-        # One shard's tokens at a time: gather's memory does not grow with the dataset.
-        prepared = read_prepared_shard(tokens_path, index)
-        sample_ids, offsets, input_ids = prepared.shard_slice(0)
-        expected = ShardExpectation(
-            sample_ids=sample_ids,
-            offsets=offsets,
-            input_ids=input_ids,
-            attrs={**expected_common, "shard_index": index},
-            vocab_size=plan["vocab_size"],
-            loss_mask=prepared.loss_mask,
-            masked_only=masked_only,
-            temperatures=temperatures,
-        )
-        return validate_shard(shard_paths[index], expected, progress=progress)
-
-    workers = default_workers(workers)
-    log.info("validating %d shards in %d worker process(es)", len(shard_paths), workers)
-    summaries, problems, identities = [], [], {}
-    for result in check_isolated(check, range(len(shard_paths)), workers):
-        index = result.item
-        if isinstance(result.value, ForeignShard):
-            identities[index] = result.value.attrs
-            wrong = identity_mismatch(result.value.attrs, {**expected_common, "shard_index": index})
-            wrong += temperature_mismatch(result.value.attrs, temperatures)
-            why = f"not this run's shard {index} ({'; '.join(wrong)})"
-            log.info("shard %d is bad: %s: %s", index, shard_paths[index], why)
-            problems.append((index, shard_paths[index], why))
-        elif result.error is None:
-            log.info("shard %d is valid: %s", index, shard_paths[index])
-            summaries.append((index, shard_paths[index], result.value))
-            identities[index] = result.value.attrs
-        else:
-            log.info("shard %d is bad: %s: %s", index, shard_paths[index], result.error)
-            problems.append((index, shard_paths[index], result.error))
-    summaries.sort(key=lambda entry: entry[0])
-    problems.sort(key=lambda entry: entry[0])
-    if problems:
-        raise ShardError(bad_shards_message(problems, identities, expected_common))
+    planned = planned_samples(layout)
+    found = check_shards(layout, plan, expected_common, workers, planned)
+    summaries = found.summaries
+    if found.problems:
+        raise ShardError(bad_shards_message(found.problems, found.identities, expected_common))
+    checked_s = time.time() - start
 
     all_ids = np.concatenate([s.sample_ids for _, _, s in summaries])
     if len(np.unique(all_ids)) != len(all_ids):
@@ -192,7 +155,7 @@ def gather(
             "a sample id appears in more than one shard; rerun prepare and all shards "
             f"(force_regenerate=true); {NO_STORE}"
         )
-    if not np.array_equal(np.sort(all_ids), np.sort(read_prepared_sample_ids(tokens_path))):
+    if not np.array_equal(np.sort(all_ids), np.sort(planned[0])):
         raise ShardError(
             "the shards do not hold exactly the samples prepare planned; rerun with "
             f"force_regenerate=true; {NO_STORE}"
@@ -203,7 +166,7 @@ def gather(
     position = np.concatenate([np.arange(s.num_samples, dtype=np.int64) for _, _, s in summaries])
     lengths = np.concatenate([np.diff(s.offsets) for _, _, s in summaries])
     order = np.argsort(all_ids, kind="stable")
-    relative = [os.path.relpath(Path(p).resolve(), store_dir.resolve()) for _, p, _ in summaries]
+    relative = relative_paths([p for _, p, _ in summaries], store_dir)
 
     # Both files are written beside their final names, then renamed together: a full disk
     # (or any error) leaves neither a .partial nor an index without its manifest.
@@ -211,6 +174,7 @@ def gather(
     try:
         attrs = {
             **expected_common,
+            "num_shards": len(shard_paths),
             "format_version": FORMAT_VERSION,
             "num_samples": len(all_ids),
             "num_tokens": int(lengths.sum()),
@@ -279,14 +243,33 @@ def gather(
     remove_parts_dirs(shard_paths)
     seconds = time.time() - start
     log.info(
-        "gathered %d shards, %d samples, %d tokens in %.1f s (%.0f tokens/s); mean top-k mass %.3f",
+        "gathered %d shards (%d checked now, %d unchanged), %d samples, %d tokens in %.1f s "
+        "(%.1f s checking, %.1f s indexing; %.0f tokens/s); mean top-k mass %.3f",
         len(summaries),
+        len(summaries) - found.cached,
+        found.cached,
         len(all_ids),
         total_tokens,
         seconds,
+        checked_s,
+        seconds - checked_s,
         total_tokens / max(seconds, 1e-9),
         manifest["stats"]["mean_topk_mass"],
     )
+
+
+def relative_paths(paths: list[str], store_dir: Path) -> list[str]:
+    """Each shard's path relative to the store, through symlinks as ``resolve`` sees them;
+    a folder is resolved once, not once per shard."""
+    base, folders, out = store_dir.resolve(), {}, []
+    for path in map(Path, paths):
+        if path.is_symlink():
+            out.append(os.path.relpath(path.resolve(), base))
+            continue
+        if path.parent not in folders:
+            folders[path.parent] = path.parent.resolve()
+        out.append(os.path.relpath(folders[path.parent] / path.name, base))
+    return out
 
 
 def write_index(temp: Path, target: Path, attrs: dict, shard_paths: list, columns: dict) -> None:

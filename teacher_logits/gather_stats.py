@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 
 from .disk import uncompressed_bytes_per_token
-from .fingerprints import file_sha256
 from .run_stats import group_summary, overall_rate
 from .store.stats import MASS_BINS, entropy_bins
 from .temperatures import planned_temperatures
@@ -21,8 +20,9 @@ def shard_entry(index: int, path: str, relative: str, summary) -> dict:
         "path": relative,
         "num_samples": summary.num_samples,
         "num_tokens": summary.num_tokens,
-        "sha256": file_sha256(path),
-        "bytes": os.path.getsize(path),
+        # Hashed by the worker that checked the shard (or kept from a cached check).
+        "sha256": summary.sha256,
+        "bytes": summary.file_bytes,
         "cuda_visible_devices": attrs["cuda_visible_devices"],
         "hostname": attrs["hostname"],
         "started_at": attrs["started_at"],

@@ -8,7 +8,8 @@ A claim is a set of ``fcntl.flock`` locks, one per physical GPU, in a machine-wi
 directory. The kernel drops a flock when its holder dies, so a SIGKILLed job can
 never leave a group blocked. Locks are keyed on the physical id (the entry of the
 inherited ``CUDA_VISIBLE_DEVICES`` mask, or the plain index when there is none),
-so two workflows on one machine never share a GPU.
+so two workflows on one machine never share a GPU. A lock directory whose flock fails
+(a network mount without lock support) stops the job with one ``LockError`` line.
 """
 
 from __future__ import annotations
@@ -25,10 +26,16 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import GpuConfigError
+from .errors import GpuConfigError, LockError
+from .locks import lock_error, try_lock
 
 DEFAULT_LOCK_DIR = "/tmp/teacher-logits-gpu-locks"
 LOCK_DIR_ENV = "TEACHER_LOGITS_GPU_LOCK_DIR"
+GPU_LOCK_FIX = (
+    f"set {LOCK_DIR_ENV} to a folder on a local disk of this machine (one folder for "
+    "every workflow that shares its GPUs), or use gpu_assignment: scheduler when a "
+    "cluster scheduler gives each job its GPUs"
+)
 
 log = logging.getLogger(__name__)
 
@@ -213,12 +220,16 @@ class Claim:
     _lock_fds: list[int] = field(default_factory=list, repr=False)
 
     def release(self) -> None:
-        for fd in self._lock_fds:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_UN)
-            finally:
-                os.close(fd)
+        _unlock(self._lock_fds)
         self._lock_fds.clear()
+
+
+def _unlock(fds: Sequence[int]) -> None:
+    for fd in fds:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+        finally:
+            os.close(fd)
 
 
 def lock_dir() -> Path:
@@ -238,10 +249,16 @@ def _lock_path(directory: Path, device: str) -> Path:
 
 
 def _try_lock(path: Path, holder: dict) -> int | None:
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    except OSError as exc:
+        raise lock_error(path, exc, GPU_LOCK_FIX) from exc
+    try:
+        taken = try_lock(fd, path, GPU_LOCK_FIX)
+    except LockError:
+        os.close(fd)
+        raise
+    if not taken:
         os.close(fd)
         return None
     os.ftruncate(fd, 0)
@@ -263,21 +280,24 @@ def try_claim(
     directory: Path,
     first: int = 0,
 ) -> Claim | None:
-    """Lock every GPU of the first free group (starting at ``first``), or return None."""
+    """Lock every GPU of the first free group (starting at ``first``), or return None
+    (``LockError`` when flock fails in the lock directory in another way)."""
     for step in range(len(groups)):
         index = (first + step) % len(groups)
         devices = physical_devices(groups[index], inherited_mask)
         fds: list[int] = []
-        for device in devices:
-            fd = _try_lock(_lock_path(directory, device), {**holder, "gpu": device})
-            if fd is None:
-                break
-            fds.append(fd)
+        try:
+            for device in devices:
+                fd = _try_lock(_lock_path(directory, device), {**holder, "gpu": device})
+                if fd is None:
+                    break
+                fds.append(fd)
+        except LockError:
+            _unlock(fds)
+            raise
         if len(fds) == len(devices):
             return Claim(",".join(devices), index, _lock_fds=fds)
-        for fd in fds:
-            fcntl.flock(fd, fcntl.LOCK_UN)
-            os.close(fd)
+        _unlock(fds)
     return None
 
 

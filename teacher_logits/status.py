@@ -24,8 +24,6 @@ when each finishes), and gather's index, and warns when that exceeds the free sp
 from __future__ import annotations
 
 import argparse
-import errno
-import fcntl
 import json
 import os
 import sys
@@ -33,9 +31,10 @@ import time
 from pathlib import Path
 
 from .disk import free_bytes, gather_bytes, human_bytes, render_disk, run_needs
-from .errors import ShardError
+from .errors import LockError, ShardError
 from .fingerprints import stat_key
 from .layout import RunLayout, atomic_write_text, job_record_for, partial_path
+from .locks import held_by_another
 from .run_stats import busy_seconds, group_summary
 from .store.identity import FINGERPRINTS, identity_mismatch, shard_list
 from .store.isolated import check_batched
@@ -53,26 +52,20 @@ PROVENANCE_KEYS = (
 )
 # Lines of a failed gather's error that status repeats (the first names the shards).
 GATHER_ERROR_LINES = 6
+# Folders whose lock files flock cannot probe, noted once.
+_UNPROBED_DIRS: set[Path] = set()
 
 
 def lock_held(path: Path) -> bool:
-    """Whether some process holds a flock on ``path``; our own probe is released at once."""
+    """Whether a generate job holds the flock on ``path``. Where flock fails there (a mount
+    without lock support) nobody can tell: the shard counts as not running, with a note."""
     try:
-        fd = os.open(path, os.O_RDONLY)
-    except FileNotFoundError:
+        return held_by_another(path)
+    except LockError as error:
+        if path.parent not in _UNPROBED_DIRS:  # one note per folder, not one per shard
+            _UNPROBED_DIRS.add(path.parent)
+            print(f"note: status cannot see which shards are running: {error}", file=sys.stderr)
         return False
-    try:
-        # Shared: it conflicts with a job's exclusive lock but not with another status probe.
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-    except OSError as exc:
-        if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-            return True
-        raise
-    else:
-        fcntl.flock(fd, fcntl.LOCK_UN)
-        return False
-    finally:
-        os.close(fd)
 
 
 def job_record(log_path: Path) -> dict:
@@ -104,7 +97,7 @@ def check_finished(layout: RunLayout, plan: dict, indexes: list[int]) -> dict:
     ``layout.status_checks`` by size, mtime, ctime and inode (ctime moves with any write or
     ``touch``, so a truncated shard whose mtime was put back is checked again).
     """
-    expected = {k: plan[k] for k in ("num_shards", "top_k", *FINGERPRINTS) if k in plan}
+    expected = {k: plan[k] for k in ("top_k", *FINGERPRINTS) if k in plan}
     cache_path = layout.status_checks
     cache = read_json(cache_path) or {}
     known = cache.get("shards", {}) if cache.get("expected") == expected else {}

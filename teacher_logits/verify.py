@@ -133,11 +133,11 @@ def deep_problems(root: Path, manifest: dict, workers: int) -> list[str]:
             f"{INDEX_NAME}: unreadable ({type(exc).__name__}: {exc}); copy it again or rerun gather"
         ]
     entries = {entry["index"]: entry for entry in manifest["shards"]}
-    num_shards = manifest.get("num_shards", len(manifest["shards"]))
+    # Not num_shards: shards of appended data were written when the run had fewer.
     common = {
         key: manifest[key] for key in ("top_k", *FINGERPRINTS) if manifest.get(key) is not None
     }
-    identity = {**common, "num_shards": num_shards}
+    identity = common
     temperatures = planned_temperatures(manifest.get("settings"))
     masked_only = bool(index_attrs.get("masked_only", False))
     # Indexes from before temperatures were stored name none: those stores hold 1.0 only.
@@ -163,7 +163,7 @@ def deep_problems(root: Path, manifest: dict, workers: int) -> list[str]:
         try:
             # No prepared tokens in a copied store: the shard's own ids are the reference,
             # and fletcher32 checksums vouch for them.
-            with h5py.File(path, "r") as handle:
+            with h5py.File(path, "r", locking=False) as handle:
                 input_ids = handle["input_ids"][:]
                 # Chat data: likewise its own loss mask, which says which rows it stores.
                 loss_mask = handle["loss_mask"][:] if "loss_mask" in handle else None
@@ -173,7 +173,7 @@ def deep_problems(root: Path, manifest: dict, workers: int) -> list[str]:
             sample_ids=sample_ids,
             offsets=offsets,
             input_ids=input_ids,
-            attrs={**common, "shard_index": index, "num_shards": num_shards},
+            attrs={**common, "shard_index": index},
             vocab_size=manifest["vocab_size"],
             loss_mask=loss_mask,
             masked_only=masked_only,

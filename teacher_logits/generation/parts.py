@@ -13,13 +13,11 @@ Plain Python, numpy and h5py (no torch, no Snakemake).
 
 from __future__ import annotations
 
-import fcntl
 import io
 import json
 import logging
 import os
 import shutil
-import socket
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -41,6 +39,7 @@ from ..layout import (
     partial_path,
     parts_dir_for,
 )
+from ..locks import OUTPUT_DIR_FIX, holder_line, try_lock
 from ..shard_records import record_written_shard
 from ..store.format import (
     CHUNK_ROWS,
@@ -79,26 +78,23 @@ def job_lock(output: str | os.PathLike, poll_s: float = 10.0):
 
     A job orphaned by a killed Snakemake process may still be writing this output;
     the kernel drops its lock when it exits, so a stale lock never blocks a rerun.
+    A filesystem whose flock fails in another way raises ``LockError``.
     """
     path = lock_path_for(output)
     path.parent.mkdir(parents=True, exist_ok=True)
     handle = open(path, "a+")
     try:
         waited = False
-        while True:
-            try:
-                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if not waited:
-                    handle.seek(0)
-                    holder = handle.read().strip() or "another job"
-                    log.warning("%s is held by %s; waiting for it to finish", path.name, holder)
-                    waited = True
-                time.sleep(poll_s)
+        while not try_lock(handle, path, OUTPUT_DIR_FIX):
+            if not waited:
+                handle.seek(0)
+                holder = handle.read().strip() or "another job"
+                log.warning("%s is held by %s; waiting for it to finish", path.name, holder)
+                waited = True
+            time.sleep(poll_s)
         handle.seek(0)
         handle.truncate()
-        handle.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+        handle.write(holder_line() + "\n")
         handle.flush()
         yield path
     finally:

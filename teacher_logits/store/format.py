@@ -71,8 +71,10 @@ def compression_options(name: str) -> dict:
     if name in ("default", "zstd") and hdf5plugin is None:
         raise ShardError(f"storage.compression={name} needs the hdf5plugin package")
     if name == "default":
-        # Blosc2's own byte shuffle + Zstandard level 5: smaller than level 3 by ~5% on
-        # top-k rows and still fast to write and read (bench/bench_store.py).
+        # Blosc2's byte shuffle + Zstandard. HDF5 compresses at level 5 only what it writes
+        # itself (input_ids, loss_mask); the shard writer compresses the row datasets'
+        # chunks outside HDF5, at the levels store/chunks.py picks per dataset, into the
+        # same Blosc2 frames this filter reads (bench/bench_store.py measures both).
         blosc2 = hdf5plugin.Blosc2
         options.update(blosc2(cname="zstd", clevel=5, filters=blosc2.SHUFFLE))
     elif name == "zstd":

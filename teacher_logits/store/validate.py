@@ -82,22 +82,30 @@ class ShardSummary:
     num_rows: int = -1
     # Tokens with loss_mask 1 (None: the shard has no loss mask).
     loss_mask_ones: int | None = None
+    # The file's sha256 and size, when gather's worker hashed it after the check.
+    sha256: str | None = None
+    file_bytes: int | None = None
 
 
 def validate_shard(
-    path: str | os.PathLike, expected: ShardExpectation, progress=None
-) -> ShardSummary:
+    path: str | os.PathLike, expected: ShardExpectation, progress=None, *, foreign=None
+) -> ShardSummary | ForeignShard:
     """Check one shard completely; raise ``ShardError`` naming the first problem found.
 
     ``progress()``, if given, is called after each step that reads the file, so a
-    watchdog can tell a slow check from libhdf5 spinning on corrupt metadata.
+    watchdog can tell a slow check from libhdf5 spinning on corrupt metadata. With
+    ``foreign`` (the attributes that say which run made a shard), a shard that differs
+    on them is returned as a ``ForeignShard``, unread beyond its attributes.
     """
     progress = progress or (lambda: None)
     handle = open_shard(path)
     try:
         with handle:
             progress()
-            return _validate_open_shard(handle, expected, progress)
+            attrs = read_attrs(handle)  # once: reading attributes is a good part of the cost
+            if foreign and any(attrs.get(k) != v for k, v in foreign.items()):
+                return ForeignShard(attrs)
+            return _validate_open_shard(handle, attrs, expected, progress)
     except ShardError:
         raise
     except Exception as exc:  # corrupt metadata surfaces as many h5py/json error types
@@ -127,7 +135,7 @@ def quick_check(path: str | os.PathLike, num_samples: int, num_tokens: int) -> d
     shard planned with ``num_samples`` and ``num_tokens``; returns its attributes."""
     with open_shard(path) as handle:
         try:
-            attrs = _check_attrs(handle, {})
+            attrs = _check_attrs(read_attrs(handle), {})
             top_k = int(attrs["top_k"])
             rows = handle["logsumexp"].shape[0] if "logsumexp" in handle else num_tokens
             if rows != num_tokens and not (attrs.get("masked_only") and rows <= num_tokens):
@@ -157,8 +165,8 @@ def quick_check(path: str | os.PathLike, num_samples: int, num_tokens: int) -> d
             raise ShardError(f"corrupt or unreadable ({type(exc).__name__}: {exc})") from None
 
 
-def _validate_open_shard(handle, expected: ShardExpectation, progress) -> ShardSummary:
-    attrs = _check_attrs(handle, expected.attrs)
+def _validate_open_shard(handle, attrs, expected: ShardExpectation, progress) -> ShardSummary:
+    _check_attrs(attrs, expected.attrs)
     progress()
     stored = _expected_stored_rows(handle, expected)
     num_rows = expected.num_tokens if stored is None else int(stored.sum())
@@ -190,8 +198,7 @@ def _validate_open_shard(handle, expected: ShardExpectation, progress) -> ShardS
     )
 
 
-def _check_attrs(handle, expected_attrs: dict) -> dict:
-    attrs = read_attrs(handle)
+def _check_attrs(attrs: dict, expected_attrs: dict) -> dict:
     missing = [a for a in REQUIRED_ATTRS if a not in attrs]
     if missing:
         raise ShardError(f"missing attributes {missing}")

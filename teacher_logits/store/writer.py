@@ -36,7 +36,9 @@ class ShardWriter:
 
     The total row count is known from the shard plan, so datasets are created at
     their final size and rows land in order; nothing is ever appended to a file
-    that a previous (killed) process left behind.
+    that a previous (killed) process left behind. With the default compression, the
+    top-k rows of each whole chunk are encoded and compressed in a thread pool and
+    written as finished chunks (``chunks``).
     """
 
     def __init__(
@@ -94,6 +96,17 @@ class ShardWriter:
                 **opts,
             )
             ds.attrs["temperature"] = temperature
+        self._chunk_rows = rows
+        # The default codec's row chunks are compressed in a pool, outside HDF5 (chunks.py);
+        # the other compressions go through HDF5's own filters.
+        self._chunks = None
+        if compression == "default" and num_rows:
+            # Imported here: loading Blosc2 takes 1-2 s, which prepare and gather (writing
+            # through GuardedFile only) need not pay.
+            from . import chunks
+
+            row_sets = {name: f[name] for name in f if is_row_dataset(name)}
+            self._chunks = chunks.ChunkPipeline(row_sets, rows, chunks.compress_threads())
         self._sample_ids = np.zeros(num_samples, dtype=np.int64)
         self._offsets = np.zeros(num_samples + 1, dtype=np.int64)
         self._samples_done = 0
@@ -163,7 +176,7 @@ class ShardWriter:
             self._pending.append(block)
             self._pending_rows += kept
         self._rows_done += rows
-        if self._pending_rows >= CHUNK_ROWS:
+        if self._pending_rows >= self._chunk_rows:
             self._flush(final=False)
         self._guard.check()  # the disk refused a write: stop now, one clean error
 
@@ -171,14 +184,20 @@ class ShardWriter:
         if not self._pending:
             return
         block = {n: np.concatenate([p[n] for p in self._pending]) for n in self._pending[0]}
-        count = self._pending_rows if final else self._pending_rows // CHUNK_ROWS * CHUNK_ROWS
+        step = self._chunk_rows
+        count = self._pending_rows if final else self._pending_rows // step * step
         r0 = self._written
-        if "topk_ids" in block:
-            block["topk_ids"][:count], block["topk_logits"][:count] = encode_topk(
-                block["topk_ids"][:count], block["topk_logits"][:count]
-            )
-        for name, values in block.items():
-            self._file[name][r0 : r0 + count] = values[:count]
+        if self._chunks is not None:
+            for start in range(0, count, step):
+                end = min(start + step, count)
+                self._chunks.submit(r0 + start, {n: v[start:end] for n, v in block.items()})
+        else:
+            if "topk_ids" in block:
+                block["topk_ids"][:count], block["topk_logits"][:count] = encode_topk(
+                    block["topk_ids"][:count], block["topk_logits"][:count]
+                )
+            for name, values in block.items():
+                self._file[name][r0 : r0 + count] = values[:count]
         self._written += count
         self._pending_rows -= count
         self._pending = [{n: v[count:] for n, v in block.items()}] if self._pending_rows else []
@@ -190,6 +209,8 @@ class ShardWriter:
                 f"{self._rows_done}/{self.num_tokens} rows"
             )
         self._flush(final=True)
+        if self._chunks is not None:
+            self._chunks.finish()
         f = self._file
         f["sample_ids"][:] = self._sample_ids
         f["offsets"][:] = self._offsets
@@ -210,6 +231,8 @@ class ShardWriter:
         return self.path
 
     def abort(self) -> None:
+        if self._chunks is not None:
+            self._chunks.close()
         try:
             self._file.close()  # safe after a refused write: the guard kept libhdf5 whole
         except Exception:  # noqa: BLE001 - the file is deleted either way
