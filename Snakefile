@@ -16,7 +16,7 @@ check_config_values(config, "config/schema.yaml")
 validate(config, "config/schema.yaml")
 DEVICES = check_config(config)
 LAYOUT = RunLayout(config["output_dir"])
-force_what_changed(config, LAYOUT)
+SHARD_PLAN = plan_the_shards(config, LAYOUT)
 
 
 # Not in a dry run: planning never waits for or blocks a running workflow.
@@ -38,7 +38,7 @@ rule all:
     input:
         # Listed too, so a plan lost to a failed prepare is made again (and every
         # shard checked against it), not left missing under an older store.
-        rules.prepare.output,
+        segment_files(LAYOUT.segment_plan("{segment}")),
         rules.gather.output,
         rules.report_figures.output,
         # Listed too, so a deleted shard is regenerated (and gathered again).

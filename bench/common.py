@@ -126,6 +126,9 @@ def prepared_shard(
     )
     plan = {
         "num_shards": num_shards,
+        "num_rows": len(lengths),
+        "num_samples": len(lengths),
+        "num_tokens": int(offsets[-1]),
         "top_k": top_k,
         "vocab_size": vocab,
         "teacher_fingerprint": "bench",

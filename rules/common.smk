@@ -21,11 +21,10 @@ from teacher_logits.config import (
     check_schema,
     check_unknown_keys,
     coerce_command_line_values,
-    dataset_path,
+    dataset_paths,
     demo_corpus_path,
     demo_teacher_path,
     meaning_settings_json,
-    shard_names,
     teacher_path,
 )
 from teacher_logits.errors import ConfigError, UserError
@@ -33,11 +32,15 @@ from teacher_logits.generation.parts import remove_parts_dirs
 from teacher_logits.gpus import device_plan, resolve_gpu_assignment
 from teacher_logits.layout import RunLayout
 from teacher_logits.run_inputs import (
+    DataSources,
     InputSources,
-    changes_since_plan,
     current_run_inputs,
+    dataset_inputs,
+    load_digest_cache,
+    save_digest_cache,
 )
 from teacher_logits.run_lock import hold_run_lock
+from teacher_logits.shard_plan import plan_shards
 from teacher_logits.shard_records import date_back
 from teacher_logits.temperatures import check_temperatures
 
@@ -120,34 +123,41 @@ def check_config(config):
     return devices
 
 
-def force_what_changed(config, layout):
-    """Rerun the jobs whose inputs changed by content since they ran.
+def plan_the_shards(config, layout):
+    """The run's shards: the segments prepare recorded, plus one for rows appended since
+    (``shard_plan``); and rerun the jobs whose inputs changed by content since they ran.
 
     Snakemake reruns by timestamps and by its records in .snakemake, keyed by paths as
     typed: a setting changed under another spelling of output_dir, files replaced with
     their timestamps kept, or a fresh .snakemake go unseen. So the current inputs are
-    fingerprinted here and compared with those the plan was made from; a difference
-    dates plan.json back, so prepare runs again (each shard's job then keeps its shard
-    if it still holds), and a finished shard whose size is not what its job wrote is
-    dated back too. Only timestamps change, and a plan dated back by a dry run with
-    other settings gets its date back once the settings are back. Cluster jobs, which
-    read this file again, skip it.
+    fingerprinted here and compared with those each segment was planned from; a
+    difference dates that segment's plan.json back, so prepare runs again (each shard's
+    job then keeps its shard if it still holds), and a finished shard whose size is not
+    what its job wrote is dated forward. Only timestamps change, and a plan dated back
+    by a dry run with other settings gets its date back once the settings are back.
+    Cluster jobs, which read this file again, only need the segments.
     """
-    if workflow.remote_exec or not workflow.is_main_process:
-        return
+    head = not workflow.remote_exec and workflow.is_main_process
+    cache = load_digest_cache(layout)
+    before = dict(cache)
     try:
-        inputs = current_run_inputs(InputSources.from_config(config), layout)
+        sources = InputSources.from_config(config)
+        if head:
+            inputs = current_run_inputs(sources, layout, cache)
+        else:
+            inputs = dataset_inputs(sources, cache)
+        plan = plan_shards(layout, DataSources.from_config(config), inputs, cache, head)
     except UserError as error:
         exit_with_config_error(error)
-    if inputs is None:  # the demo's teacher or data are still to be built: prepare runs
-        return
-    changes = changes_since_plan(layout, inputs)
-    for change in changes:
-        print(
-            f"Note: since prepare last ran, {change}: preparing again", file=sys.stderr
-        )
-    for line in date_back(layout, bool(changes), int(config["num_shards"])):
+    if not head:
+        return plan
+    save_digest_cache(layout, cache, before)
+    for note in plan.notes:
+        print(f"Note: {note}", file=sys.stderr)
+    dated = date_back(layout, plan.outdated, plan.num_shards, len(plan.segments))
+    for line in dated:
         print(f"Note: {line}", file=sys.stderr)
+    return plan
 
 
 def discard_kept_work_of_forced_shards(config):
@@ -159,7 +169,7 @@ def discard_kept_work_of_forced_shards(config):
         asked |= set(settings.targets)
     every = settings.forceall or "generate" in asked
     asked_files = {os.path.abspath(item) for item in asked}
-    shards = [LAYOUT.shard(i) for i in range(int(config["num_shards"]))]
+    shards = [LAYOUT.shard(i) for i in range(SHARD_PLAN.num_shards)]
     remove_parts_dirs(
         [s for s in shards if every or os.path.abspath(s) in asked_files],
         keep_finished=False,
@@ -191,8 +201,42 @@ def teacher_input(wildcards):
 
 
 def dataset_input(wildcards):
-    return str(dataset_path(config))
+    segment = SHARD_PLAN.by_wildcard(wildcards.segment)
+    return [str(p) for p in SHARD_PLAN.dataset_files(segment, dataset_paths(config))]
 
 
 def all_shards(wildcards):
-    return expand(rules.generate.output.shard, shard=shard_names(config))
+    return expand(rules.generate.output.shard, shard=SHARD_PLAN.shard_names())
+
+
+def segment_files(pattern):
+    """Input function: one file of every segment (``pattern`` holds ``{segment}``)."""
+    return lambda wildcards: expand(str(pattern), segment=SHARD_PLAN.wildcards())
+
+
+def own_segment(wildcards):
+    """A shard's own segment's prepared files, not every segment's: appending rows (a new
+    segment) reruns no old shard's job."""
+    index = SHARD_PLAN.segment_of(int(wildcards.shard)).index
+    return {
+        "tokens": str(LAYOUT.segment_tokens(index)),
+        "plan": str(LAYOUT.segment_plan(index)),
+    }
+
+
+def prepare_settings(wildcards):
+    return meaning_settings_json(
+        config, SHARD_PLAN.by_wildcard(wildcards.segment).max_samples
+    )
+
+
+def segment_shard_count(wildcards):
+    return SHARD_PLAN.by_wildcard(wildcards.segment).num_shards
+
+
+def segment_rows(wildcards):
+    # A Segment object: Snakemake records only params it can represent (builtins), so its
+    # rows reach the job without ever being compared, and an end row learned after a
+    # first plan (or a recorded one) reruns nothing. What identifies a segment's content
+    # (its first row and shards) never changes once planned.
+    return SHARD_PLAN.by_wildcard(wildcards.segment)

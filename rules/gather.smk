@@ -3,8 +3,8 @@
 
 rule gather:
     input:
-        plan=rules.prepare.output.plan,
-        tokens=rules.prepare.output.tokens,
+        plans=segment_files(LAYOUT.segment_plan("{segment}")),
+        tokens=segment_files(LAYOUT.segment_tokens("{segment}")),
         shards=all_shards,
     output:
         index=str(LAYOUT.index),

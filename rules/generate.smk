@@ -21,9 +21,8 @@ rule regenerate_request:
 
 rule generate:
     input:
+        unpack(own_segment),
         regenerate=rules.regenerate_request.output.token,
-        tokens=rules.prepare.output.tokens,
-        plan=rules.prepare.output.plan,
     output:
         shard=str(LAYOUT.shard("{shard}")),
     log:

@@ -13,7 +13,6 @@ import os
 from pathlib import Path
 
 from .errors import ConfigError
-from .layout import shard_name
 from .temperatures import normalise_temperatures
 
 DEMO = "demo"
@@ -23,7 +22,8 @@ DATASET_SUFFIXES = (".jsonl", ".json", ".parquet", ".arrow")
 # batch sizes, paths, thread counts) may change without discarding finished shards.
 MEANING_KEYS = {
     "teacher": ("dtype", "attn_implementation", "trust_remote_code"),
-    "dataset": ("split", "text_field", "messages_field", "max_samples"),
+    # Not max_samples (nor num_shards): more rows are appended as new shards.
+    "dataset": ("split", "text_field", "messages_field"),
     "tokenize": ("max_length",),
     "generation": ("top_k", "store_entropy"),
     "storage": ("value_dtype",),
@@ -178,9 +178,12 @@ def teacher_path(config: dict) -> Path:
     return demo_teacher_path(config) if path == DEMO else Path(path)
 
 
-def dataset_path(config: dict) -> Path:
+def dataset_paths(config: dict) -> list[Path]:
+    """``dataset.path``: one path or a list of files, read in list order."""
     path = config["dataset"]["path"]
-    return demo_corpus_path(config) if path == DEMO else Path(path)
+    if path == DEMO:
+        return [demo_corpus_path(config)]
+    return [Path(p) for p in (path if isinstance(path, list) else [path])]
 
 
 PARQUET_MAGIC = b"PAR1"
@@ -263,8 +266,13 @@ def check_paths(config: dict) -> None:
                 f"teacher.path: {teacher} has no config.json, so it is not a Hugging Face model "
                 "folder; point it at the folder save_pretrained wrote"
             )
-    if config["dataset"]["path"] != DEMO:
-        data = Path(config["dataset"]["path"])
+    paths = [] if config["dataset"]["path"] == DEMO else dataset_paths(config)
+    if len(paths) > 1 and any(p.is_dir() for p in paths):
+        raise ConfigError(
+            "dataset.path: a list holds files only; give a save_to_disk folder alone, or "
+            "list its files"
+        )
+    for data in paths:
         if not data.exists():
             raise ConfigError(
                 f"dataset.path: {data} does not exist; give a .jsonl/.json/.parquet/.arrow file, "
@@ -325,10 +333,6 @@ def check_chat_and_overflow(config: dict) -> None:
         )
 
 
-def shard_names(config: dict) -> list[str]:
-    return [shard_name(i) for i in range(int(config["num_shards"]))]
-
-
 def meaning_settings(config: dict) -> dict:
     """The config values that go into ``config_fingerprint`` (no paths)."""
     settings = {
@@ -356,8 +360,12 @@ def _add_meaning_settings(config: dict, settings: dict) -> None:
         settings["dataset"]["chat_template_sha256"] = file_digest(template) if template else None
 
 
-def meaning_settings_json(config: dict) -> str:
-    return json.dumps(meaning_settings(config), sort_keys=True)
+def meaning_settings_json(config: dict, max_samples: int | None) -> str:
+    """prepare's params: the meaning settings with a segment's max_samples, as runs
+    recorded them before rows could be appended (so upgrading reruns no prepare)."""
+    settings = meaning_settings(config)
+    settings["dataset"]["max_samples"] = max_samples
+    return json.dumps(settings, sort_keys=True)
 
 
 def file_digest(path: str) -> str | None:

@@ -25,7 +25,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from .disk_reservations import LEDGER_NAME, room_ledger
+from .disk_reservations import room_ledger
 from .errors import DiskFullError
 from .layout import RunLayout, partial_path
 from .store.format import CHUNK_ROWS, extra_temperatures
@@ -241,7 +241,7 @@ def check_shard_fits(
                 f"({free} bytes) are free under {output.parent}{also if taken else ''}; free "
                 "some space or point output_dir at a bigger disk, then rerun"
             )
-        with disk_full_is_a_user_error(layout.shards_dir / LEDGER_NAME):
+        with disk_full_is_a_user_error(layout.disk_ledger):
             ledger.record(shard, needed, others)
 
 

@@ -27,8 +27,6 @@ from .errors import LockError
 from .layout import RunLayout, atomic_write_text, partial_path
 from .locks import OUTPUT_DIR_FIX, held_by_another, holder_line, try_lock
 
-LEDGER_NAME = ".disk_reservations.json"
-LEDGER_LOCK_NAME = ".disk_reservations.lock"
 # A check holds the ledger for a few stat calls; one held this long is stopped or hung.
 LEDGER_WAIT_S = 60.0
 LEDGER_POLL_S = 0.05
@@ -94,7 +92,7 @@ class Ledger:
             "holder": holder_line(),
             "at": time.time(),
         }
-        atomic_write_text(self.layout.shards_dir / LEDGER_NAME, json.dumps(entries, indent=1))
+        atomic_write_text(self.layout.disk_ledger, json.dumps(entries, indent=1))
 
 
 @contextmanager
@@ -102,7 +100,7 @@ def room_ledger(layout: RunLayout) -> Iterator[Ledger]:
     """Hold the ledger of ``layout``'s shards folder while the caller compares and records."""
     folder = layout.shards_dir
     folder.mkdir(parents=True, exist_ok=True)
-    lock = folder / LEDGER_LOCK_NAME
+    lock = layout.disk_ledger_lock
     with open(lock, "a+") as handle:  # closing releases the lock
         deadline = time.monotonic() + LEDGER_WAIT_S
         while not try_lock(handle, lock, OUTPUT_DIR_FIX):
@@ -118,7 +116,7 @@ def room_ledger(layout: RunLayout) -> Iterator[Ledger]:
         handle.truncate()
         handle.write(holder_line() + "\n")
         handle.flush()
-        yield Ledger(layout, read_entries(folder / LEDGER_NAME))
+        yield Ledger(layout, read_entries(layout.disk_ledger))
 
 
 def read_entries(path: Path) -> dict[str, dict]:

@@ -162,6 +162,21 @@ def config_fingerprint(settings: dict, teacher_fp: str, tokenizer_fp: str) -> st
     return _digest([blob])
 
 
+def run_config_fingerprint(
+    settings: dict, teacher_fp: str, tokenizer_fp: str, earlier: dict | None = None
+) -> str:
+    """The fingerprint a run's shards carry. Until shards could be appended it also hashed
+    ``dataset.max_samples``; a run planned then keeps its fingerprint while its settings
+    mean the same (``earlier``: the recorded plan's ``config_fingerprint`` and settings), so
+    the upgrade regenerates none of its shards and appended shards match them."""
+    if earlier and "max_samples" in (earlier.get("settings") or {}).get("dataset", {}):
+        max_samples = earlier["settings"]["dataset"]["max_samples"]
+        legacy = {**settings, "dataset": {**settings["dataset"], "max_samples": max_samples}}
+        if config_fingerprint(legacy, teacher_fp, tokenizer_fp) == earlier["config_fingerprint"]:
+            return earlier["config_fingerprint"]
+    return config_fingerprint(settings, teacher_fp, tokenizer_fp)
+
+
 def stat_key(path: Path) -> str:
     # ctime moves on every write and cannot be set back by cp -p or rsync -a.
     st = path.stat()
@@ -186,6 +201,44 @@ def content_digest(path: str | Path, cache: dict) -> str:
             entry = cache[name] = {"key": key, "sha256": file_sha256(file)}
         parts += [file.relative_to(path).as_posix() if file != path else "", entry["sha256"]]
     return _digest(parts)
+
+
+def dataset_digest(paths: list[Path], cache: dict) -> str:
+    """``content_digest`` of one path (as runs recorded it before lists), or of a list."""
+    if len(paths) == 1:
+        return content_digest(paths[0], cache)
+    return _digest([content_digest(path, cache) for path in paths])
+
+
+def file_record(path: Path, cache: dict) -> dict:
+    """What a plan records of one dataset path, to tell later whether rows were appended:
+    its size and SHA-256 (a folder: its ``content_digest``)."""
+    digest = content_digest(path, cache)
+    if path.is_file():
+        digest = cache[str(path.resolve())]["sha256"]
+    return {"path": str(path.resolve()), "size": path.stat().st_size, "sha256": digest}
+
+
+def grown_from(path: Path, record: dict, cache: dict) -> bool:
+    """True when ``path`` still starts with exactly the bytes ``record`` describes (the
+    file grew at its end, after a full last line). Cached by the file's stat key."""
+    if path.suffix != ".jsonl" or path.stat().st_size <= record["size"]:
+        return False
+    entry = cache.setdefault(f"grown:{path.resolve()}", {})
+    wanted = f"{stat_key(path)}:{record['size']}:{record['sha256']}"
+    if entry.get("key") != wanted:
+        h, left = hashlib.sha256(), record["size"]
+        with open(path, "rb") as handle:
+            while left and (chunk := handle.read(min(left, 1 << 22))):
+                h.update(chunk)
+                left -= len(chunk)
+            handle.seek(record["size"] - 1)
+            full_line = handle.read(1) == b"\n"
+        cache[f"grown:{path.resolve()}"] = entry = {
+            "key": wanted,
+            "grown": full_line and h.hexdigest() == record["sha256"],
+        }
+    return entry["grown"]
 
 
 def file_sha256(path: str | Path, block: int = 1 << 22) -> str:

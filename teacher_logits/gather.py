@@ -33,6 +33,7 @@ from .gather_checks import check_shards, planned_samples
 from .gather_stats import loss_mask_counts, run_statistics, shard_entry
 from .generation.parts import remove_parts_dirs
 from .layout import RunLayout, partial_path
+from .shard_plan import load_plan
 from .store.format import FORMAT_VERSION, TEMPERATURES_ATTR
 from .store.identity import fingerprint_conflicts, shard_list
 from .store.writer import GuardedFile
@@ -107,11 +108,6 @@ def regenerate_hint(shard_paths: list[str]) -> str:
     return shlex.join([*kept, "--forcerun", *shard_paths])
 
 
-def load_plan(layout: RunLayout) -> dict:
-    """The run's shard plan: the one place gather reads it."""
-    return json.loads(layout.plan.read_text())
-
-
 def gather(
     layout: RunLayout, workers: int | None = None, tokenizer_source: Path | None = None
 ) -> None:
@@ -155,7 +151,7 @@ def gather(
             "a sample id appears in more than one shard; rerun prepare and all shards "
             f"(force_regenerate=true); {NO_STORE}"
         )
-    if not np.array_equal(np.sort(all_ids), np.sort(planned[0])):
+    if not np.array_equal(np.sort(all_ids), np.sort(planned.sample_ids)):
         raise ShardError(
             "the shards do not hold exactly the samples prepare planned; rerun with "
             f"force_regenerate=true; {NO_STORE}"

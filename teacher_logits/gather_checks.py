@@ -11,18 +11,17 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import h5py
 import numpy as np
 
 from .layout import RunLayout
+from .shard_plan import shard_sources
 from .store.identity import identity_mismatch, temperature_mismatch
 from .store.isolated import check_isolated, default_workers
 from .store.prepared import read_prepared_shard
 from .store.validate import ForeignShard, ShardExpectation, validate_shard
 from .store.validation_cache import (
-    CACHE_NAME,
     ValidationCache,
     expectation_key,
     file_identity,
@@ -37,11 +36,30 @@ log = logging.getLogger("gather")
 CACHE_SAVE_S = 60.0
 
 
-def planned_samples(layout: RunLayout) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """prepare's (sample_ids, offsets, shard_bounds) without the tokens: what every
-    shard holds, for the index and for shards whose check is cached."""
-    with h5py.File(layout.tokens, "r") as f:
-        return f["sample_ids"][:], f["offsets"][:], f["shard_bounds"][:]
+@dataclass
+class PlannedSamples:
+    """prepare's samples over every segment, without the tokens: what every shard holds,
+    for the index and for shards whose check is cached. Offsets and bounds run on across
+    segments, as if one tokens file held them all."""
+
+    sample_ids: np.ndarray
+    offsets: np.ndarray
+    bounds: np.ndarray
+    # Per shard: its segment's tokens file and the shard's index in it.
+    sources: list
+
+
+def planned_samples(layout: RunLayout) -> PlannedSamples:
+    sources = shard_sources(layout)
+    ids, offsets, bounds = [], [np.zeros(1, np.int64)], [np.zeros(1, np.int64)]
+    for tokens in dict.fromkeys(path for path, _ in sources):
+        with h5py.File(tokens, "r", locking=False) as f:
+            ids.append(f["sample_ids"][:])
+            offsets.append(f["offsets"][1:] + offsets[-1][-1])
+            bounds.append(f["shard_bounds"][1:] + bounds[-1][-1])
+    return PlannedSamples(
+        np.concatenate(ids), np.concatenate(offsets), np.concatenate(bounds), sources
+    )
 
 
 @dataclass
@@ -55,7 +73,7 @@ class _Checks:
 
 
 def check_shards(
-    layout: RunLayout, plan: dict, expected_common: dict, workers, planned: tuple
+    layout: RunLayout, plan: dict, expected_common: dict, workers, planned: PlannedSamples
 ) -> _Checks:
     """Every planned shard checked completely and hashed in isolated worker processes,
     except those the check cache vouches for (``store.validation_cache``); ``planned`` is
@@ -63,12 +81,12 @@ def check_shards(
     shard_paths = [str(layout.shard(i)) for i in range(int(plan["num_shards"]))]
     masked_only = bool(plan["settings"]["generation"].get("store_masked_only", False))
     temperatures = planned_temperatures(plan["settings"])
-    sample_ids, offsets, bounds = planned
-    # prepare's tokens file stands for the tokens each shard is checked against: a new
-    # prepare checks every shard again (a per-shard digest in the plan entry, where there
-    # is one, narrows that down once the file stays).
+    sample_ids, offsets, bounds = planned.sample_ids, planned.offsets, planned.bounds
+    # A segment's tokens file stands for the tokens its shards are checked against: a new
+    # prepare of a segment checks its shards again (a per-shard digest in the plan entry,
+    # where there is one, narrows that down once the file stays).
+    tokens_identity = {path: file_identity(path) for path, _ in planned.sources}
     common = {
-        "tokens": file_identity(layout.tokens),
         "attrs": expected_common,
         "vocab_size": plan["vocab_size"],
         "masked_only": masked_only,
@@ -83,7 +101,7 @@ def check_shards(
         # Runs in a worker process: a libhdf5 crash on a corrupt file kills only the worker.
         identity = file_identity(shard_paths[index])
         # One shard's tokens at a time: gather's memory does not grow with the dataset.
-        prepared = read_prepared_shard(layout.tokens, index)
+        prepared = read_prepared_shard(*planned.sources[index])
         ids, shard_offsets, input_ids = prepared.shard_slice(0)
         expected = ShardExpectation(
             sample_ids=ids,
@@ -107,11 +125,14 @@ def check_shards(
         summary.file_bytes = identity[0]
         return identity, summary
 
-    cache = ValidationCache(validation_cache_path(layout))
+    cache = ValidationCache(layout.gather_checks)
     expects, todo, found = {}, [], _Checks()
     for index, path in enumerate(shard_paths):
         entry = plan["shards"][index] if index < len(plan.get("shards", [])) else None
-        expects[index] = expectation_key({**common, "shard_index": index, "plan": entry})
+        tokens = tokens_identity[planned.sources[index][0]]
+        expects[index] = expectation_key(
+            {**common, "tokens": tokens, "shard_index": index, "plan": entry}
+        )
         summary = cache.lookup(index, file_identity(path), expects[index], *samples_of(index))
         if summary is None:
             cache.forget(index)
@@ -156,8 +177,3 @@ def check_shards(
     found.summaries.sort(key=lambda entry: entry[0])
     found.problems.sort(key=lambda entry: entry[0])
     return found
-
-
-def validation_cache_path(layout: RunLayout) -> Path:
-    """Where gather keeps its check cache (``store.validation_cache``)."""
-    return layout.output_dir / CACHE_NAME

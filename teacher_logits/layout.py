@@ -95,6 +95,28 @@ class RunLayout:
     def plan(self) -> Path:
         return self._path("prepared", "plan.json")
 
+    # Rows appended after the first plan are prepared as segments of their own:
+    # segment 0 is prepared/tokens.h5 + plan.json, segment j prepared/segment_000j/.
+    def segment_wildcard(self, segment: int) -> str:
+        """The ``{segment}`` wildcard of a segment: empty for 0, ``/segment_0001`` after."""
+        return "" if int(segment) == 0 else f"/segment_{int(segment):04d}"
+
+    def segment_tokens(self, segment: int | str) -> Path:
+        """A segment's tokens (the ``{segment}`` wildcard itself for rule patterns)."""
+        return self._segment_file(segment, self.tokens.name)
+
+    def segment_plan(self, segment: int | str) -> Path:
+        return self._segment_file(segment, self.plan.name)
+
+    def _segment_file(self, segment: int | str, name: str) -> Path:
+        where = segment if isinstance(segment, str) else self.segment_wildcard(segment)
+        return Path(f"{self.prepared_dir}{where}") / name
+
+    @property
+    def prepare_log_pattern(self) -> str:
+        """``logs/prepare.log`` for segment 0, ``logs/prepare/segment_0001.log`` after."""
+        return f"{self.log('prepare').with_suffix('')}{{segment}}.log"
+
     @property
     def regenerate_token(self) -> Path:
         return self._path("prepared", "regenerate.token")
@@ -150,6 +172,20 @@ class RunLayout:
     def status_checks(self) -> Path:
         """``status``'s quick check of each finished shard, by size, mtime, ctime, inode."""
         return self._path(".status_checks.json")
+
+    @property
+    def gather_checks(self) -> Path:
+        """Gather's check of each shard, by size, mtime and inode (``store.validation_cache``)."""
+        return self._path(".gather_checks.json")
+
+    @property
+    def disk_ledger(self) -> Path:
+        """The room reserved by running shard jobs (``disk_reservations``)."""
+        return self.shards_dir / ".disk_reservations.json"
+
+    @property
+    def disk_ledger_lock(self) -> Path:
+        return self.shards_dir / ".disk_reservations.lock"
 
     @property
     def digest_cache(self) -> Path:

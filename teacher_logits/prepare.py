@@ -8,29 +8,33 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from .dataset_errors import describe_unreadable
 from .disk import disk_full_is_a_user_error, write_text_guarded
 from .errors import ConfigError, DataError, GpuConfigError, TeacherError
 from .fingerprints import (
     WEIGHT_SUFFIXES,
-    config_fingerprint,
+    file_record,
+    run_config_fingerprint,
     teacher_fingerprint,
     tokenizer_fingerprint,
 )
 from .layout import RunLayout
-from .run_inputs import InputSources, current_run_inputs
+from .run_inputs import InputSources, current_run_inputs, load_digest_cache, save_digest_cache
 from .settings import PrepareSettings
+from .shard_plan import Segment
 from .store.format import FORMAT_VERSION
 from .store.prepared import PreparedWriter
 from .tokenization import (
     Tokenization,
     add_special_counts,
+    brief,
     empty_special_counts,
+    load_rows,
     special_token_note,
     tokenize_rows,
 )
@@ -42,74 +46,6 @@ log = logging.getLogger("prepare")
 ROWS_PER_PROCESS = 20000
 
 
-def _brief(exc: Exception, limit: int = 300) -> str:
-    """A library's exception as one short line: the user needs the gist, not a wall."""
-    text = " ".join(f"{type(exc).__name__}: {exc}".split())
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def load_column(
-    path: Path,
-    split: str,
-    column: str,
-    max_samples: int | None,
-    key: str = "dataset.text_field",
-    content_digest: str | None = None,
-):
-    """The dataset reduced to ``column``, row order preserved, memory-mapped (never loaded
-    whole): ``datasets`` converts files to Arrow once and maps them from disk."""
-    import datasets
-
-    datasets.disable_progress_bars()
-    # datasets logs a read error itself before raising it: the DataError below says it once.
-    datasets.logging.set_verbosity(logging.CRITICAL)
-    try:
-        if path.is_dir():
-            loaded = datasets.load_from_disk(str(path))
-            if isinstance(loaded, datasets.DatasetDict):
-                if split not in loaded:
-                    raise DataError(
-                        f"dataset.split: {path} has splits {list(loaded)}, not '{split}'; "
-                        "set dataset.split to one of them"
-                    )
-                loaded = loaded[split]
-        else:
-            builder = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".arrow": "arrow"}
-            # datasets keys its Arrow copy of a file by path and mtime: a file edited
-            # with its timestamp kept (cp -p, rsync -a) would be read from the old copy.
-            # So one cache folder per content (without a digest: convert afresh).
-            where = {"download_mode": "force_redownload"}
-            if content_digest:
-                cache = Path(datasets.config.HF_DATASETS_CACHE) / "by_content" / content_digest
-                where = {"cache_dir": str(cache)}
-            loaded = datasets.load_dataset(
-                builder[path.suffix], data_files=str(path), split="train", **where
-            )
-    except DataError:
-        raise
-    except Exception as exc:
-        # Only now, on the failure path: find the line that broke it, and say how to fix it.
-        located = describe_unreadable(path)
-        if located:
-            raise DataError(located) from None
-        raise DataError(
-            f"dataset.path: could not read {path} ({_brief(exc)}); "
-            "check that it is valid JSON Lines / JSON / Parquet / Arrow or a save_to_disk folder"
-        ) from None
-    if column not in loaded.column_names:
-        what = "conversations" if key == "dataset.messages_field" else "text"
-        raise DataError(
-            f"{key}: column '{column}' is not in {path} (columns: "
-            f"{loaded.column_names}); set {key} to the column holding the {what}"
-        )
-    loaded = loaded.select_columns([column])
-    if max_samples is not None:
-        loaded = loaded.select(range(min(max_samples, len(loaded))))
-    if len(loaded) == 0:
-        raise DataError(f"dataset.path: {path} has no rows; give a dataset with text in it")
-    return loaded
-
-
 def check_teacher(teacher_path: Path, top_k: int, trust_remote_code: bool):
     """The teacher folder holds a causal LM and a tokenizer; top_k fits its vocabulary."""
     from transformers import AutoConfig, AutoTokenizer
@@ -119,7 +55,7 @@ def check_teacher(teacher_path: Path, top_k: int, trust_remote_code: bool):
         model_config = AutoConfig.from_pretrained(teacher_path, trust_remote_code=trust_remote_code)
     except Exception as exc:
         raise TeacherError(
-            f"teacher.path: cannot read the model config in {teacher_path} ({_brief(exc)}); "
+            f"teacher.path: cannot read the model config in {teacher_path} ({brief(exc)}); "
             "give a folder that save_pretrained wrote"
         ) from None
     remote_causal = "AutoModelForCausalLM" in (getattr(model_config, "auto_map", None) or {})
@@ -137,7 +73,7 @@ def check_teacher(teacher_path: Path, top_k: int, trust_remote_code: bool):
         tokenizer = AutoTokenizer.from_pretrained(teacher_path, trust_remote_code=trust_remote_code)
     except Exception as exc:
         raise TeacherError(
-            f"teacher.path: no usable tokenizer in {teacher_path} ({_brief(exc)}); "
+            f"teacher.path: no usable tokenizer in {teacher_path} ({brief(exc)}); "
             "save the tokenizer beside the model with tokenizer.save_pretrained"
         ) from None
     text_config = model_config.get_text_config()
@@ -209,66 +145,96 @@ class Tokenized:
     special_token_strings: dict | None = None
 
 
-def prepare(settings: PrepareSettings, layout: RunLayout) -> None:
-    """Tokenize the dataset into ``layout.tokens`` and plan its shards in ``layout.plan``."""
+def prepare(settings: PrepareSettings, layout: RunLayout, segment: Segment | None = None) -> None:
+    """Tokenize the rows of ``segment`` (default: a first plan of the whole dataset) into
+    its tokens file and plan its shards in its ``plan.json``."""
+    if segment is None:
+        segment = Segment(0, 0, None, 0, settings.num_shards, settings.max_samples)
     check_cuda(settings)
     tokenizer, vocab_size = check_teacher(
         settings.teacher.path, settings.top_k, settings.teacher.trust_remote_code
     )
-    # Every later run compares these with its own inputs (run_inputs.changes_since_plan).
-    inputs = current_run_inputs(InputSources.from_prepare_settings(settings), layout)
+    # Every later run compares these with its own inputs (run_inputs, shard_plan).
+    cache = load_digest_cache(layout)
+    before = dict(cache)
+    inputs = current_run_inputs(InputSources.from_prepare_settings(settings), layout, cache)
+    files = [file_record(path, cache) for path in settings.dataset_paths]
+    save_digest_cache(layout, cache, before)
+    if segment.index == 0 and segment.end_row is None:
+        # A plan made from scratch: segments of an earlier plan no longer continue it.
+        for stale in layout.prepared_dir.glob("segment_*"):
+            shutil.rmtree(stale, ignore_errors=True)
     # tokens.h5 reports a full disk itself; what is left is the datasets library's cache.
     with disk_full_is_a_user_error(datasets_cache(), fix=CACHE_FIX):
-        tokenized = tokenize_dataset(settings, tokenizer, layout, inputs["dataset_digest"])
-    plan = shard_plan(settings, vocab_size, tokenized)
+        tokenized = tokenize_dataset(settings, tokenizer, layout, segment, files)
+    plan = shard_plan(settings, vocab_size, tokenized, segment)
+    plan["dataset_files"] = files
     # Every shard's job checks the teacher it loads against these.
     plan["teacher_content_digest"] = inputs["teacher_content_digest"]
     plan["run_inputs"] = inputs
     # What the tokenizer does, not its files' bytes: a student's check_tokenizer compares it.
     plan["tokenizer_content_fingerprint"] = tokenizer_content_fingerprint(tokenizer)
-    write_text_guarded(layout.plan, json.dumps(plan, indent=1))
+    write_text_guarded(layout.segment_plan(segment.index), json.dumps(plan, indent=1))
     log.info(
         "prepared %d samples, %d tokens (%d truncated to %d, %d longer kept whole, %d dropped) "
-        "in %d shards",
+        "in %d shards (%s)",
         len(tokenized.sample_ids),
         tokenized.offsets[-1],
         tokenized.truncated,
         settings.max_length,
         tokenized.split,
         len(tokenized.dropped),
-        settings.num_shards,
+        segment.num_shards,
+        f"rows {plan['segment']['first_row']}-{plan['segment']['end_row'] - 1}, shards "
+        f"{segment.first_shard}-{segment.shards.stop - 1}",
     )
     if tokenized.trained is not None:
         log.info("loss mask: %d of %d tokens trained on", tokenized.trained, tokenized.offsets[-1])
 
 
 def tokenize_dataset(
-    settings: PrepareSettings, tokenizer, layout: RunLayout, dataset_digest: str | None = None
+    settings: PrepareSettings, tokenizer, layout: RunLayout, segment: Segment, files: list[dict]
 ) -> Tokenized:
-    """Stream the dataset through the tokenizer into ``layout.tokens`` (atomically)."""
+    """Stream the segment's rows through the tokenizer into its tokens file (atomically);
+    records each file's row count in ``files``."""
     chat = chat_renderer(settings, tokenizer)
     key = "dataset.messages_field" if chat else "dataset.text_field"
     column = settings.messages_field if chat else settings.text_field
-    data = load_column(
-        settings.dataset_path, settings.split, column, settings.max_samples, key, dataset_digest
+    data, per_file = load_rows(
+        settings.dataset_paths, settings.split, column, key, [f["sha256"] for f in files]
     )
+    for record, rows in zip(files, per_file):
+        record["rows"] = rows
+    if len(data) == 0:
+        raise DataError(f"dataset.path: {describe(settings)} has no rows; give a dataset with text")
+    end = len(data) if settings.max_samples is None else min(settings.max_samples, len(data))
+    end = end if segment.end_row is None else min(segment.end_row, len(data))
+    if end <= segment.first_row:
+        raise DataError(
+            f"dataset.path: {describe(settings)} has {len(data)} rows, none from row "
+            f"{segment.first_row} on as planned; run the same command again to plan anew"
+        )
+    data = data.select(range(segment.first_row, end))
     num_rows = len(data)
     processes = max(1, min(settings.threads, -(-num_rows // ROWS_PER_PROCESS)))
     log.info(
-        "%d rows in %s (memory-mapped); tokenizing in %d process(es)",
-        num_rows,
-        settings.dataset_path,
+        "rows %d-%d of %s (memory-mapped); tokenizing in %d process(es)",
+        segment.first_row,
+        end - 1,
+        describe(settings),
         processes,
     )
     work = Tokenization(
         tokenizer, settings.max_length, settings.overflow, chat, settings.split_special_tokens
     )
-    writer = PreparedWriter(layout.tokens, with_loss_mask=chat is not None)
+    writer = PreparedWriter(layout.segment_tokens(segment.index), with_loss_mask=chat is not None)
     kept_rows, lengths, dropped = [], [], []
     truncated = split = trained = 0
     specials = empty_special_counts()
+    source = settings.dataset_paths[0] if len(settings.dataset_paths) == 1 else None
     try:
-        for result in tokenize_rows(data, column, work, processes, settings.dataset_path):
+        rows = tokenize_rows(data, column, work, processes, source, segment.first_row)
+        for result in rows:
             writer.append(result["input_ids"], result["loss_mask"])
             kept_rows.append(result["rows"])
             lengths.append(result["lengths"])
@@ -284,9 +250,9 @@ def tokenize_dataset(
         note = special_token_note(specials, settings.split_special_tokens, chat is not None)
         if note:
             log.log(*note)
-        check_samples_kept(settings, len(kept_rows), num_rows)
+        check_samples_kept(settings, segment, len(kept_rows), num_rows)
         offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
-        bounds = split_shards(lengths, settings.num_shards)
+        bounds = split_shards(lengths, segment.num_shards)
         writer.commit(kept_rows, offsets, bounds)
     except BaseException:
         writer.abort()
@@ -295,27 +261,51 @@ def tokenize_dataset(
                      trained if chat is not None else None, specials)  # fmt: skip
 
 
-def check_samples_kept(settings: PrepareSettings, kept: int, num_rows: int) -> None:
+def describe(settings: PrepareSettings) -> str:
+    return ", ".join(str(path) for path in settings.dataset_paths)
+
+
+def check_samples_kept(settings: PrepareSettings, segment: Segment, kept: int, rows: int) -> None:
     if not kept:
         raise DataError(
-            f"dataset.path: all {num_rows} rows of {settings.dataset_path} have empty text; check "
+            f"dataset.path: all {rows} rows of {describe(settings)} have empty text; check "
             "that dataset.text_field names the column that holds the text"
         )
-    if settings.num_shards > kept:
+    if segment.num_shards > kept and segment.index == 0:
         raise ConfigError(
-            f"num_shards={settings.num_shards} is more than the {kept} samples kept; "
+            f"num_shards={segment.num_shards} is more than the {kept} samples kept; "
             f"use num_shards={kept} or fewer"
+        )
+    if segment.num_shards > kept:
+        raise DataError(
+            f"dataset.path: {rows} rows were appended but only {kept} have text, fewer than "
+            f"the {segment.num_shards} shards planned for them; append rows with text"
         )
 
 
-def shard_plan(settings: PrepareSettings, vocab_size: int, tokenized: Tokenized) -> dict:
-    """``plan.json``: the shards' sizes and the fingerprints every shard must carry."""
+def shard_plan(
+    settings: PrepareSettings, vocab_size: int, tokenized: Tokenized, segment: Segment
+) -> dict:
+    """A segment's ``plan.json``: its rows, its shards' sizes and the fingerprints every
+    shard must carry."""
     teacher_fp = teacher_fingerprint(settings.teacher.path)
     tokenizer_fp = tokenizer_fingerprint(settings.teacher.path)
     offsets, bounds = tokenized.offsets, tokenized.shard_bounds
+    fingerprint = run_config_fingerprint(
+        settings.meaning, teacher_fp, tokenizer_fp, segment.earlier
+    )
     plan = {
         "format_version": FORMAT_VERSION,
-        "num_shards": settings.num_shards,
+        # This segment's shards (plan.json of segment 0 counted every shard before appends).
+        "num_shards": segment.num_shards,
+        "segment": {
+            "index": segment.index,
+            "first_row": segment.first_row,
+            "end_row": segment.first_row + tokenized.num_rows,
+            "first_shard": segment.first_shard,
+            "num_shards": segment.num_shards,
+        },
+        "max_samples": settings.max_samples,
         "num_rows": tokenized.num_rows,
         "num_samples": len(tokenized.sample_ids),
         "num_tokens": int(offsets[-1]),
@@ -327,15 +317,15 @@ def shard_plan(settings: PrepareSettings, vocab_size: int, tokenized: Tokenized)
         "vocab_size": vocab_size,
         "teacher_fingerprint": teacher_fp,
         "tokenizer_fingerprint": tokenizer_fp,
-        "config_fingerprint": config_fingerprint(settings.meaning, teacher_fp, tokenizer_fp),
+        "config_fingerprint": fingerprint,
         "settings": settings.meaning,
         "shards": [
             {
-                "index": i,
+                "index": segment.first_shard + i,
                 "num_samples": int(bounds[i + 1] - bounds[i]),
                 "num_tokens": int(offsets[bounds[i + 1]] - offsets[bounds[i]]),
             }
-            for i in range(settings.num_shards)
+            for i in range(segment.num_shards)
         ],
         "dropped": tokenized.dropped,
     }

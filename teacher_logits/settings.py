@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from .config import dataset_path, meaning_settings, teacher_path
+from .config import dataset_paths, meaning_settings, teacher_path
 from .gpus import DevicePlan, device_plan
 from .temperatures import DEFAULT_TEMPERATURES, normalise_temperatures
 
@@ -41,7 +41,8 @@ class TeacherSettings:
 class PrepareSettings:
     teacher: TeacherSettings
     devices: DevicePlan
-    dataset_path: Path
+    # Read in list order; sample ids are row numbers over them.
+    dataset_paths: tuple[Path, ...]
     split: str
     text_field: str
     messages_field: str | None
@@ -50,6 +51,7 @@ class PrepareSettings:
     max_samples: int | None
     max_length: int
     overflow: str
+    # Shards of a first plan; appended rows get shards in proportion (shard_plan).
     num_shards: int
     top_k: int
     # What enters config_fingerprint (the settings that change the stored numbers).
@@ -68,7 +70,7 @@ class PrepareSettings:
         return cls(
             teacher=TeacherSettings.from_config(config),
             devices=device_plan(config),
-            dataset_path=dataset_path(config),
+            dataset_paths=tuple(dataset_paths(config)),
             split=ds["split"],
             text_field=ds["text_field"],
             messages_field=ds["messages_field"],

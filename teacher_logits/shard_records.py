@@ -1,7 +1,7 @@
 """Make Snakemake redo what changed by content: timestamps moved, nothing else.
 
-The plan is dated back to 1970 when the run's inputs changed by content
-(``run_inputs.changes_since_plan``), so Snakemake prepares again. A shard truncated
+A segment's plan is dated back to 1970 when the run's inputs changed by content
+(``shard_plan.plan_shards``), so Snakemake prepares that segment again. A shard truncated
 or overwritten after its job finished, with its timestamp kept (``rsync -a``,
 ``cp -p``, a restore), looks finished to Snakemake: its job records the size it
 wrote, and at plan time a shard of another size is dated forward, so gather checks
@@ -35,18 +35,23 @@ def written_size(shard_path: str | os.PathLike) -> int | None:
 OUTDATED = 1
 
 
-def date_back(layout: RunLayout, plan_outdated: bool, num_shards: int) -> list[str]:
-    """Date back the plan when it is outdated (or give it its date back when it no longer
-    is, after a dry run with other settings) and every damaged shard; one line per shard."""
-    try:
-        plan_mtime = layout.plan.stat().st_mtime
-        if plan_outdated and plan_mtime != OUTDATED:
-            os.utime(layout.plan, (OUTDATED, OUTDATED))
-        elif not plan_outdated and plan_mtime == OUTDATED:
-            written = layout.tokens.stat().st_mtime_ns  # written with it
-            os.utime(layout.plan, ns=(written, written))
-    except FileNotFoundError:
-        pass  # no plan: the workflow's target asks for one, so prepare runs
+def date_back(
+    layout: RunLayout, outdated: set[int], num_shards: int, segments: int = 1
+) -> list[str]:
+    """Date back the plans of the ``outdated`` segments (and give a plan its date back when
+    it no longer is, after a dry run with other settings) and every damaged shard; one
+    line per shard."""
+    for segment in range(segments):
+        plan = layout.segment_plan(segment)
+        try:
+            plan_mtime = plan.stat().st_mtime
+            if segment in outdated and plan_mtime != OUTDATED:
+                os.utime(plan, (OUTDATED, OUTDATED))
+            elif segment not in outdated and plan_mtime == OUTDATED:
+                written = layout.segment_tokens(segment).stat().st_mtime_ns  # written with it
+                os.utime(plan, ns=(written, written))
+        except FileNotFoundError:
+            pass  # no plan: the workflow's target asks for one, so prepare runs
     damaged = damaged_shards(layout, num_shards)
     for index in damaged:
         # Dated forward, not back: Snakemake skips a job whose small inputs keep the

@@ -36,6 +36,7 @@ from .fingerprints import stat_key
 from .layout import RunLayout, atomic_write_text, job_record_for, partial_path
 from .locks import held_by_another
 from .run_stats import busy_seconds, group_summary
+from .shard_plan import load_plan, plan_mtimes
 from .store.identity import FINGERPRINTS, identity_mismatch, shard_list
 from .store.isolated import check_batched
 from .store.validate import quick_check
@@ -193,17 +194,21 @@ def collect(output_dir: str | os.PathLike, now: float | None = None) -> dict:
         "now": now,
         "free_bytes": free_bytes(layout.shards_dir),
     }
-    plan = read_json(layout.plan)
+    try:
+        plan, mtimes = load_plan(layout), plan_mtimes(layout)
+    except (OSError, ValueError, KeyError):
+        plan = None
     if plan is None:
         status["prepared"] = False
         status["prepare_error"] = job_error(layout.log("prepare"))
         return status
     status["prepared"] = True
-    plan_mtime = layout.plan.stat().st_mtime
     written = [int(e["index"]) for e in plan["shards"] if layout.shard(int(e["index"])).exists()]
-    written = [i for i in written if layout.shard(i).stat().st_mtime >= plan_mtime]
+    written = [i for i in written if layout.shard(i).stat().st_mtime >= mtimes[i]]
     checked = check_finished(layout, plan, written) if written else {}
-    shards = [shard_state(layout, entry, plan_mtime, checked) for entry in plan["shards"]]
+    shards = [
+        shard_state(layout, entry, mtimes[int(entry["index"])], checked) for entry in plan["shards"]
+    ]
     status["shards"] = shards
     counts = {key: 0 for key in ("done", "in progress", "pending", "failed")}
     for shard in shards:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .dataset_errors import describe_undecodable_row
+from .dataset_errors import describe_undecodable_row, describe_unreadable
 from .errors import ConfigError, DataError
 
 # Rows handed to a tokenizer process at a time: big enough to amortise the hand-over,
@@ -23,6 +23,87 @@ from .errors import ConfigError, DataError
 READ_BATCH_ROWS = 1000
 # Rows named as examples of texts that hold special-token strings.
 SPECIAL_EXAMPLES = 5
+
+
+def brief(exc: Exception, limit: int = 300) -> str:
+    """A library's exception as one short line: the user needs the gist, not a wall."""
+    text = " ".join(f"{type(exc).__name__}: {exc}".split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def load_path(path: Path, split: str, content_digest: str | None = None):
+    """One dataset path, every column, row order preserved, memory-mapped (never loaded
+    whole): ``datasets`` converts files to Arrow once and maps them from disk."""
+    import datasets
+
+    datasets.disable_progress_bars()
+    # datasets logs a read error itself before raising it: the DataError below says it once.
+    datasets.logging.set_verbosity(logging.CRITICAL)
+    try:
+        if path.is_dir():
+            loaded = datasets.load_from_disk(str(path))
+            if isinstance(loaded, datasets.DatasetDict):
+                if split not in loaded:
+                    raise DataError(
+                        f"dataset.split: {path} has splits {list(loaded)}, not '{split}'; "
+                        "set dataset.split to one of them"
+                    )
+                loaded = loaded[split]
+            return loaded
+        builder = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".arrow": "arrow"}
+        # datasets keys its Arrow copy of a file by path and mtime: a file edited
+        # with its timestamp kept (cp -p, rsync -a) would be read from the old copy.
+        # So one cache folder per content (without a digest: convert afresh).
+        where = {"download_mode": "force_redownload"}
+        if content_digest:
+            cache = Path(datasets.config.HF_DATASETS_CACHE) / "by_content" / content_digest
+            where = {"cache_dir": str(cache)}
+        return datasets.load_dataset(
+            builder[path.suffix], data_files=str(path), split="train", **where
+        )
+    except DataError:
+        raise
+    except Exception as exc:
+        # Only now, on the failure path: find the line that broke it, and say how to fix it.
+        located = describe_unreadable(path)
+        if located:
+            raise DataError(located) from None
+        raise DataError(
+            f"dataset.path: could not read {path} ({brief(exc)}); "
+            "check that it is valid JSON Lines / JSON / Parquet / Arrow or a save_to_disk folder"
+        ) from None
+
+
+def load_rows(paths, split: str, column: str, key: str = "dataset.text_field", digests=None):
+    """``column`` of every path in list order, one dataset (sample ids are row numbers
+    over the files in that order), and each path's row count."""
+    import datasets
+
+    parts = []
+    for position, path in enumerate(paths):
+        loaded = load_path(Path(path), split, digests[position] if digests else None)
+        if column not in loaded.column_names:
+            what = "conversations" if key == "dataset.messages_field" else "text"
+            raise DataError(
+                f"{key}: column '{column}' is not in {path} (columns: "
+                f"{loaded.column_names}); set {key} to the column holding the {what}"
+            )
+        parts.append(loaded.select_columns([column]))
+    loaded = parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
+    return loaded, [len(part) for part in parts]
+
+
+def load_column(
+    path, split: str, column: str, max_samples: int | None, key: str = "dataset.text_field"
+):
+    """The dataset (one path or a list) reduced to ``column``, capped at ``max_samples``."""
+    paths = path if isinstance(path, (list, tuple)) else [path]
+    loaded, _ = load_rows(paths, split, column, key)
+    if max_samples is not None:
+        loaded = loaded.select(range(min(max_samples, len(loaded))))
+    if len(loaded) == 0:
+        raise DataError(f"dataset.path: {path} has no rows; give a dataset with text in it")
+    return loaded
 
 
 class Tokenization:
@@ -219,16 +300,17 @@ def _work_batch(first_row: int, values: list) -> dict:
     return _WORKER.batch(first_row, values)
 
 
-def _read_rows(data, column: str, start: int, source: Path | None) -> list:
+def _read_rows(data, column: str, start: int, source: Path | None, first_row: int = 0) -> list:
     """Rows ``start`` to ``start + READ_BATCH_ROWS`` of ``column``; a row whose text is not
     UTF-8 (the JSON reader keeps its bytes, decoding them fails here) is a one-line error."""
     stop = min(start + READ_BATCH_ROWS, len(data))
     try:
         return data[start:stop][column]
     except UnicodeDecodeError as exc:
-        for row in range(start, stop):  # the failure path only: find the row
+        for at in range(start, stop):  # the failure path only: find the row
+            row = first_row + at
             try:
-                data[row][column]
+                data[at][column]
             except UnicodeDecodeError as row_exc:
                 if source is None:
                     raise DataError(
@@ -242,16 +324,19 @@ def _read_rows(data, column: str, start: int, source: Path | None) -> list:
         ) from None
 
 
-def tokenize_rows(data, column: str, work: Tokenization, processes: int, source=None):
+def tokenize_rows(
+    data, column: str, work: Tokenization, processes: int, source=None, first_row: int = 0
+):
     """Yield ``Tokenization.batch`` results in row order, tokenizing in ``processes`` processes.
 
     Rows are read from the memory-mapped dataset a batch at a time and only a few
     batches per process are in flight, so memory stays flat however big the data.
-    ``source``: the dataset's path, named in errors.
+    ``source``: the dataset's path, named in errors. ``data`` starts at dataset row
+    ``first_row`` (an appended segment): sample ids are dataset rows.
     """
     source = Path(source) if source is not None else None
     batches = (
-        (start, _read_rows(data, column, start, source))
+        (first_row + start, _read_rows(data, column, start, source, first_row))
         for start in range(0, len(data), READ_BATCH_ROWS)
     )
     if processes <= 1:

@@ -18,7 +18,7 @@ import pytest
 import yaml
 
 from teacher_logits import LogitStore
-from teacher_logits.config import meaning_settings
+from teacher_logits.config import meaning_settings, meaning_settings_json
 from teacher_logits.errors import ShardError
 from teacher_logits.gather import gather
 from teacher_logits.layout import RunLayout
@@ -119,10 +119,13 @@ def test_todays_defaults_give_the_fingerprint_settings_of_version_2_shards():
     config["tokenize"]["max_length"] = 24
     config["generation"]["top_k"] = 8
     plan = json.loads((STORE_V2 / "prepared" / "plan.json").read_text())
-    assert meaning_settings(config) == plan["settings"]
+    # max_samples left the meaning settings (more rows are appended as new shards); prepare's
+    # params still carry it, as such runs recorded them, so upgrading reruns no prepare.
+    assert json.loads(meaning_settings_json(config, 6)) == plan["settings"]
+    assert "max_samples" not in meaning_settings(config)["dataset"]
     # A meaning key away from its default does enter it.
     config["generation"]["store_masked_only"] = True
-    assert meaning_settings(config) != plan["settings"]
+    assert json.loads(meaning_settings_json(config, 6)) != plan["settings"]
 
 
 def test_the_fingerprint_of_version_2_shards_is_what_prepare_computes_today():
@@ -135,3 +138,13 @@ def test_the_fingerprint_of_version_2_shards_is_what_prepare_computes_today():
         plan["settings"], plan["teacher_fingerprint"], plan["tokenizer_fingerprint"]
     )
     assert fingerprint == plan["config_fingerprint"]
+    # Prepared again today (settings without max_samples), the run keeps that fingerprint.
+    from teacher_logits.fingerprints import run_config_fingerprint
+    from teacher_logits.run_inputs import without_max_samples
+
+    settings = without_max_samples(plan["settings"])
+    assert settings != plan["settings"]
+    again = run_config_fingerprint(
+        settings, plan["teacher_fingerprint"], plan["tokenizer_fingerprint"], plan
+    )
+    assert again == plan["config_fingerprint"]

@@ -20,7 +20,6 @@ import pytest
 from teacher_logits.errors import ShardError
 from teacher_logits.fingerprints import file_sha256
 from teacher_logits.gather import gather
-from teacher_logits.gather_checks import validation_cache_path
 from teacher_logits.store.validation_cache import file_identity, hash_unchanged
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
@@ -91,13 +90,13 @@ def test_a_replaced_shard_is_checked_again_and_an_untouched_one_is_not(run, capl
     with pytest.raises(ShardError, match=r"1 shard\(s\) failed validation \(shard 4\)"):
         gather_counting(run, caplog)
     # The bad shard left the cache; the good ones stayed in it.
-    entries = json.loads(validation_cache_path(run).read_text())["shards"]
+    entries = json.loads(run.gather_checks.read_text())["shards"]
     assert sorted(entries) == ["0", "1", "2", "3", "5"]
 
 
 def test_a_corrupt_cache_file_means_checking_everything(run, caplog):
     gather_counting(run, caplog)
-    cache = validation_cache_path(run)
+    cache = run.gather_checks
     for damage in ('{"version": 1, "shards": {"0": {"file": 3}}', "\0garbage", ""):
         cache.write_text(damage)
         assert gather_counting(run, caplog) == (6, 0)

@@ -27,9 +27,8 @@ from teacher_logits.config import (
 )
 from teacher_logits.errors import ConfigError, DataError
 from teacher_logits.layout import RunLayout
-from teacher_logits.prepare import load_column
 from teacher_logits.settings import PrepareSettings
-from teacher_logits.tokenization import Tokenization
+from teacher_logits.tokenization import Tokenization, load_column
 
 from conftest import REPO, Workflow
 

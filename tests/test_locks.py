@@ -17,7 +17,7 @@ import pytest
 
 from teacher_logits import gpus, locks
 from teacher_logits.disk import free_bytes
-from teacher_logits.disk_reservations import LEDGER_NAME, room_ledger
+from teacher_logits.disk_reservations import room_ledger
 from teacher_logits.errors import ConfigError, DiskFullError, LockError
 from teacher_logits.generation.parts import job_lock
 from teacher_logits.layout import RunLayout, partial_path
@@ -229,7 +229,7 @@ def test_a_killed_jobs_reservation_no_longer_counts(tmp_path):
         os.kill(job.pid, signal.SIGKILL)
         job.join(30)
         check(layout, plan, 1)  # the kernel dropped the killed job's lock: its room is free
-    assert (layout.shards_dir / LEDGER_NAME).read_text().count('"bytes"') == 1
+    assert layout.disk_ledger.read_text().count('"bytes"') == 1
 
 
 def test_a_reservation_shrinks_by_what_its_job_has_written(tmp_path):

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from teacher_logits.errors import UserError
-from teacher_logits.prepare import load_column, split_shards
+from teacher_logits.prepare import split_shards
+from teacher_logits.tokenization import load_column
 
 
 def texts_of(path, split, text_field, max_samples):

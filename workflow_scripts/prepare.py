@@ -8,7 +8,7 @@ from teacher_logits.settings import PrepareSettings
 
 def main():
     settings = PrepareSettings.from_config(snakemake.config, threads=snakemake.threads)
-    prepare(settings, RunLayout(snakemake.config["output_dir"]))
+    prepare(settings, RunLayout(snakemake.config["output_dir"]), snakemake.params.segment)
 
 
 run_job("prepare", snakemake.log[0], main)

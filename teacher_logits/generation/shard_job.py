@@ -9,7 +9,6 @@ the claimed group.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 import time
@@ -23,8 +22,9 @@ from ..disk import check_shard_fits, disk_full_is_a_user_error
 from ..errors import ShardError, TeacherError
 from ..fingerprints import teacher_content_digest, teacher_fingerprint, tokenizer_fingerprint
 from ..gpus import gpu_claim
-from ..layout import RunLayout
+from ..layout import PARTS_ASSEMBLED, RunLayout
 from ..settings import GenerateSettings
+from ..shard_plan import job_plan
 from ..store.format import FORMAT_VERSION, read_attrs
 from ..store.prepared import read_prepared_shard
 from ..store.validate import ShardExpectation, validate_shard
@@ -53,25 +53,27 @@ def generate(settings: GenerateSettings, layout: RunLayout, shard: int) -> None:
     """Make ``layout.shard(shard)``, resuming from committed parts where they still hold."""
     job_started_at = time.time()
     output = layout.shard(shard)
-    plan = json.loads(layout.plan.read_text())
+    # Its own segment's plan and tokens: an append (a new segment) touches neither.
+    job = job_plan(layout, shard)
+    plan = job.plan
     check_teacher_matches_plan(settings.teacher.path, plan)
-    prepared = read_prepared_shard(layout.tokens, shard)
+    prepared = read_prepared_shard(job.tokens, job.local_index)
     sample_ids, offsets, input_ids = prepared.shard_slice(0)
     loss_mask = prepared.loss_mask
     num_tokens = int(offsets[-1])
     content = content_attrs(plan, tokens_digest(sample_ids, offsets, input_ids, loss_mask))
-    identity = part_identity(
-        settings, plan, shard, sample_ids, offsets, layout.regenerate_token.read_text().strip()
-    )
+    token = layout.regenerate_token.read_text().strip()
+    identity = part_identity(settings, plan, (shard, job.segment_end), sample_ids, offsets, token)
     identity.update(content)
 
     with job_lock(output):
         if finished_by_an_earlier_job(output, {**plan, **content}, shard):
             log.info("shard %d was finished by an earlier job while this one waited", shard)
             return
+        say_if_rows_changed(layout, shard, content["tokens_digest"])
         parts = CommittedParts(layout.parts_dir(shard), identity, num_tokens)
-        run_keys = ("num_shards", "top_k", "teacher_fingerprint", "tokenizer_fingerprint",
-                    "config_fingerprint")  # fmt: skip
+        # Not num_shards: it counts the shards there were when a shard was written.
+        run_keys = ("top_k", "teacher_fingerprint", "tokenizer_fingerprint", "config_fingerprint")
         expected = ShardExpectation(
             sample_ids=sample_ids,
             offsets=offsets,
@@ -304,11 +306,36 @@ def check_teacher_matches_plan(teacher_path: Path, plan: dict) -> None:
         )
 
 
+def say_if_rows_changed(layout: RunLayout, shard: int, digest: str) -> None:
+    """One line when the shard on disk (or its kept copy) was made from other token ids:
+    its rows were edited since, so it is generated again."""
+    for path in (layout.shard(shard), layout.parts_dir(shard) / PARTS_ASSEMBLED):
+        try:
+            with h5py.File(path, "r") as handle:
+                earlier = read_attrs(handle).get("tokens_digest")
+        except OSError:
+            continue
+        if earlier and earlier != digest:
+            log.warning(
+                "shard %d: its rows changed since it was made (token digest %s -> %s): "
+                "generating it again",
+                shard,
+                earlier,
+                digest,
+            )
+        return
+
+
 def part_identity(
-    settings: GenerateSettings, plan: dict, shard: int, sample_ids, offsets, regenerate_token: str
+    settings: GenerateSettings, plan: dict, place: tuple, sample_ids, offsets, regenerate_token: str
 ) -> dict:
-    """What committed parts must share with this job to be kept (see ``CommittedParts``)."""
+    """What committed parts must share with this job to be kept (see ``CommittedParts``).
+
+    ``place``: (shard, the shard after its segment's last). The second is fixed when the
+    segment was planned (for the first plan: its num_shards, as parts recorded before
+    appends), so an append invalidates no committed part."""
     plan_digest = hashlib.sha256(sample_ids.tobytes() + offsets.tobytes()).hexdigest()
+    shard, segment_end = place
     return {
         "format_version": FORMAT_VERSION,
         "teacher_fingerprint": plan["teacher_fingerprint"],
@@ -318,6 +345,6 @@ def part_identity(
         "value_dtype": settings.value_dtype,
         "store_entropy": settings.store_entropy,
         "temperatures": list(settings.temperatures),
-        "shard_plan": f"{shard}/{plan['num_shards']}:{plan_digest}",
+        "shard_plan": f"{shard}/{segment_end}:{plan_digest}",
         "regenerate_token": regenerate_token,
     }

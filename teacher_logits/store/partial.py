@@ -9,7 +9,6 @@ here can still fail there. Needs numpy and h5py only.
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -112,8 +111,10 @@ def read_index(index_path: Path, manifest_vocab) -> StoreIndex:
 
 def _load_plan(layout: RunLayout) -> dict:
     """The run's shard plan in ``plan.json``'s shape; the one place partial mode reads it."""
+    from ..shard_plan import load_plan  # every segment of the plan, appended ones too
+
     try:
-        return json.loads(layout.plan.read_text())
+        return load_plan(layout)
     except FileNotFoundError:
         raise StoreError(
             f"no {layout.index.name} and no plan at {layout.plan}: partial mode reads a run "

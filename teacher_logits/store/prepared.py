@@ -128,7 +128,7 @@ def write_prepared(path: str | os.PathLike, prepared: PreparedTokens) -> None:
 
 
 def read_prepared(path: str | os.PathLike) -> PreparedTokens:
-    with h5py.File(path, "r") as f:
+    with h5py.File(path, "r", locking=False) as f:
         return PreparedTokens(
             sample_ids=f["sample_ids"][:],
             offsets=f["offsets"][:],
@@ -140,7 +140,7 @@ def read_prepared(path: str | os.PathLike) -> PreparedTokens:
 
 def read_prepared_sample_ids(path: str | os.PathLike) -> np.ndarray:
     """Every kept sample's id from prepare's output, without its tokens."""
-    with h5py.File(path, "r") as f:
+    with h5py.File(path, "r", locking=False) as f:
         return f["sample_ids"][:]
 
 
@@ -149,9 +149,9 @@ def read_prepared_shard(path: str | os.PathLike, shard: int) -> PreparedTokens:
 
     The result is a one-shard ``PreparedTokens``: its ``shard_slice(0)`` is the shard.
     """
-    with h5py.File(path, "r") as f:
-        bounds = f["shard_bounds"][:]
-        s0, s1 = int(bounds[shard]), int(bounds[shard + 1])
+    with h5py.File(path, "r", locking=False) as f:
+        # Two bounds, not all of them: gather reads every shard this way.
+        s0, s1 = (int(b) for b in f["shard_bounds"][shard : shard + 2])
         offsets = f["offsets"][s0 : s1 + 1]
         r0, r1 = int(offsets[0]), int(offsets[-1])
         return PreparedTokens(

@@ -35,16 +35,11 @@ from .validate import ShardSummary
 
 log = logging.getLogger("gather")
 
-CACHE_NAME = ".gather_checks.json"
 # Raised whenever validation starts checking something it did not: entries made by an
 # older check are then checked again.
 CHECKS_VERSION = 1
 # Bytes hashed between two progress reports (well under a second of reading).
 HASH_BLOCK = 1 << 22
-
-
-def cache_path(output_dir: str | os.PathLike) -> Path:
-    return Path(output_dir) / CACHE_NAME
 
 
 def file_identity(path: str | os.PathLike) -> list[int] | None:

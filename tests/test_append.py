@@ -1,0 +1,275 @@
+"""Appending data: rows added at the end of a JSON Lines file, a file added at the end of
+a dataset.path list, or a larger max_samples get new shards numbered after the last;
+old shards stay byte-identical and their jobs do not run. A changed old row regenerates
+only the shard that holds it."""
+
+import hashlib
+import json
+import re
+import sys
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+from conftest import REPO
+
+sys.path.insert(0, str(REPO))
+from teacher_logits.fingerprints import config_fingerprint, run_config_fingerprint  # noqa: E402
+from teacher_logits.layout import RunLayout  # noqa: E402
+from teacher_logits.run_inputs import DataSources, dataset_rows  # noqa: E402
+from teacher_logits.shard_plan import appended_shards, load_plan, plan_shards  # noqa: E402
+
+OUT = "results/demo"
+# Small rows and few of them: each run takes about a minute on 2 cores.
+SMALL = {
+    "num_shards": 4,
+    "tokenize": {"max_length": 32, "num_proc": 1},
+    "generation": {"batch_tokens": 256, "commit_every_s": 0, "threads": 1, "top_k": 8},
+}
+
+
+def corpus_lines(demo_dir: Path, first: int, stop: int) -> str:
+    return "".join(demo_dir.joinpath("corpus.jsonl").read_text().splitlines(True)[first:stop])
+
+
+# --- fast: plan time ------------------------------------------------------------------------
+
+
+def write_segment_plan(layout: RunLayout, files: list[Path], rows: list[int], shards: int):
+    """A segment-0 plan as prepare records it (only what plan time reads)."""
+    from teacher_logits.fingerprints import file_record
+
+    cache: dict = {}
+    records = [{**file_record(p, cache), "rows": n} for p, n in zip(files, rows)]
+    from teacher_logits.fingerprints import dataset_digest
+
+    plan = {
+        "num_shards": shards,
+        "segment": {"first_row": 0, "end_row": sum(rows), "first_shard": 0, "num_shards": shards},
+        "max_samples": None,
+        "num_rows": sum(rows),
+        "settings": {"dataset": {"split": "train"}},
+        "config_fingerprint": "c",
+        "shards": [{"index": i, "num_samples": 1, "num_tokens": 1} for i in range(shards)],
+        "dataset_files": records,
+        "run_inputs": {"settings": {}, "dataset_digest": dataset_digest(files, cache)},
+    }
+    layout.plan.parent.mkdir(parents=True, exist_ok=True)
+    layout.plan.write_text(json.dumps(plan))
+
+
+def sources(paths, max_samples=None, num_shards=8) -> DataSources:
+    return DataSources(tuple(paths), "train", max_samples, num_shards)
+
+
+def lines(n: int, start: int = 0) -> str:
+    return "".join(json.dumps({"text": f"row {i}"}) + "\n" for i in range(start, start + n))
+
+
+def plan_now(layout, paths, **kwargs):
+    cache: dict = {}
+    from teacher_logits.fingerprints import dataset_digest
+
+    inputs = {"settings": {}, "dataset_digest": dataset_digest(list(paths), cache)}
+    return plan_shards(layout, sources(paths, **kwargs), inputs, cache)
+
+
+def test_rows_appended_to_a_jsonl_file_become_a_new_segment(tmp_path):
+    data = tmp_path / "data.jsonl"
+    data.write_text(lines(100))
+    layout = RunLayout(tmp_path / "out")
+    write_segment_plan(layout, [data], [100], 8)
+    assert plan_now(layout, [data]).segments[-1].index == 0  # unchanged: nothing new
+    with open(data, "a") as handle:
+        handle.write(lines(10, 100) + "\n")  # a blank line is no row
+    plan = plan_now(layout, [data])
+    new = plan.segments[-1]
+    assert (new.index, new.first_row, new.end_row) == (1, 100, 110)
+    assert list(new.shards) == [8]  # ceil(8 * 10 / 100) = 1, numbered after the last
+    assert plan.outdated == set() and plan.num_shards == 9
+    assert "10 rows appended" in plan.notes[0]
+
+
+def test_an_edit_or_a_reordered_list_is_no_append(tmp_path):
+    a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    a.write_text(lines(50))
+    b.write_text(lines(50, 50))
+    layout = RunLayout(tmp_path / "out")
+    write_segment_plan(layout, [a, b], [50, 50], 4)
+    c = tmp_path / "c.jsonl"
+    c.write_text(lines(20, 100))
+    appended = plan_now(layout, [a, b, c])
+    assert appended.outdated == set() and list(appended.segments[-1].shards) == [4]
+    reordered = plan_now(layout, [b, a])
+    assert reordered.outdated == {0} and len(reordered.segments) == 1
+    b.write_text(lines(49, 50) + json.dumps({"text": "edited"}) + "\n")
+    assert (
+        dataset_rows(sources([a, b]), json.loads(layout.plan.read_text())["dataset_files"], {})[0]
+        == 50
+    )  # rows of a are unchanged
+    assert plan_now(layout, [a, b]).outdated == {0}
+
+
+def test_a_larger_max_samples_appends_and_a_smaller_one_plans_from_scratch(tmp_path):
+    data = tmp_path / "data.jsonl"
+    data.write_text(lines(100))
+    layout = RunLayout(tmp_path / "out")
+    write_segment_plan(layout, [data], [100], 8)
+    plan = json.loads(layout.plan.read_text())
+    plan["max_samples"] = plan["segment"]["end_row"] = 60
+    layout.plan.write_text(json.dumps(plan))
+    larger = plan_now(layout, [data], max_samples=90)
+    assert [(s.first_row, s.end_row) for s in larger.segments] == [(0, 60), (60, 90)]
+    assert list(larger.segments[1].shards) == [8, 9, 10, 11]  # ceil(8 * 30 / 60)
+    smaller = plan_now(layout, [data], max_samples=50, num_shards=3)
+    assert len(smaller.segments) == 1 and smaller.segments[0].num_shards == 3
+    assert "from scratch" in smaller.notes[0] and smaller.outdated == {0}
+
+
+def test_num_shards_changed_after_the_first_plan_changes_nothing(tmp_path):
+    data = tmp_path / "data.jsonl"
+    data.write_text(lines(100))
+    layout = RunLayout(tmp_path / "out")
+    write_segment_plan(layout, [data], [100], 8)
+    plan = plan_now(layout, [data], num_shards=3)
+    assert plan.num_shards == 8 and plan.outdated == set() and plan.notes == []
+
+
+def test_appended_shard_counts():
+    from teacher_logits.shard_plan import Segment
+
+    first = Segment(0, 0, 1000, 0, 8)
+    assert [appended_shards(first, n) for n in (1, 100, 125, 126, 1000)] == [1, 1, 1, 2, 8]
+
+
+def test_a_run_planned_before_appends_keeps_its_config_fingerprint():
+    """Its fingerprint hashed dataset.max_samples: the same settings keep it, others not."""
+    settings = {"dataset": {"split": "train"}, "generation": {"top_k": 8}}
+    legacy = {**settings, "dataset": {"split": "train", "max_samples": 300}}
+    earlier = {"config_fingerprint": config_fingerprint(legacy, "t", "k"), "settings": legacy}
+    assert run_config_fingerprint(settings, "t", "k", earlier) == earlier["config_fingerprint"]
+    other = {**settings, "generation": {"top_k": 4}}
+    assert run_config_fingerprint(other, "t", "k", earlier) == config_fingerprint(other, "t", "k")
+    assert run_config_fingerprint(settings, "t", "k") == config_fingerprint(settings, "t", "k")
+
+
+# --- end to end -----------------------------------------------------------------------------
+
+
+def job_counts(dry: str) -> dict:
+    table = dry.split("Job stats:")[1].split("total")[0]
+    return {m[0]: int(m[1]) for m in re.findall(r"^(\w+)\s+(\d+)$", table, re.MULTILINE)}
+
+
+def planned_shards(dry: str) -> list[int]:
+    return sorted({int(s) for s in re.findall(r"wildcards: shard=(\d+)", dry)})
+
+
+def shard_files(wf) -> dict:
+    """Each shard: (sha256, mtime_ns, inode)."""
+    found = {}
+    for path in sorted(wf.path(OUT, "shards").glob("shard_*.h5")):
+        stat = path.stat()
+        digest = hashlib.sha256(path.read_bytes()).hexdigest()
+        found[int(path.stem.split("_")[1])] = (digest, stat.st_mtime_ns, stat.st_ino)
+    return found
+
+
+def assert_appended(wf, config, before: dict, new_shards: list[int], rows: int):
+    """-n lists exactly the new jobs; the run computes only those; old shards untouched;
+    gather indexes every row."""
+    dry = wf.run("-n", config=config)
+    assert job_counts(dry.stdout) == {
+        "prepare": 1,
+        "generate": len(new_shards),
+        "gather": 1,
+        "report_figures": 1,
+        "all": 1,
+    }, dry.stdout
+    assert planned_shards(dry.stdout) == new_shards
+    assert "rows appended" in dry.stderr
+    wf.run("--cores", "2", config=config)
+    after = shard_files(wf)
+    assert {i: after[i] for i in before} == before  # same bytes, never rewritten
+    assert sorted(after) == sorted(before) + new_shards
+    for index in new_shards:
+        log = wf.path(OUT, "logs", "generate", f"shard_{index:05d}.log").read_text()
+        assert "teacher loaded" in log
+    manifest = wf.manifest()
+    assert [s["index"] for s in manifest["shards"]] == sorted(after)
+    plan = load_plan(RunLayout(wf.path(OUT)))
+    assert plan["num_shards"] == len(after) and plan["num_rows"] == rows
+    ids = []
+    for index in sorted(after):
+        with h5py.File(wf.path(OUT, "shards", f"shard_{index:05d}.h5")) as handle:
+            ids.append(handle["sample_ids"][:])
+    dropped = {d["sample_id"] for d in manifest["dropped"]}
+    expected = [r for r in range(rows) if r not in dropped]
+    np.testing.assert_array_equal(np.concatenate(ids), expected)  # row numbers, in order
+    assert "Nothing to be done" in wf.run("-n", config=config).stdout
+
+
+@pytest.mark.slow
+def test_rows_appended_and_a_larger_max_samples_generate_only_new_shards(
+    workflow, demo_dir, tmp_path
+):
+    data = tmp_path / "data.jsonl"
+    data.write_text(corpus_lines(demo_dir, 0, 100))
+    config = {**SMALL, "dataset": {"path": str(data), "max_samples": 90}}
+    workflow.run("--cores", "2", config=config)
+    first = shard_files(workflow)
+    assert sorted(first) == [0, 1, 2, 3]
+
+    config["dataset"]["max_samples"] = 100  # 10 more rows: ceil(4 * 10 / 90) = 1 shard
+    assert_appended(workflow, config, first, [4], 100)
+
+    with open(data, "a") as handle:  # 10% more rows at the end of the file
+        handle.write(corpus_lines(demo_dir, 100, 110))
+    config["dataset"]["max_samples"] = None
+    assert_appended(workflow, config, shard_files(workflow), [5], 110)
+
+    # num_shards only splits future appends: nothing reruns.
+    assert "Nothing to be done" in workflow.run("-n", config={**config, "num_shards": 7}).stdout
+
+
+@pytest.mark.slow
+def test_a_file_added_to_the_dataset_list_generates_only_its_shards(workflow, demo_dir, tmp_path):
+    first, second = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    first.write_text(corpus_lines(demo_dir, 0, 60))
+    second.write_text(corpus_lines(demo_dir, 60, 90))
+    config = {**SMALL, "dataset": {"path": [str(first)]}}
+    workflow.run("--cores", "2", config=config)
+    config["dataset"]["path"] = [str(first), str(second)]  # 30 rows: ceil(4 * 30 / 60) = 2
+    assert_appended(workflow, config, shard_files(workflow), [4, 5], 90)
+
+
+@pytest.mark.slow
+def test_an_edited_old_row_regenerates_only_its_shard(workflow, demo_dir, tmp_path):
+    from test_stale_data import edit_row_keeping_length
+
+    data = tmp_path / "data.jsonl"
+    data.write_text(corpus_lines(demo_dir, 0, 100))
+    config = {**SMALL, "dataset": {"path": str(data)}}
+    workflow.run("--cores", "2", config=config)
+    with open(data, "a") as handle:
+        handle.write(corpus_lines(demo_dir, 100, 110))
+    workflow.run("--cores", "2", config=config)
+    before = shard_files(workflow)
+    plan = load_plan(RunLayout(workflow.path(OUT)))
+    row = plan["shards"][0]["num_samples"] + 1  # in shard 1
+
+    edit_row_keeping_length(data, row, demo_dir / "teacher")
+    dry = workflow.run("-n", config=config)
+    assert "the dataset's content changed" in dry.stderr
+    workflow.run("--cores", "2", config=config)
+    after = shard_files(workflow)
+    assert after[1][0] != before[1][0]
+    assert {i: after[i][0] for i in before if i != 1} == {i: before[i][0] for i in before if i != 1}
+    log = workflow.path(OUT, "logs", "generate", "shard_00001.log").read_text()
+    assert "shard 1: its rows changed since it was made (token digest" in log
+    for index in (0, 2, 3, 4):
+        other = workflow.path(OUT, "logs", "generate", f"shard_{index:05d}.log").read_text()
+        assert "reusing the copy an earlier job finished" in other, index
+    assert "Nothing to be done" in workflow.run("-n", config=config).stdout
