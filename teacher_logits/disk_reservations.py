@@ -102,8 +102,12 @@ def room_ledger(layout: RunLayout) -> Iterator[Ledger]:
     folder.mkdir(parents=True, exist_ok=True)
     lock = layout.disk_ledger_lock
     with open(lock, "a+") as handle:  # closing releases the lock
-        deadline = time.monotonic() + LEDGER_WAIT_S
+        deadline, holder = time.monotonic() + LEDGER_WAIT_S, None
         while not try_lock(handle, lock, OUTPUT_DIR_FIX):
+            handle.seek(0)
+            now_held_by = handle.read()
+            if now_held_by != holder:  # others' checks go on: a queue of them, not a hang
+                deadline, holder = time.monotonic() + LEDGER_WAIT_S, now_held_by
             if time.monotonic() > deadline:
                 handle.seek(0)
                 raise LockError(

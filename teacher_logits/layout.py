@@ -108,6 +108,16 @@ class RunLayout:
     def segment_plan(self, segment: int | str) -> Path:
         return self._segment_file(segment, self.plan.name)
 
+    @property
+    def segment_records_dir(self) -> Path:
+        return self._path("prepared", "segments")
+
+    def segment_record(self, segment: int) -> Path:
+        """A copy of a segment's ``plan.json`` that Snakemake never deletes: it deletes a
+        job's outputs when the job starts (and when it fails), and the segments after one
+        being prepared again must still be known."""
+        return self.segment_records_dir / f"{int(segment):04d}.json"
+
     def _segment_file(self, segment: int | str, name: str) -> Path:
         where = segment if isinstance(segment, str) else self.segment_wildcard(segment)
         return Path(f"{self.prepared_dir}{where}") / name

@@ -164,6 +164,7 @@ def prepare(settings: PrepareSettings, layout: RunLayout, segment: Segment | Non
         # A plan made from scratch: segments of an earlier plan no longer continue it.
         for stale in layout.prepared_dir.glob("segment_*"):
             shutil.rmtree(stale, ignore_errors=True)
+        shutil.rmtree(layout.segment_records_dir, ignore_errors=True)
     # tokens.h5 reports a full disk itself; what is left is the datasets library's cache.
     with disk_full_is_a_user_error(datasets_cache(), fix=CACHE_FIX):
         tokenized = tokenize_dataset(settings, tokenizer, layout, segment, files)
@@ -174,7 +175,10 @@ def prepare(settings: PrepareSettings, layout: RunLayout, segment: Segment | Non
     plan["run_inputs"] = inputs
     # What the tokenizer does, not its files' bytes: a student's check_tokenizer compares it.
     plan["tokenizer_content_fingerprint"] = tokenizer_content_fingerprint(tokenizer)
-    write_text_guarded(layout.segment_plan(segment.index), json.dumps(plan, indent=1))
+    text = json.dumps(plan, indent=1)
+    layout.segment_records_dir.mkdir(parents=True, exist_ok=True)
+    write_text_guarded(layout.segment_record(segment.index), text)
+    write_text_guarded(layout.segment_plan(segment.index), text)
     log.info(
         "prepared %d samples, %d tokens (%d truncated to %d, %d longer kept whole, %d dropped) "
         "in %d shards (%s)",

@@ -87,6 +87,10 @@ def recorded_plans(layout: RunLayout) -> list[dict]:
     while True:
         plan = _read_json(layout.segment_plan(len(plans)))
         if not isinstance(plan, dict) or "shards" not in plan:
+            # Deleted by Snakemake while its segment is prepared again (or after that
+            # failed): the record prepare kept beside it.
+            plan = _read_json(layout.segment_record(len(plans)))
+        if not isinstance(plan, dict) or "shards" not in plan:
             return plans
         segment = segment_of_plan(len(plans), plan)
         if (segment.first_row, segment.first_shard) != (first_row, first_shard):
@@ -163,7 +167,11 @@ def plan_shards(
                 plan.notes += [f"since prepare last ran, {c}: preparing again" for c in changes]
     last, recorded = segments[-1], plans[-1]
     same_data = planned_run_inputs(recorded).get("dataset_digest") == inputs["dataset_digest"]
-    if same_data and last.max_samples == sources.max_samples:
+    # Rows its prepare job saw (appended after the head planned it) but did not tokenize.
+    seen = sum(int(f.get("rows", 0)) for f in recorded.get("dataset_files") or [])
+    if sources.max_samples is not None:
+        seen = min(seen, sources.max_samples)
+    if same_data and last.max_samples == sources.max_samples and seen <= last.end_row:
         return plan  # unchanged data: nothing counted
     changed_from, total = dataset_rows(sources, recorded.get("dataset_files"), cache)
     if sources.max_samples is not None:
@@ -328,6 +336,9 @@ def plan_mtimes(layout: RunLayout) -> list[float]:
     its segment was last prepared."""
     mtimes: list[float] = []
     for j, plan in enumerate(recorded_plans(layout)):
-        mtime = layout.segment_plan(j).stat().st_mtime
+        try:
+            mtime = layout.segment_plan(j).stat().st_mtime
+        except FileNotFoundError:  # being prepared again: none of its shards is done
+            mtime = float("inf")
         mtimes += [mtime] * len(plan["shards"])
     return mtimes

@@ -92,6 +92,48 @@ def test_rows_appended_to_a_jsonl_file_become_a_new_segment(tmp_path):
     assert "10 rows appended" in plan.notes[0]
 
 
+def test_rows_appended_while_prepare_ran_are_planned_at_the_next_run(tmp_path):
+    """The head planned rows 0-99; by the time prepare read the file it held 120 rows
+    (recorded with the file), of which it tokenized the planned 100."""
+    data = tmp_path / "data.jsonl"
+    data.write_text(lines(120))
+    layout = RunLayout(tmp_path / "out")
+    write_segment_plan(layout, [data], [120], 8)
+    plan = json.loads(layout.plan.read_text())
+    plan["segment"]["end_row"] = plan["num_rows"] = 100
+    layout.plan.write_text(json.dumps(plan))
+    new = plan_now(layout, [data]).segments[-1]
+    assert (new.index, new.first_row, new.end_row) == (1, 100, 120)
+
+
+def test_the_segments_stay_known_while_the_first_is_prepared_again(tmp_path):
+    """Snakemake deletes prepared/plan.json when segment 0's prepare starts (and when it
+    fails): the segments after it come from the records prepare keeps beside the plans."""
+    data = tmp_path / "data.jsonl"
+    data.write_text(lines(100))
+    layout = RunLayout(tmp_path / "out")
+    write_segment_plan(layout, [data], [100], 8)
+    with open(data, "a") as handle:
+        handle.write(lines(10, 100))
+    appended = plan_now(layout, [data]).segments[-1]
+    second = json.loads(layout.plan.read_text())
+    second["segment"] = {"first_row": 100, "end_row": 110, "first_shard": 8, "num_shards": 1}
+    second["shards"] = [{"index": 8, "num_samples": 1, "num_tokens": 1}]
+    layout.segment_records_dir.mkdir(parents=True)
+    for j, plan in enumerate([json.loads(layout.plan.read_text()), second]):
+        layout.segment_plan(j).parent.mkdir(parents=True, exist_ok=True)
+        layout.segment_plan(j).write_text(json.dumps(plan))
+        layout.segment_record(j).write_text(json.dumps(plan))
+    assert appended.index == 1
+    layout.plan.unlink()
+    kept = plan_now(layout, [data])
+    assert [(s.first_row, s.end_row, list(s.shards)) for s in kept.segments] == [
+        (0, 100, list(range(8))),
+        (100, 110, [8]),
+    ]
+    assert load_plan(layout)["num_shards"] == 9
+
+
 def test_an_edit_or_a_reordered_list_is_no_append(tmp_path):
     a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
     a.write_text(lines(50))

@@ -24,7 +24,7 @@ from teacher_logits import LogitStore
 from teacher_logits.errors import StoreError, TrainingInputError
 from teacher_logits.gather import gather
 from teacher_logits.layout import RunLayout
-from teacher_logits.store.prepared import PreparedTokens, write_prepared
+from teacher_logits.store.prepared import PreparedTokens, read_prepared, write_prepared
 from teacher_logits.store.reader import DEFAULT_MAX_OPEN_SHARDS, read_sample
 
 from conftest import REPO
@@ -226,7 +226,16 @@ def test_every_open_is_read_only_without_file_locking_and_sizes_the_chunk_cache(
     monkeypatch.undo()
     opened = [Path(args[0]).name for args, _ in calls]
     assert opened[:3] == ["index.h5", "shard_00000.h5", "shard_00039.h5"]
-    assert opened[3:] == ["shard_00000.h5", "shard_00001.h5", "shard_00000.h5"]
+    # Partial mode: each shard's attributes, its tokens against prepare's, then the read.
+    assert opened[3:] == [
+        "shard_00000.h5",
+        "tokens.h5",
+        "shard_00000.h5",
+        "shard_00001.h5",
+        "tokens.h5",
+        "shard_00001.h5",
+        "shard_00000.h5",
+    ]
     assert all(args[1] == "r" and kwargs["locking"] is False for args, kwargs in calls)
     assert calls[1][1]["rdcc_nbytes"] == 123456 and calls[2][1]["rdcc_nslots"] == 521
 
@@ -311,6 +320,10 @@ def test_partial_mode_reads_exactly_the_finished_shards_of_this_plan(tmp_path):
         handle.attrs["config_fingerprint"] = "cfg-other"
     with open(layout.shard(5), "r+b") as handle:  # cut short by a failing copy
         handle.truncate(layout.shard(5).stat().st_size // 2)
+    # A row of shard 4 edited and prepared again, every length kept: only its tokens differ.
+    prepared = read_prepared(layout.tokens)
+    prepared.input_ids[prepared.offsets[4 * SAMPLES_PER_SHARD] + 1] ^= 1
+    write_prepared(layout.tokens, prepared)
     plan = json.loads(layout.plan.read_text())
     plan["shards"][7]["num_tokens"] += 1  # the plan changed since shard 7 was made
     layout.plan.write_text(json.dumps(plan))
@@ -322,14 +335,15 @@ def test_partial_mode_reads_exactly_the_finished_shards_of_this_plan(tmp_path):
         LogitStore(layout.output_dir, partial=True) as store,
     ):
         assert store.partial and store.shards_missing == [1, 6]
-        assert sorted(store.shards_skipped) == [2, 5, 7]
+        assert sorted(store.shards_skipped) == [2, 4, 5, 7]
         assert store.shards_skipped[2] == (
             "not this run's shard (attribute config_fingerprint='cfg-other', expected 'cfg-123')"
         )
         assert store.shards_skipped[5].startswith("not readable (OSError: ")
+        assert store.shards_skipped[4].startswith("its token ids differ from what prepare now")
         planned = plan["shards"][7]["num_tokens"]
         assert store.shards_skipped[7] == f"holds {planned - 1} tokens, the plan has {planned}"
-        kept = [0, 3, 4]
+        kept = [0, 3]
         assert sorted(set(store.sample_shard.tolist())) == kept
         want_ids = [s * SAMPLES_PER_SHARD + k for s in kept for k in range(SAMPLES_PER_SHARD)]
         assert store.sample_ids.tolist() == want_ids and len(store) == len(want_ids)

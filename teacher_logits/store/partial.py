@@ -131,6 +131,11 @@ def partial_index(output_dir: Path) -> StoreIndex:
     has_loss_mask = "loss_mask" in plan
     entries = {int(entry["index"]): entry for entry in plan["shards"]}
     numbers = range(int(plan["num_shards"]))
+    # Here, not at the top: prepare's modules import the disk checks, which import the store.
+    from ..shard_plan import shard_sources
+    from .prepared import read_prepared_shard
+
+    sources = shard_sources(layout)
     kept, missing, skipped = [], [], {}
     for shard in numbers:
         path = layout.shard(shard)
@@ -139,6 +144,8 @@ def partial_index(output_dir: Path) -> StoreIndex:
             continue
         checks = {**expected, "top_k": plan["top_k"], "shard_index": shard}
         found = _shard_columns(path, checks, entries[shard], (temperatures, has_loss_mask))
+        if not isinstance(found, str):
+            found = _same_tokens(path, read_prepared_shard(*sources[shard])) or found
         if isinstance(found, str):
             skipped[shard] = found
         else:
@@ -171,6 +178,29 @@ def partial_index(output_dir: Path) -> StoreIndex:
         shards_missing=missing,
         shards_skipped=skipped,
     )
+
+
+def _same_tokens(path: Path, prepared) -> str | None:
+    """Why the shard does not hold the samples and tokens its segment now plans, if so: a
+    segment prepared again after an edit leaves the old shard in place until its job runs
+    (counts alone would pass an edit that keeps every length)."""
+    sample_ids, offsets, input_ids = prepared.shard_slice(0)
+    try:
+        with open_read_only(path) as handle:
+            same = (
+                np.array_equal(handle["sample_ids"][:], sample_ids)
+                and np.array_equal(handle["offsets"][:], offsets)
+                and np.array_equal(handle["input_ids"][:], input_ids)
+                and (
+                    prepared.loss_mask is None
+                    or np.array_equal(handle["loss_mask"][:], prepared.loss_mask)
+                )
+            )
+    except (OSError, KeyError, ValueError) as exc:
+        return f"not readable ({type(exc).__name__}: {str(exc).splitlines()[0]})"
+    if not same:
+        return "its token ids differ from what prepare now plans for it (rows changed since)"
+    return None
 
 
 def _shard_columns(path: Path, expected: dict, entry: dict, run) -> tuple | str:

@@ -43,12 +43,15 @@ HASH_BLOCK = 1 << 22
 
 
 def file_identity(path: str | os.PathLike) -> list[int] | None:
-    """[size, mtime_ns, inode] of the file, or None when it cannot be stat'ed."""
+    """[size, mtime_ns, inode, ctime_ns] of the file, or None when it cannot be stat'ed.
+
+    ctime because no one can set it back: a file edited in place or copied over with
+    ``cp -p`` (same inode, mtime put back) still moves it."""
     try:
         st = os.stat(path)
     except OSError:
         return None
-    return [st.st_size, st.st_mtime_ns, st.st_ino]
+    return [st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns]
 
 
 def expectation_key(expected: dict) -> str:
@@ -67,7 +70,7 @@ def hash_unchanged(path: str | os.PathLike, identity: list[int] | None, progress
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
         st = os.fstat(handle.fileno())
-        if identity != [st.st_size, st.st_mtime_ns, st.st_ino]:
+        if identity != [st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns]:
             raise ShardError("the file changed while gather checked it; run gather again")
         while block := handle.read(HASH_BLOCK):
             digest.update(block)
