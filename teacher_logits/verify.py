@@ -109,7 +109,7 @@ def _expected_from_index(root: Path, manifest: dict) -> tuple[dict, dict]:
     """Per shard: its sample ids and offsets, as index.h5 records them; and its attributes."""
     import h5py
 
-    with h5py.File(RunLayout(root).index, "r") as index:
+    with h5py.File(RunLayout(root).index, "r", locking=False) as index:
         attrs = read_attrs(index)
         ids = index["sample_ids"][:]
         shard = index["sample_shard"][:]

@@ -253,7 +253,7 @@ def test_chat_workflow_loss_mask_and_masked_only_storage(workflow, demo_dir, tmp
     assert manifest["stored_rows"] == store.num_tokens
     assert manifest["truncated_samples"] > 0  # 200 tokens cut the longest conversations
     for shard in workflow.path("results/demo/shards").glob("shard_*.h5"):
-        with h5py.File(shard) as f:
+        with h5py.File(shard, "r", locking=False) as f:  # as the open store
             assert f["loss_mask"].dtype == np.uint8 and "row_offsets" not in f
     full = [store[i] for i in range(len(store))]
     full_bytes = sum(s["bytes"] for s in manifest["shards"])

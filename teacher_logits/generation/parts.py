@@ -372,7 +372,7 @@ class PartWriter:
 def read_part_attrs(path: str | os.PathLike) -> dict:
     """A committed part's attributes; raises ``ShardError`` if it cannot be read whole."""
     try:
-        with h5py.File(path, "r") as f:
+        with h5py.File(path, "r", locking=False) as f:
             attrs = read_attrs(f)
             for name in f:
                 if is_row_dataset(name) and f[name].shape[0] != attrs["num_rows"]:
@@ -384,7 +384,7 @@ def read_part_attrs(path: str | os.PathLike) -> dict:
 
 def iter_part_rows(path: str | os.PathLike, block_rows: int = PART_READ_BLOCK_ROWS):
     """A committed part's rows in blocks: ``(first_row_in_part, {dataset: array})``."""
-    with h5py.File(path, "r") as f:
+    with h5py.File(path, "r", locking=False) as f:
         names = [n for n in f if is_row_dataset(n)]
         total = f["logsumexp"].shape[0]
         for r0 in range(0, total, block_rows):

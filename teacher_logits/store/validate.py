@@ -119,7 +119,9 @@ def open_shard(path: str | os.PathLike) -> h5py.File:
     if not path.exists():
         raise ShardError("file is missing")
     try:
-        return h5py.File(path, "r")
+        # Unlocked, as every read open here: NFS/Lustre without flock refuse a locking
+        # open, and HDF5 refuses one file opened both ways in one process (a LogitStore).
+        return h5py.File(path, "r", locking=False)
     except OSError as exc:
         truncated = re.search(r"truncated file: eof = (\d+).*stored_eof = (\d+)", str(exc))
         if truncated:
