@@ -194,7 +194,9 @@ def main(argv=None):
     batch_tokens = 32768 if cuda else 4096
     repeats = 2 if args.quick else 3
     lengths = skewed_lengths(num_tokens, max_length)
-    prepared_run = prepared_shard(RunLayout(work / "prepared"), lengths, 32000, top_k)
+    prepared_run = prepared_shard(
+        RunLayout(work / "prepared"), lengths, 32000, top_k, teacher=teacher
+    )
     try:
         import hdf5plugin  # noqa: F401
 

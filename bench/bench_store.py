@@ -465,7 +465,7 @@ def main(argv=None):
         ],
     )
     random_proxy, ordered_proxy = vocabs[1], vocabs[2]
-    writers = writer_throughput(work / "storage", lengths, input_ids, rows, 2 if args.quick else 3)
+    writers = writer_throughput(work / "storage", lengths, input_ids, rows, 5 if args.quick else 7)
     table(
         f"Shard writer, default compression, {tokens:,} tokens at vocab {vocab} on {machine()} "
         "(best of runs interleaved in one process)",

@@ -107,8 +107,10 @@ def prepared_shard(
     seed: int = 0,
     num_shards: int = 1,
     input_ids: np.ndarray | None = None,
+    teacher: Path | None = None,
 ) -> RunLayout:
-    """prepare's files (tokens, plan, regenerate token) in ``layout`` for ``lengths`` samples."""
+    """prepare's files (tokens, plan, regenerate token) in ``layout`` for ``lengths`` samples;
+    with ``teacher``, its fingerprints, which a generate job checks before it loads it."""
     layout.prepared_dir.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
@@ -146,6 +148,11 @@ def prepared_shard(
             for i in range(num_shards)
         ],
     }
+    if teacher is not None:
+        from teacher_logits.fingerprints import teacher_fingerprint, tokenizer_fingerprint
+
+        plan["teacher_fingerprint"] = teacher_fingerprint(teacher)
+        plan["tokenizer_fingerprint"] = tokenizer_fingerprint(teacher)
     layout.plan.write_text(json.dumps(plan))
     layout.regenerate_token.write_text("bench\n")
     return layout

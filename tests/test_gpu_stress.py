@@ -40,7 +40,11 @@ GROUPS = {"0,1", "2,3", "4,5", "6,7"}
 
 def _children(pid: int) -> list[int]:
     found = []
-    for task in os.listdir(f"/proc/{pid}/task"):
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:  # exited since its parent listed it
+        return []
+    for task in tasks:
         try:
             with open(f"/proc/{pid}/task/{task}/children") as handle:
                 found += [int(p) for p in handle.read().split()]
