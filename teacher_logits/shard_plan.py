@@ -310,27 +310,6 @@ def shard_sources(layout: RunLayout) -> list[tuple[Path, int]]:
     return sources
 
 
-def load_prepared_shard(layout: RunLayout, shard: int):
-    """Shard ``shard``'s part of prepare's output (a one-shard ``PreparedTokens``), from
-    whichever segment's tokens file holds it."""
-    from .store.prepared import read_prepared_shard
-
-    job = job_plan(layout, shard)
-    return read_prepared_shard(job.tokens, job.local_index)
-
-
-def prepared_sample_ids(layout: RunLayout):
-    """Every kept sample's id over all segments, without their tokens."""
-    import numpy as np
-
-    from .store.prepared import read_prepared_sample_ids
-
-    count = len(recorded_plans(layout))
-    return np.concatenate(
-        [read_prepared_sample_ids(layout.segment_tokens(j)) for j in range(count)]
-    )
-
-
 def plan_mtimes(layout: RunLayout) -> list[float]:
     """Per shard, the mtime of its segment's plan: a shard older than it was made before
     its segment was last prepared."""

@@ -138,12 +138,6 @@ def read_prepared(path: str | os.PathLike) -> PreparedTokens:
         )
 
 
-def read_prepared_sample_ids(path: str | os.PathLike) -> np.ndarray:
-    """Every kept sample's id from prepare's output, without its tokens."""
-    with h5py.File(path, "r", locking=False) as f:
-        return f["sample_ids"][:]
-
-
 def read_prepared_shard(path: str | os.PathLike, shard: int) -> PreparedTokens:
     """One shard's part of prepare's output, reading only its own tokens.
 
