@@ -11,6 +11,7 @@ machine; the best of each is reported.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import subprocess
@@ -70,8 +71,8 @@ def floor_run(head, input_ids, offsets, batch_tokens, top_k):
             for batch in plan_batches(np.diff(sub), batch_tokens):
                 ids, mask = padded(batch, window_ids, sub, 0)
                 ids, mask = ids.to(device), mask.to(device)
-                hidden = head.body(input_ids=ids, attention_mask=mask).last_hidden_state
-                rows = hidden[mask.bool()]
+                out = head.body(input_ids=ids, attention_mask=mask, use_cache=False)
+                rows = out.last_hidden_state[mask.bool()]
                 for start in range(0, rows.shape[0], head.chunk_rows):
                     logits = head.head(rows[start : start + head.chunk_rows]).float()
                     torch.topk(logits, top_k, dim=-1)
@@ -127,24 +128,13 @@ def naive_run(model, input_ids, offsets, top_k, path, max_samples):
 
 
 MEMORY_PROBE = r"""
-import resource, sys, torch
+import sys, torch
 sys.path.insert(0, {repo!r})
-from teacher_logits.generation.teacher import TopKHead
+from teacher_logits.generation.topk import Reduction, reduce_rows
 torch.set_num_threads(1)
 vocab, hidden, rows, chunk_bytes = {vocab}, {hidden}, {rows}, {chunk_bytes}
-class Model(torch.nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.lm_head = torch.nn.Linear(hidden, vocab, bias=False)
-        self.config = type("C", (), {{"vocab_size": vocab}})
-    def get_output_embeddings(self): return self.lm_head
-    def get_input_embeddings(self): return self.lm_head
-    base_model = None
-model = Model()
-head = TopKHead.__new__(TopKHead)
-head.model, head.top_k, head.head, head.with_entropy = model, 64, model.lm_head, True
-head.extra_temperatures = ()
-head.chunk_rows = max(1, chunk_bytes // (vocab * 4))
+head = torch.nn.Linear(hidden, vocab, bias=False)
+reduction = Reduction.of(64, vocab, chunk_bytes)
 x = torch.randn(rows, hidden)
 with torch.inference_mode():
     torch.topk(torch.randn(4, vocab), 64)  # warm up kernels, not the step's buffers
@@ -154,10 +144,71 @@ with torch.inference_mode():
                 return int(line.split()[1]) * 1024
     open("/proc/self/clear_refs", "w").write("5")  # reset the peak (VmHWM) to now
     before = status("VmRSS")
-    out = head._reduce(x, head.head)
+    out = reduce_rows(x, head, reduction, "cpu")
     after = status("VmHWM")
 print(after - before)
 """
+
+# One forward of the bench teacher on a [batch, width] batch, in a fresh process, with
+# or without the KV cache: the growth of peak memory (CPU: VmHWM after resetting it;
+# CUDA: max_memory_allocated) and the bytes of the cache the forward returned.
+KV_CACHE_PROBE = r"""
+import json, sys, torch
+from transformers import AutoModelForCausalLM
+teacher, device, batch, width, use_cache = {teacher!r}, {device!r}, {batch}, {width}, {use_cache}
+torch.set_num_threads({threads})
+dtype = torch.bfloat16 if device == "cuda" else torch.float32
+model = AutoModelForCausalLM.from_pretrained(teacher, dtype=dtype).to(device).eval()
+ids = torch.randint(3, model.config.vocab_size, (batch, width), device=device)
+mask = torch.ones_like(ids)
+def status(key):
+    for line in open("/proc/self/status"):
+        if line.startswith(key):
+            return int(line.split()[1]) * 1024
+with torch.inference_mode():
+    model.model(input_ids=ids[:, :8], attention_mask=mask[:, :8], use_cache=False)  # warm-up
+    if device == "cuda":
+        torch.cuda.synchronize(); torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+    else:
+        open("/proc/self/clear_refs", "w").write("5")
+        before = status("VmRSS")
+    out = model.model(input_ids=ids, attention_mask=mask, use_cache=use_cache)
+    if device == "cuda":
+        torch.cuda.synchronize(); peak = torch.cuda.max_memory_allocated() - before
+    else:
+        peak = status("VmHWM") - before
+    cache = out.past_key_values
+    layers = getattr(cache, "layers", []) if cache is not None else []
+    cache_bytes = sum(t.nbytes for layer in layers for t in (layer.keys, layer.values))
+print(json.dumps({{"peak_bytes": peak, "cache_bytes": cache_bytes}}))
+"""
+
+
+def kv_cache_probe(teacher: Path, device: str, batch: int, width: int, threads: int) -> dict:
+    """Peak memory of one forward with the KV cache the pipeline used to build and without
+    it (as every forward now runs), each in its own process."""
+    runs = {}
+    for use_cache in (True, False):
+        code = KV_CACHE_PROBE.format(
+            teacher=str(teacher),
+            device=device,
+            batch=batch,
+            width=width,
+            use_cache=use_cache,
+            threads=threads,
+        )
+        out = subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, check=True
+        )
+        runs[use_cache] = json.loads(out.stdout.strip().splitlines()[-1])
+    return {
+        "tokens": batch * width,
+        "peak_with_cache_bytes": runs[True]["peak_bytes"],
+        "peak_without_cache_bytes": runs[False]["peak_bytes"],
+        "saved_bytes": runs[True]["peak_bytes"] - runs[False]["peak_bytes"],
+        "cache_bytes": runs[True]["cache_bytes"],
+    }
 
 
 def memory_probe(rows, vocab=32000, hidden=512, chunk_bytes=32 << 20):
@@ -212,11 +263,10 @@ def main(argv=None):
     prepared = read_prepared(prepared_run.tokens)
     _, offsets, input_ids = prepared.shard_slice(0)
 
-    from teacher_logits.generation.teacher import load_top_k_head
+    from teacher_logits.generation.engine import load_pipeline
 
-    claim = type("Claim", (), {"cuda_visible_devices": "0" if cuda else "", "hostname": ""})()
     with Timer() as load_timer:
-        head = load_top_k_head(GenerateSettings.from_config(config, threads), claim)
+        head = load_pipeline(GenerateSettings.from_config(config, threads), on_gpu=cuda)
     floor_s, pipe_s, loads, plain_s = [], [], [], []
     plain = {**config, "generation": {**config["generation"], "store_entropy": False}}
     floor_run(head, input_ids, offsets[:40] - 0, batch_tokens, top_k)  # warm-up: kernels, caches
@@ -248,6 +298,10 @@ def main(argv=None):
         memory.append(
             {"rows": rows, "peak_bytes": peak, "full_logits_bytes": full, "results_bytes": results}
         )
+
+    # The KV cache no forward builds any more, at one full batch of the bench.
+    width = 2048 if cuda else 512
+    kv = kv_cache_probe(teacher, args.device, batch_tokens // width, width, threads)
 
     n_params = sum(p.numel() for p in head.model.parameters())
     table(
@@ -281,6 +335,20 @@ def main(argv=None):
             for m in memory
         ],
     )
+    table(
+        f"KV cache: one forward of a full batch ({batch_tokens // width} x {width} tokens), "
+        "peak memory growth in a fresh process",
+        ["forward", "peak MiB", "cache MiB"],
+        [
+            [
+                "use_cache=True (before)",
+                kv["peak_with_cache_bytes"] / 2**20,
+                kv["cache_bytes"] / 2**20,
+            ],
+            ["use_cache=False (now)", kv["peak_without_cache_bytes"] / 2**20, 0.0],
+        ],
+    )
+    print(f"  saved: {kv['saved_bytes'] / 2**20:.1f} MiB of peak memory per batch")
     extra = {}
     if cuda:
         # Model FLOPs per token: 2 x parameters outside the embedding + attention.
@@ -324,6 +392,8 @@ def main(argv=None):
             "floor_seconds": floor_s,
             "pipeline_seconds": pipe_s,
             "topk_memory": memory,
+            "kv_cache": kv,
+            "kv_cache_saved_bytes": kv["saved_bytes"],
             **extra,
         }
     )

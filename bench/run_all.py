@@ -22,6 +22,7 @@ from common import emit, machine, table  # noqa: E402
 HERE = Path(__file__).resolve().parent
 SCRIPTS = [
     "bench_generate.py",
+    "bench_parallel.py",
     "bench_store.py",
     "bench_scale.py",
     "bench_plan.py",

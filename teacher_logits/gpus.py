@@ -219,6 +219,12 @@ class Claim:
     started_at: float = field(default_factory=time.time)
     _lock_fds: list[int] = field(default_factory=list, repr=False)
 
+    @property
+    def lock_fds(self) -> tuple[int, ...]:
+        """The descriptors holding the group's locks: a process that inherits them holds
+        the group until it exits too (tensor-parallel ranks)."""
+        return tuple(self._lock_fds)
+
     def release(self) -> None:
         _unlock(self._lock_fds)
         self._lock_fds.clear()

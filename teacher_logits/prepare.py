@@ -29,6 +29,7 @@ from .settings import PrepareSettings
 from .shard_plan import Segment
 from .store.format import FORMAT_VERSION
 from .store.prepared import PreparedWriter
+from .tensor_plan import check_tensor_parallel
 from .tokenization import (
     Tokenization,
     add_special_counts,
@@ -46,8 +47,9 @@ log = logging.getLogger("prepare")
 ROWS_PER_PROCESS = 20000
 
 
-def check_teacher(teacher_path: Path, top_k: int, trust_remote_code: bool):
-    """The teacher folder holds a causal LM and a tokenizer; top_k fits its vocabulary."""
+def check_teacher(teacher_path: Path, top_k: int, trust_remote_code: bool, tensor_ranks: int = 1):
+    """The teacher folder holds a causal LM and a tokenizer; top_k fits its vocabulary;
+    with ``tensor_ranks`` > 1, it splits across that many tensor-parallel ranks."""
     from transformers import AutoConfig, AutoTokenizer
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
@@ -83,6 +85,8 @@ def check_teacher(teacher_path: Path, top_k: int, trust_remote_code: bool):
             f"generation.top_k={top_k} is larger than the teacher's vocabulary ({vocab_size}); "
             f"use a top_k of at most {vocab_size}"
         )
+    if tensor_ranks > 1:
+        check_tensor_parallel(model_config, tensor_ranks, top_k)
     return tokenizer, vocab_size
 
 
@@ -152,7 +156,10 @@ def prepare(settings: PrepareSettings, layout: RunLayout, segment: Segment | Non
         segment = Segment(0, 0, None, 0, settings.num_shards, settings.max_samples)
     check_cuda(settings)
     tokenizer, vocab_size = check_teacher(
-        settings.teacher.path, settings.top_k, settings.teacher.trust_remote_code
+        settings.teacher.path,
+        settings.top_k,
+        settings.teacher.trust_remote_code,
+        tensor_ranks=settings.tensor_ranks,
     )
     # Every later run compares these with its own inputs (run_inputs, shard_plan).
     cache = load_digest_cache(layout)

@@ -23,6 +23,8 @@ class TeacherSettings:
     trust_remote_code: bool = False
     max_memory: dict | None = None
     allow_offload: bool = False
+    # pipeline | tensor (see generation.engine); the same with one GPU per model.
+    parallel: str = "pipeline"
 
     @classmethod
     def from_config(cls, config: dict) -> TeacherSettings:
@@ -34,7 +36,14 @@ class TeacherSettings:
             trust_remote_code=bool(teacher["trust_remote_code"]),
             max_memory=teacher["max_memory"],
             allow_offload=bool(teacher["allow_offload"]),
+            parallel=teacher.get("parallel", "pipeline"),
         )
+
+
+def tensor_ranks(teacher: TeacherSettings, devices: DevicePlan) -> int:
+    """Ranks of a tensor-parallel teacher, or 1 for the pipeline (and with one GPU per
+    model, where the two modes are the same)."""
+    return devices.gpus_per_model if teacher.parallel == "tensor" else 1
 
 
 @dataclass(frozen=True)
@@ -63,6 +72,10 @@ class PrepareSettings:
     @property
     def chat(self) -> bool:
         return bool(self.messages_field)
+
+    @property
+    def tensor_ranks(self) -> int:
+        return tensor_ranks(self.teacher, self.devices)
 
     @classmethod
     def from_config(cls, config: dict, threads: int = 1) -> PrepareSettings:
@@ -103,6 +116,10 @@ class GenerateSettings:
     threads: int = 1
     # Every temperature a logsumexp is stored for, sorted, 1.0 included (its `logsumexp`).
     temperatures: tuple[float, ...] = DEFAULT_TEMPERATURES
+
+    @property
+    def tensor_ranks(self) -> int:
+        return tensor_ranks(self.teacher, self.devices)
 
     @classmethod
     def from_config(cls, config: dict, threads: int = 1) -> GenerateSettings:

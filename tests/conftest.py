@@ -129,3 +129,31 @@ def demo_workflow(root: Path, demo_dir: Path) -> Workflow:
 @pytest.fixture
 def workflow(tmp_path, demo_dir) -> Workflow:
     return demo_workflow(tmp_path, demo_dir)
+
+
+def small_teacher(arch: str, demo_dir, out):
+    """A random teacher of another architecture, with the demo tokenizer beside it."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(demo_dir / "teacher")
+    torch.manual_seed(0)
+    if arch == "gpt2":  # learned absolute positions: wrong under left padding
+        config = AutoConfig.for_model(
+            "gpt2", vocab_size=len(tokenizer), n_embd=64, n_layer=2, n_head=4, n_positions=1024
+        )
+    else:  # gemma2: final logit soft-capping after lm_head, so the head is not chunked
+        config = AutoConfig.for_model(
+            "gemma2",
+            vocab_size=len(tokenizer),
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=16,
+            final_logit_softcapping=3.0,
+        )
+    AutoModelForCausalLM.from_config(config).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out

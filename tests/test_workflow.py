@@ -11,6 +11,8 @@ import pytest
 from teacher_logits import LogitStore
 from teacher_logits.store.format import read_attrs
 
+from conftest import small_teacher
+
 GPU_RUN = {
     "gpus": "0,1,2,3",
     "gpus_per_model": 2,
@@ -215,41 +217,13 @@ def test_stored_topk_matches_unbatched_float32_forward(workflow, demo_dir):
     assert store.tokenizer_content_fingerprint == tokenizer_content_fingerprint(tokenizer)
 
 
-def _small_teacher(arch: str, demo_dir, out):
-    """A random teacher of another architecture, with the demo tokenizer beside it."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(demo_dir / "teacher")
-    torch.manual_seed(0)
-    if arch == "gpt2":  # learned absolute positions: wrong under left padding
-        config = AutoConfig.for_model(
-            "gpt2", vocab_size=len(tokenizer), n_embd=64, n_layer=2, n_head=4, n_positions=1024
-        )
-    else:  # gemma2: final logit soft-capping after lm_head, so the head is not chunked
-        config = AutoConfig.for_model(
-            "gemma2",
-            vocab_size=len(tokenizer),
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            head_dim=16,
-            final_logit_softcapping=3.0,
-        )
-    AutoModelForCausalLM.from_config(config).save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    return out
-
-
 @pytest.mark.parametrize("arch", ["gpt2", "gemma2"])
 @pytest.mark.slow
 def test_other_architectures_match_their_own_forward(workflow, demo_dir, tmp_path, arch):
     import torch
     from transformers import AutoModelForCausalLM
 
-    teacher = _small_teacher(arch, demo_dir, tmp_path / arch)
+    teacher = small_teacher(arch, demo_dir, tmp_path / arch)
     workflow.run(
         "--cores",
         "2",

@@ -38,9 +38,10 @@ def scheduler_job_id() -> str | None:
     return None
 
 
-def part_attrs(claim, compute_seconds: float) -> dict:
+def part_attrs(claim, compute_seconds: float, engine: str = "pipeline") -> dict:
     """What a committed part records of the claim that computed it."""
     return {
+        "claim_engine": engine,
         "claim_cuda_visible_devices": claim.cuda_visible_devices,
         "claim_hostname": claim.hostname,
         "claim_started_at": claim.started_at,
@@ -73,6 +74,8 @@ def claims_from_parts(parts: list[dict]) -> list[dict]:
                 "rows": int(attrs["num_rows"]),
             }
         )
+        if attrs.get("claim_engine"):  # parts from before engines record none
+            claims[-1]["engine"] = attrs["claim_engine"]
         if attrs.get("claim_scheduler_job_id"):
             claims[-1]["scheduler_job_id"] = attrs["claim_scheduler_job_id"]
     for claim in claims:

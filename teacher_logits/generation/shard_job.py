@@ -165,29 +165,30 @@ def compute_remaining(
                 writer.submit(lambda: sink.replay(parts))
             import torch  # only now: CUDA must see the claimed group, nothing else
 
-            from .teacher import load_top_k_head
+            from .engine import open_engine
 
             # Same threads, same reductions: bit-identical reruns.
             torch.set_num_threads(settings.threads)
             # Again: the wait for a GPU group can be long, and the weights may be replaced.
             check_teacher_matches_plan(settings.teacher.path, plan)
             load_start = time.time()
-            head = load_top_k_head(settings, claim)
-            load_seconds = time.time() - load_start
-            log.info("teacher loaded in %.1f s", load_seconds)
-            run_windows(
-                head,
-                WindowRun(
-                    settings=settings,
-                    shard=shard,
-                    offsets=offsets,
-                    input_ids=input_ids,
-                    parts=parts,
-                    committer=committer,
-                    writer=writer,
-                    sink=sink,
-                ),
-            )
+            with open_engine(settings, claim) as engine:
+                load_seconds = time.time() - load_start
+                log.info("teacher loaded in %.1f s (%s)", load_seconds, engine.description)
+                committer.engine = engine.description
+                run_windows(
+                    engine,
+                    WindowRun(
+                        settings=settings,
+                        shard=shard,
+                        offsets=offsets,
+                        input_ids=input_ids,
+                        parts=parts,
+                        committer=committer,
+                        writer=writer,
+                        sink=sink,
+                    ),
+                )
             writer.submit(committer.commit)
             writer.close()
         except BaseException:
@@ -215,12 +216,10 @@ class WindowRun:
     sink: ShardSink
 
 
-def run_windows(head, run: WindowRun) -> None:
+def run_windows(engine, run: WindowRun) -> None:
     from .compute import compute_window_split
 
     settings, offsets = run.settings, run.offsets
-    # Padded positions are masked out and never stored, so any valid id pads.
-    pad_id = int(head.model.config.pad_token_id or 0)
     first = run.parts.samples_done
     lengths = np.diff(offsets)
     with progress_bar(int(offsets[-1]), run.shard, initial=run.parts.rows_done) as bar:
@@ -231,11 +230,11 @@ def run_windows(head, run: WindowRun) -> None:
             r0, r1 = int(offsets[s0]), int(offsets[s1])
             started = time.time()
             rows = compute_window_split(
-                head,
+                engine,
                 run.input_ids[r0:r1],
                 offsets[s0 : s1 + 1] - r0,
                 settings.batch_tokens,
-                pad_id,
+                engine.pad_id,
                 settings.max_length,
                 settings.stride,
             )

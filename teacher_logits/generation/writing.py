@@ -29,6 +29,8 @@ class PartCommitter:
 
     def __init__(self, parts: CommittedParts, claim, settings):
         self.parts, self.claim, self.settings = parts, claim, settings
+        # The engine's description, recorded with the claim (set once it is loaded).
+        self.engine = "pipeline"
         self.writer = None
         self.opened_at = 0.0
         self.compute_seconds = 0.0
@@ -60,7 +62,7 @@ class PartCommitter:
         if self.writer is None:
             return
         with disk_full_is_a_user_error(self.writer.path):
-            path = self.writer.commit(part_attrs(self.claim, self.compute_seconds))
+            path = self.writer.commit(part_attrs(self.claim, self.compute_seconds, self.engine))
         self.parts.add(path, read_part_attrs(path))
         self.writer, self.compute_seconds = None, 0.0
 

@@ -61,12 +61,13 @@ def fletcher32(data) -> int:
     raw = np.frombuffer(data, dtype=np.uint8)
     if len(raw) % 2:
         raw = np.concatenate([raw, np.zeros(1, np.uint8)])
-    words = raw.view(">u2").astype(np.int64)
-    # Word i counts (n - i) times in the second sum; weights taken modulo 65535 keep
-    # every product below 2^32, so neither sum can overflow int64.
-    weights = np.arange(len(words), 0, -1, dtype=np.int64) % 65535
-    nonzero = bool(words.any())
-    return (_fold(int(words @ weights), nonzero) << 16) | _fold(int(words.sum()), nonzero)
+    words = raw.view(">u2")
+    # Word i counts (n - i) times in the second sum: the sum of the running sums. Exact
+    # in uint64 for frames up to ~2^31 words (each running sum < n * 2^16).
+    running = np.cumsum(words, dtype=np.uint64)
+    nonzero = bool(running[-1]) if len(running) else False
+    first = int(running[-1]) if len(running) else 0
+    return (_fold(int(running.sum(dtype=np.uint64)), nonzero) << 16) | _fold(first, nonzero)
 
 
 def _fold(total: int, nonzero: bool) -> int:
@@ -166,6 +167,9 @@ class ChunkPipeline:
     def __init__(self, datasets: dict, chunk_rows: int, threads: int):
         self.datasets, self.chunk_rows = datasets, chunk_rows
         self._dtypes = {name: dataset.dtype for name, dataset in datasets.items()}
+        # Looked up once: h5py's properties cost more than a small chunk's write.
+        self._dataset_ids = {name: dataset.id for name, dataset in datasets.items()}
+        self._trailing = {name: (0,) * (dataset.ndim - 1) for name, dataset in datasets.items()}
         self._pool = ThreadPoolExecutor(threads, thread_name_prefix="shard-chunks")
         self._inflight: deque[tuple[int, Future]] = deque()
         self._depth = 2 * threads
@@ -179,9 +183,7 @@ class ChunkPipeline:
     def _write_next(self) -> None:
         first_row, task = self._inflight.popleft()
         for name, chunk in task.result().items():
-            dataset = self.datasets[name]
-            offset = (first_row,) + (0,) * (dataset.ndim - 1)
-            dataset.id.write_direct_chunk(offset, chunk)
+            self._dataset_ids[name].write_direct_chunk((first_row, *self._trailing[name]), chunk)
 
     def finish(self) -> None:
         """Write every submitted chunk; raise the first error a chunk hit."""

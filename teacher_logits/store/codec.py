@@ -24,15 +24,20 @@ def encode_topk(ids: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.nda
     if n == 0:
         return ids.astype(np.int32), np.asarray(values)
     bits = _position_bits(k)
-    # One row sort of (id, position) keys gives both the sorted ids and the permutation.
-    key = (ids.astype(np.int64) << bits) | np.arange(k, dtype=np.int64)
+    # One row sort of (id, position) keys gives both the sorted ids and the permutation;
+    # 32-bit keys where ids and positions fit (a 128k vocabulary at k=64: 23 bits) sort
+    # about twice as fast as 64-bit ones.
+    wide = int(ids.max()).bit_length() + bits > 32 or int(ids.min()) < 0
+    key_type = np.int64 if wide else np.uint32
+    key = (ids.astype(key_type) << key_type(bits)) | np.arange(k, dtype=key_type)
     key.sort(axis=1)
-    order = (key & ((1 << bits) - 1)).astype(np.intp)
-    sorted_ids = key >> bits
+    order = (key & key_type((1 << bits) - 1)).astype(np.intp)
+    order += (np.arange(n) * k)[:, None]
+    sorted_ids = (key >> key_type(bits)).astype(np.int64, copy=False)
     deltas = np.empty((n, k), dtype=np.int32)
     deltas[:, 0] = sorted_ids[:, 0]
     np.subtract(sorted_ids[:, 1:], sorted_ids[:, :-1], out=deltas[:, 1:], casting="unsafe")
-    return deltas, np.take_along_axis(np.asarray(values), order, axis=1)
+    return deltas, np.asarray(values).ravel()[order]
 
 
 def ids_from_deltas(deltas: np.ndarray) -> np.ndarray:

@@ -1,0 +1,316 @@
+"""Tensor-parallel teacher (``teacher.parallel: tensor``) on CPU: 2 gloo ranks per group.
+
+- the store equals the pipeline engine's within float32 rounding, for a Llama teacher
+  and a Gemma 2 teacher (soft-capped final logits);
+- reductions merged across vocabulary slices equal one pass over the whole vocabulary;
+- a model that cannot be split fails in prepare with one line naming the fix;
+- a rank killed with -9 fails the job within 30 s, leaves no rank and no GPU lock, and
+  the rerun resumes to a store bit-identical to an uninterrupted tensor-parallel run;
+  a job killed with -9 takes its ranks with it; two groups run at once on one machine.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import signal
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import torch
+from transformers import AutoConfig
+
+from teacher_logits.errors import TeacherError
+from teacher_logits.generation.topk import Reduction, merge_slices, reduce_rows
+from teacher_logits.tensor_plan import check_tensor_parallel
+
+from conftest import demo_workflow, small_teacher
+
+OUT = "results/demo"
+
+# A float32 teacher, so the two engines differ only in summation order: a rank adds its
+# half of each row-parallel matmul and the halves are then all-reduced, where one
+# process adds the same terms in another order. A reordered float32 sum moves by a few
+# ulps of its terms' magnitude (ulp = 2**-23 * |x|, ~1e-6 at |x| ~ 8), and the demo
+# teachers have two to four layers: 1e-4 is ~100x what that allows (measured: <= 4e-7).
+TP_ATOL = 1e-4
+
+
+def run_config(parallel: str, teacher: Path | None = None, **sections) -> dict:
+    config = {
+        "gpus": "0,1",
+        "gpus_per_model": 2,
+        "allow_cpu": True,
+        "num_shards": 2,
+        "teacher": {"dtype": "float32", "parallel": parallel},
+        "storage": {"value_dtype": "float32"},
+        "dataset": {"max_samples": 24},
+        "tokenize": {"max_length": 64},
+        "generation": {"threads": 2, "batch_tokens": 256, "top_k": 8, "temperatures": [1, 2]},
+    }
+    if teacher is not None:
+        config["teacher"]["path"] = str(teacher)
+    for key, value in sections.items():
+        if isinstance(value, dict):
+            config.setdefault(key, {}).update(value)
+        else:
+            config[key] = value
+    return config
+
+
+ROW_NAMES = ("topk_ids", "topk_logits", "logsumexp", "entropy", "logsumexp_t2.0")
+
+
+def store_rows(root: Path) -> dict:
+    """Every row dataset of every shard, concatenated in shard order."""
+    rows = {name: [] for name in ROW_NAMES}
+    for path in sorted((root / OUT / "shards").glob("shard_*.h5")):
+        with h5py.File(path, "r") as f:
+            for name in rows:
+                rows[name].append(f[name][...])
+    return {name: np.concatenate(parts) for name, parts in rows.items()}
+
+
+def assert_close_stores(pipeline: dict, tensor: dict) -> None:
+    from teacher_logits.store.codec import decode_topk
+
+    p_ids, p_logits = decode_topk(pipeline["topk_ids"], pipeline["topk_logits"])
+    t_ids, t_logits = decode_topk(tensor["topk_ids"], tensor["topk_logits"])
+    for name in ("logsumexp", "entropy", "logsumexp_t2.0"):
+        np.testing.assert_allclose(tensor[name], pipeline[name], rtol=0, atol=TP_ATOL, err_msg=name)
+    np.testing.assert_allclose(t_logits, p_logits, rtol=0, atol=TP_ATOL)
+    # Ids may differ only where neighbouring logits are closer than the bound (a swap).
+    rows, ranks = np.nonzero(t_ids != p_ids)
+    if len(rows):
+        gap_below = np.abs(p_logits[rows, ranks] - p_logits[rows, np.maximum(ranks - 1, 0)])
+        upper = np.minimum(ranks + 1, p_logits.shape[1] - 1)
+        gap_above = np.abs(p_logits[rows, ranks] - p_logits[rows, upper])
+        assert (np.minimum(gap_below, gap_above) <= 2 * TP_ATOL).all(), "ids differ, no tie"
+
+
+def claims_of(root: Path) -> list[dict]:
+    claims = []
+    for path in sorted((root / OUT / "shards").glob("shard_*.h5")):
+        with h5py.File(path, "r") as f:
+            claims += json.loads(f.attrs["claims"])
+    return claims
+
+
+# --- fast: the pieces --------------------------------------------------------------
+
+
+def test_slices_merged_equal_one_pass_over_the_whole_vocabulary():
+    """Top-k, logsumexp, entropy and tempered logsumexp merged from 3 uneven vocabulary
+    slices against a float64 computation over the whole vocabulary."""
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(50, 1000, generator=generator) * 4
+    logits[0, 5:] = -torch.inf  # masked logits: two slices of this row hold no probability
+    reduction = Reduction(top_k=16, chunk_rows=7, with_entropy=True, temperatures=(2.0,))
+    bounds = [0, 300, 700, 1000]
+    slices = [
+        reduce_rows(logits[:, a:b].clone(), None, reduction, "cpu", id_offset=a)
+        for a, b in zip(bounds, bounds[1:])
+    ]
+    merged = merge_slices(slices, 16)
+    exact = logits.double()
+    np.testing.assert_allclose(merged.logsumexp, torch.logsumexp(exact, -1), atol=2e-5)
+    np.testing.assert_allclose(merged.logsumexp_t[2.0], torch.logsumexp(exact / 2, -1), atol=2e-5)
+    probs = torch.softmax(exact, -1)
+    entropy = -(probs * torch.log(probs).nan_to_num(0.0, neginf=0.0)).sum(-1)
+    np.testing.assert_allclose(merged.entropy, entropy, atol=2e-5)
+    values, ids = torch.topk(exact, 16, dim=-1)
+    np.testing.assert_allclose(merged.logits[1:], values[1:], atol=1e-6)
+    assert torch.equal(merged.ids[1:].long(), ids[1:])
+    assert merged.ids.dtype == torch.int32
+
+
+def test_merge_without_entropy_stores_zeros():
+    logits = torch.randn(4, 100, generator=torch.Generator().manual_seed(1))
+    reduction = Reduction(top_k=4, chunk_rows=4, with_entropy=False)
+    halves = [
+        reduce_rows(logits[:, :50].clone(), None, reduction, "cpu"),
+        reduce_rows(logits[:, 50:].clone(), None, reduction, "cpu", id_offset=50),
+    ]
+    assert torch.equal(merge_slices(halves, 4, with_entropy=False).entropy, torch.zeros(4))
+
+
+def _config(model_type, **fields):
+    return AutoConfig.for_model(model_type, **fields)
+
+
+@pytest.mark.parametrize(
+    "config, ranks, message",
+    [
+        (_config("gpt2", n_head=4), 2, "no tensor-parallel plan for 'gpt2' models"),
+        (
+            _config("llama", num_attention_heads=6, num_key_value_heads=3, hidden_size=48),
+            2,
+            "3 key/value heads do not divide by 2",
+        ),
+        (
+            _config("llama", num_attention_heads=6, num_key_value_heads=6, hidden_size=48),
+            4,
+            "6 attention heads do not divide by 4",
+        ),
+        (_config("llama", vocab_size=100), 4, "fewer than generation.top_k=64 ids"),
+    ],
+)
+def test_models_that_cannot_be_split_are_refused_with_the_fix(config, ranks, message):
+    with pytest.raises(TeacherError, match=message) as info:
+        check_tensor_parallel(config, ranks, top_k=64)
+    assert "teacher.parallel: pipeline" in str(info.value)
+
+
+def test_remote_code_without_a_plan_is_named():
+    config = _config("gpt2")
+    config.auto_map = {"AutoModelForCausalLM": "modeling_custom.Custom"}
+    with pytest.raises(TeacherError, match=r"\(remote code\)"):
+        check_tensor_parallel(config, 2, top_k=8)
+
+
+def test_a_splittable_teacher_passes():
+    config = _config("llama", num_attention_heads=8, num_key_value_heads=2, hidden_size=64)
+    check_tensor_parallel(config, 2, top_k=64)
+    check_tensor_parallel(_config("gemma2", num_attention_heads=4, num_key_value_heads=2), 2, 8)
+
+
+def test_prepare_refuses_gpt2_in_tensor_mode_and_the_dry_run_knows_the_key(
+    workflow, demo_dir, tmp_path
+):
+    teacher = small_teacher("gpt2", demo_dir, tmp_path / "gpt2")
+    config = run_config("tensor", teacher=teacher)
+    dry = workflow.run("-n", "--cores", "2", config=config)
+    assert "generate" in dry.stdout
+    run = workflow.run("--cores", "2", config=config, check=False)
+    assert run.returncode != 0
+    log = workflow.path(OUT, "logs", "prepare.log").read_text()
+    assert "no tensor-parallel plan for 'gpt2' models; set teacher.parallel: pipeline" in log
+    assert not list(workflow.path(OUT).glob("shards/shard_*.h5"))
+    bad = workflow.run("-n", config={"teacher": {"parallel": "tensors"}}, check=False)
+    assert bad.returncode != 0 and "parallel" in bad.stdout + bad.stderr
+
+
+# --- slow: whole runs -------------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", ["llama", "gemma2"])
+def test_tensor_parallel_store_matches_the_pipeline(tmp_path, demo_dir, arch):
+    teacher = None if arch == "llama" else small_teacher(arch, demo_dir, tmp_path / arch)
+    pipeline = demo_workflow(tmp_path / "pipeline", demo_dir)
+    pipeline.run("--cores", "2", config=run_config("pipeline", teacher))
+    tensor = demo_workflow(tmp_path / "tensor", demo_dir)
+    tensor.run("--cores", "2", config=run_config("tensor", teacher))
+    assert {c["engine"] for c in claims_of(pipeline.root)} == {"pipeline"}
+    assert {c["engine"] for c in claims_of(tensor.root)} == {"tensor x2"}
+    log = tensor.path(OUT, "logs", "generate", "shard_00000.log").read_text()
+    # Gemma 2 too: each rank applies the soft-capping to its own slice of the head.
+    assert "rank 1: ids 1024..2047 via its rows of the output head" in log
+    assert_close_stores(store_rows(pipeline.root), store_rows(tensor.root))
+
+
+def _processes(marker: str, lock_dir: Path) -> list[int]:
+    """Pids whose command line has ``marker`` and that run under this test's lock dir."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes()
+            environ = (entry / "environ").read_bytes()
+        except OSError:
+            continue
+        if marker.encode() in cmdline and str(lock_dir).encode() in environ:
+            found.append(int(entry.name))
+    return found
+
+
+def _locks_free(lock_dir: Path) -> bool:
+    for path in lock_dir.glob("gpu-*.lock"):
+        with open(path, "r+") as handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return False
+            fcntl.flock(handle, fcntl.LOCK_UN)
+    return True
+
+
+def _wait_for(condition, what: str, timeout: float = 600):
+    deadline = time.time() + timeout
+    while not condition():
+        if time.time() > deadline:
+            pytest.fail(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+RANK = "teacher_logits.generation.tensor_rank"
+# Long enough shards of small windows, each its own part: a kill lands mid-shard.
+KILL_RUN = dict(
+    num_shards=1,
+    dataset={"max_samples": 120},
+    generation={"batch_tokens": 64, "commit_every_s": 0, "threads": 2},
+)
+
+
+@pytest.mark.slow
+def test_a_killed_rank_fails_the_job_fast_and_the_rerun_is_bit_identical(tmp_path, demo_dir):
+    reference = demo_workflow(tmp_path / "reference", demo_dir)
+    reference.run("--cores", "2", config=run_config("tensor", **KILL_RUN))
+
+    wf = demo_workflow(tmp_path / "killed", demo_dir)
+    proc = wf.start("--cores", "2", config=run_config("tensor", **KILL_RUN))
+    parts = wf.path(OUT, "shards", "shard_00000.parts")
+    _wait_for(lambda: len(list(parts.glob("part_*.h5"))) >= 2, "two committed parts")
+    ranks = _processes(RANK, wf.lock_dir)
+    assert len(ranks) == 2
+    os.kill(ranks[1], signal.SIGKILL)
+    killed_at = time.time()
+    jobs = lambda: _processes("generate.py", wf.lock_dir)  # noqa: E731
+    _wait_for(lambda: not jobs() and not _processes(RANK, wf.lock_dir), "the job to fail", 60)
+    assert time.time() - killed_at < 30
+    proc.wait(timeout=120)
+    assert proc.returncode != 0
+    log = wf.path(OUT, "logs", "generate", "shard_00000.log").read_text()
+    assert "tensor-parallel rank 1" in log and "was killed by SIGKILL" in log
+    assert _locks_free(wf.lock_dir)
+
+    wf.run("--cores", "2", config=run_config("tensor", **KILL_RUN))
+    assert len(claims_of(wf.root)) == 2  # the killed claim's rows were kept
+    resumed, uninterrupted = store_rows(wf.root), store_rows(reference.root)
+    for name in ROW_NAMES:
+        np.testing.assert_array_equal(resumed[name], uninterrupted[name], err_msg=name)
+
+
+@pytest.mark.slow
+def test_a_killed_job_takes_its_ranks_and_locks_with_it(tmp_path, demo_dir):
+    wf = demo_workflow(tmp_path / "wf", demo_dir)
+    proc = wf.start("--cores", "2", config=run_config("tensor", **KILL_RUN))
+    parts = wf.path(OUT, "shards", "shard_00000.parts")
+    _wait_for(lambda: len(list(parts.glob("part_*.h5"))) >= 1, "a committed part")
+    assert len(_processes(RANK, wf.lock_dir)) == 2
+    jobs = [
+        p for p in _processes("generate.py", wf.lock_dir) if p not in _processes(RANK, wf.lock_dir)
+    ]
+    for job in jobs:
+        os.kill(job, signal.SIGKILL)
+    _wait_for(lambda: not _processes(RANK, wf.lock_dir), "the ranks to die", 30)
+    _wait_for(lambda: _locks_free(wf.lock_dir), "the locks to be free", 30)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
+@pytest.mark.slow
+def test_two_groups_run_tensor_parallel_at_once(tmp_path, demo_dir):
+    wf = demo_workflow(tmp_path / "wf", demo_dir)
+    config = run_config("tensor", gpus="0,1,2,3", dataset={"max_samples": 80})
+    config["generation"]["threads"] = 1
+    wf.run("--cores", "2", "--resources", "gpu=4", config=config)
+    claims = claims_of(wf.root)
+    assert {c["cuda_visible_devices"] for c in claims} == {"0,1", "2,3"}
+    first, second = sorted(claims, key=lambda c: c["started_at"])
+    assert second["started_at"] < first["finished_at"], "the two groups did not overlap"
