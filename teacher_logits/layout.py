@@ -72,6 +72,13 @@ def job_record_for(log_path: str | os.PathLike) -> Path:
     return path.with_name(path.stem + ".job.json")
 
 
+def rank_log_for(log_path: str | os.PathLike) -> Path:
+    """``logs/generate/shard_00000.log`` -> ``...shard_00000.ranks.log``: what the job's
+    tensor-parallel ranks print (tracebacks, library warnings)."""
+    path = Path(log_path)
+    return path.with_name(path.stem + ".ranks.log")
+
+
 @dataclass(frozen=True)
 class RunLayout:
     output_dir: Path

@@ -306,7 +306,8 @@ def shard_sources(layout: RunLayout) -> list[tuple[Path, int]]:
     Read once for all shards (gather): ``job_plan`` reads every plan per call."""
     sources: list[tuple[Path, int]] = []
     for j, plan in enumerate(recorded_plans(layout)):
-        sources += [(layout.segment_tokens(j), local) for local in range(len(plan["shards"]))]
+        tokens = layout.segment_tokens(j)
+        sources += [(tokens, local) for local in range(len(plan["shards"]))]
     return sources
 
 

@@ -277,6 +277,7 @@ def test_a_killed_rank_fails_the_job_fast_and_the_rerun_is_bit_identical(tmp_pat
     assert proc.returncode != 0
     log = wf.path(OUT, "logs", "generate", "shard_00000.log").read_text()
     assert "tensor-parallel rank 1" in log and "was killed by SIGKILL" in log
+    assert "shard_00000.ranks.log" in log  # where the ranks' own output went
     assert _locks_free(wf.lock_dir)
 
     wf.run("--cores", "2", config=run_config("tensor", **KILL_RUN))

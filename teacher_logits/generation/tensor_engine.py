@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 
 from ..errors import TeacherError
+from ..layout import rank_log_for
 from .tensor_rank import RankSetup
 from .topk import TopK, merge_slices
 
@@ -54,7 +55,7 @@ class RankProcess:
         self.index, self.process, self.conn = index, process, conn
 
     @classmethod
-    def spawn(cls, index: int, setup: RankSetup, lock_fds, env: dict) -> RankProcess:
+    def spawn(cls, index: int, setup: RankSetup, lock_fds, env: dict, output) -> RankProcess:
         job_end, rank_end = socket.socketpair()
         with rank_end:
             process = subprocess.Popen(
@@ -67,6 +68,8 @@ class RankProcess:
                 ],
                 pass_fds=(rank_end.fileno(), *lock_fds),
                 env=env,
+                stdout=output,
+                stderr=output,
             )
         conn = Connection(job_end.detach())
         conn.send(setup)
@@ -89,6 +92,14 @@ class RankProcess:
         self.conn.close()
 
 
+def job_log_file() -> Path | None:
+    """The log file ``run_job`` set up for this job, if any."""
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler):
+            return Path(handler.baseFilename)
+    return None
+
+
 def rank_environment(threads: int, on_gpu: bool) -> dict:
     env = dict(os.environ)
     # The ranks import this checkout's library, whatever their working directory.
@@ -107,6 +118,7 @@ class TensorParallelEngine:
         self.top_k, self.with_entropy = top_k, with_entropy
         self.pad_id = 0
         self.peak_gpu_bytes: list[int] = []
+        self.rank_log: Path | None = None
         self._broken = False
 
     @property
@@ -128,6 +140,12 @@ class TensorParallelEngine:
         env = rank_environment(threads, on_gpu)
         ranks: list[RankProcess] = []
         engine = cls(ranks, store, settings.top_k, settings.store_entropy)
+        log_file = job_log_file()
+        if log_file is not None:
+            engine.rank_log = rank_log_for(log_file)
+            output = open(engine.rank_log, "w")  # the ranks' copies outlive this one
+        else:
+            output = None  # the job's own stderr
         try:
             for index in range(world):
                 setup = RankSetup(
@@ -142,7 +160,7 @@ class TensorParallelEngine:
                     temperatures=tuple(settings.temperatures),
                     chunk_bytes=0,
                 )
-                ranks.append(RankProcess.spawn(index, setup, claim.lock_fds, env))
+                ranks.append(RankProcess.spawn(index, setup, claim.lock_fds, env, output))
             ready = engine._answers()
             engine.pad_id = ready[0]["pad_id"]
             log.info(
@@ -154,6 +172,9 @@ class TensorParallelEngine:
         except BaseException:
             engine._kill()
             raise
+        finally:
+            if output is not None:
+                output.close()
         return engine
 
     def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> TopK:
@@ -193,15 +214,20 @@ class TensorParallelEngine:
                 except (EOFError, OSError):
                     raise RankFailed(
                         f"tensor-parallel rank {rank.index} (pid {rank.process.pid}) "
-                        f"{rank.death()}; its error, if any, is above in this log. Run the same "
-                        "command again: it resumes from the last committed part"
+                        f"{rank.death()}{self._see_output()}. Run the same command again: "
+                        "it resumes from the last committed part"
                     ) from None
                 if "error" in answer:
-                    raise RankFailed(f"tensor-parallel rank {rank.index}: {answer['error']}")
+                    raise RankFailed(
+                        f"tensor-parallel rank {rank.index}: {answer['error']}{self._see_output()}"
+                    )
                 if "oom" in answer and deadline is None:
                     deadline = time.monotonic() + RANK_GRACE_S
                 answers[rank.index] = answer
         return answers
+
+    def _see_output(self) -> str:
+        return f" (the ranks' output: {self.rank_log})" if self.rank_log else ""
 
     def close(self) -> None:
         """Stop the ranks: politely when they are healthy (each says its peak GPU memory,

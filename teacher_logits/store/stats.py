@@ -34,7 +34,7 @@ class ShardStats:
 
     def __post_init__(self) -> None:
         self.topk_mass_hist = np.zeros(len(MASS_BINS) - 1, dtype=np.int64)
-        bins = len(entropy_bins(self.vocab_size)) - 1 if self.with_entropy else 0
+        bins = ENTROPY_NUM_BINS if self.with_entropy else 0  # edges: entropy_bins
         self.entropy_hist = np.zeros(bins, dtype=np.int64)
 
     def add(self, ids, logits, logsumexp, entropy, next_ids, has_next) -> None:

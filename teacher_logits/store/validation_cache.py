@@ -84,6 +84,7 @@ class ValidationCache:
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
         self.entries: dict[str, dict] = {}
+        self._changed = False
         try:
             data = json.loads(self.path.read_text())
             if data.get("version") == CHECKS_VERSION and isinstance(data.get("shards"), dict):
@@ -109,6 +110,7 @@ class ValidationCache:
             return None
 
     def record(self, index: int, identity, expects: str, summary: ShardSummary) -> None:
+        self._changed = True
         self.entries[str(index)] = {
             "file": identity,
             "expects": expects,
@@ -116,10 +118,15 @@ class ValidationCache:
         }
 
     def forget(self, index: int) -> None:
-        self.entries.pop(str(index), None)
+        if self.entries.pop(str(index), None) is not None:
+            self._changed = True
 
     def save(self) -> None:
-        """Write the cache atomically; a failure only costs the next run its shortcut."""
+        """Write the cache atomically, if anything changed; a failure only costs the next
+        run its shortcut."""
+        if not self._changed:
+            return
+        self._changed = False
         temp = partial_path(self.path)
         text = json.dumps({"version": CHECKS_VERSION, "shards": self.entries}, default=_jsonable)
         try:

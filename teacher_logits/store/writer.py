@@ -299,10 +299,10 @@ class GuardedFile:
         view = memoryview(data).cast("B")
         if self.error is None:
             try:
-                self._raw.seek(self._pos)
-                rest = view
-                while rest:  # a raw write may take less than all of it
-                    rest = rest[self._raw.write(rest) :]
+                rest, at = view, self._pos
+                while rest:  # a write may take less than all of it
+                    done = os.pwrite(self._raw.fileno(), rest, at)
+                    rest, at = rest[done:], at + done
             except OSError as exc:
                 self.error = exc
         if self.error is not None:
