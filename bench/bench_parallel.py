@@ -6,8 +6,10 @@ per device (bench/README.md, 8).
 Both engines run through the engine seam the generate job uses (``open_engine``), on
 the same padded batches, one after the other in this process. On CUDA it needs
 ``--ranks`` GPUs (default 2): with fewer it says so, skips, and its JSON line says
-``"skipped"``. On CPU the ranks are gloo processes sharing the same cores, so the
-ratio there measures the engine's overhead, not a speedup.
+``"skipped"``; run it with ``CUDA_VISIBLE_DEVICES`` narrowed to those GPUs (as
+``gpu_check.sh`` does), or the pipeline spreads over every visible one. On CPU the
+ranks are gloo processes sharing the same cores, so the ratio there measures the
+engine's overhead, not a speedup.
 """
 
 from __future__ import annotations
@@ -106,7 +108,8 @@ def main(argv=None):
     lengths = skewed_lengths(num_tokens, 2048 if cuda else 512)
     batches = padded_batches(lengths, batch_tokens, 32000)
     results = {}
-    for mode in ("pipeline", "tensor"):
+    # Tensor first: its job side never touches CUDA, so its ranks start on empty GPUs.
+    for mode in ("tensor", "pipeline"):
         config = workflow_config(teacher, batch_tokens=batch_tokens, threads=threads)
         config.update(gpus=",".join(map(str, range(args.ranks))), gpus_per_model=args.ranks)
         config["allow_cpu"] = not cuda

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -213,3 +214,65 @@ def fmt(value) -> str:
 def emit(result: dict) -> None:
     """The script's result as one JSON line (run_all.py reads the last line)."""
     print(json.dumps(result, sort_keys=True), flush=True)
+
+
+# One forward of the bench teacher on a [batch, width] batch, in a fresh process, with
+# or without the KV cache: the growth of peak memory (CPU: VmHWM after resetting it;
+# CUDA: max_memory_allocated) and the bytes of the cache the forward returned.
+KV_CACHE_PROBE = r"""
+import json, sys, torch
+from transformers import AutoModelForCausalLM
+teacher, device, batch, width, use_cache = {teacher!r}, {device!r}, {batch}, {width}, {use_cache}
+torch.set_num_threads({threads})
+dtype = torch.bfloat16 if device == "cuda" else torch.float32
+model = AutoModelForCausalLM.from_pretrained(teacher, dtype=dtype).to(device).eval()
+ids = torch.randint(3, model.config.vocab_size, (batch, width), device=device)
+mask = torch.ones_like(ids)
+def status(key):
+    for line in open("/proc/self/status"):
+        if line.startswith(key):
+            return int(line.split()[1]) * 1024
+with torch.inference_mode():
+    model.model(input_ids=ids[:, :8], attention_mask=mask[:, :8], use_cache=False)  # warm-up
+    if device == "cuda":
+        torch.cuda.synchronize(); torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+    else:
+        open("/proc/self/clear_refs", "w").write("5")
+        before = status("VmRSS")
+    out = model.model(input_ids=ids, attention_mask=mask, use_cache=use_cache)
+    if device == "cuda":
+        torch.cuda.synchronize(); peak = torch.cuda.max_memory_allocated() - before
+    else:
+        peak = status("VmHWM") - before
+    cache = out.past_key_values
+    layers = getattr(cache, "layers", []) if cache is not None else []
+    cache_bytes = sum(t.nbytes for layer in layers for t in (layer.keys, layer.values))
+print(json.dumps({{"peak_bytes": peak, "cache_bytes": cache_bytes}}))
+"""
+
+
+def kv_cache_probe(teacher: Path, device: str, batch: int, width: int, threads: int) -> dict:
+    """Peak memory of one forward with the KV cache the pipeline used to build and without
+    it (as every forward now runs), each in its own process."""
+    runs = {}
+    for use_cache in (True, False):
+        code = KV_CACHE_PROBE.format(
+            teacher=str(teacher),
+            device=device,
+            batch=batch,
+            width=width,
+            use_cache=use_cache,
+            threads=threads,
+        )
+        out = subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, check=True
+        )
+        runs[use_cache] = json.loads(out.stdout.strip().splitlines()[-1])
+    return {
+        "tokens": batch * width,
+        "peak_with_cache_bytes": runs[True]["peak_bytes"],
+        "peak_without_cache_bytes": runs[False]["peak_bytes"],
+        "saved_bytes": runs[True]["peak_bytes"] - runs[False]["peak_bytes"],
+        "cache_bytes": runs[True]["cache_bytes"],
+    }

@@ -12,4 +12,5 @@ cd "$(dirname "$0")/.."
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
 export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 TEACHER_LOGITS_GPU_LOCK_DIR=/tmp/gpu_check_locks
 python3 bench/bench_generate.py --device cuda --quick --work "${GPU_CHECK_WORK:-/tmp/gpu_check}" "$@"
-python3 bench/bench_parallel.py --device cuda --quick --ranks 2 --work "${GPU_CHECK_WORK:-/tmp/gpu_check}"
+# The first 2 GPUs only (with one, CUDA shows one and the bench skips).
+CUDA_VISIBLE_DEVICES="${GPU_CHECK_PAIR:-0,1}" python3 bench/bench_parallel.py --device cuda --quick --ranks 2 --work "${GPU_CHECK_WORK:-/tmp/gpu_check}"

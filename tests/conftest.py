@@ -131,8 +131,9 @@ def workflow(tmp_path, demo_dir) -> Workflow:
     return demo_workflow(tmp_path, demo_dir)
 
 
-def small_teacher(arch: str, demo_dir, out):
-    """A random teacher of another architecture, with the demo tokenizer beside it."""
+def small_teacher(arch: str, demo_dir, out, extra_vocab: int = 0):
+    """A random teacher of another architecture, with the demo tokenizer beside it
+    (``extra_vocab`` unused rows after the tokenizer's, as padded vocabularies have)."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -140,12 +141,17 @@ def small_teacher(arch: str, demo_dir, out):
     torch.manual_seed(0)
     if arch == "gpt2":  # learned absolute positions: wrong under left padding
         config = AutoConfig.for_model(
-            "gpt2", vocab_size=len(tokenizer), n_embd=64, n_layer=2, n_head=4, n_positions=1024
+            "gpt2",
+            vocab_size=len(tokenizer) + extra_vocab,
+            n_embd=64,
+            n_layer=2,
+            n_head=4,
+            n_positions=1024,
         )
     else:  # gemma2: final logit soft-capping after lm_head, so the head is not chunked
         config = AutoConfig.for_model(
             "gemma2",
-            vocab_size=len(tokenizer),
+            vocab_size=len(tokenizer) + extra_vocab,
             hidden_size=64,
             intermediate_size=128,
             num_hidden_layers=2,

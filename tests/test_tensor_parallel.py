@@ -22,13 +22,16 @@ import h5py
 import numpy as np
 import pytest
 import torch
+import yaml
 from transformers import AutoConfig
 
 from teacher_logits.errors import TeacherError
 from teacher_logits.generation.topk import Reduction, merge_slices, reduce_rows
+from teacher_logits.gpus import Claim
+from teacher_logits.settings import GenerateSettings
 from teacher_logits.tensor_plan import check_tensor_parallel
 
-from conftest import demo_workflow, small_teacher
+from conftest import REPO, demo_workflow, small_teacher
 
 OUT = "results/demo"
 
@@ -200,7 +203,8 @@ def test_prepare_refuses_gpt2_in_tensor_mode_and_the_dry_run_knows_the_key(
 @pytest.mark.slow
 @pytest.mark.parametrize("arch", ["llama", "gemma2"])
 def test_tensor_parallel_store_matches_the_pipeline(tmp_path, demo_dir, arch):
-    teacher = None if arch == "llama" else small_teacher(arch, demo_dir, tmp_path / arch)
+    # Gemma 2 with 3 unused vocabulary rows: 2,051 ids split unevenly (1,026 + 1,025).
+    teacher = None if arch == "llama" else small_teacher(arch, demo_dir, tmp_path / arch, 3)
     pipeline = demo_workflow(tmp_path / "pipeline", demo_dir)
     pipeline.run("--cores", "2", config=run_config("pipeline", teacher))
     tensor = demo_workflow(tmp_path / "tensor", demo_dir)
@@ -208,9 +212,39 @@ def test_tensor_parallel_store_matches_the_pipeline(tmp_path, demo_dir, arch):
     assert {c["engine"] for c in claims_of(pipeline.root)} == {"pipeline"}
     assert {c["engine"] for c in claims_of(tensor.root)} == {"tensor x2"}
     log = tensor.path(OUT, "logs", "generate", "shard_00000.log").read_text()
+    assert "2 ranks of 1 threads" in log  # generation.threads 2 // gpus_per_model 2
     # Gemma 2 too: each rank applies the soft-capping to its own slice of the head.
-    assert "rank 1: ids 1024..2047 via its rows of the output head" in log
+    last = "1024..2047" if arch == "llama" else "1026..2050"
+    assert f"rank 1: ids {last} via its rows of the output head" in log
     assert_close_stores(store_rows(pipeline.root), store_rows(tensor.root))
+
+
+def engine_settings(demo_dir: Path) -> GenerateSettings:
+    """A tensor-parallel generate job's settings, as the workflow resolves them."""
+    config = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
+    config.update(gpus="0,1", gpus_per_model=2, allow_cpu=True, gpu_assignment="local")
+    config["teacher"].update(path=str(demo_dir / "teacher"), dtype="float32", parallel="tensor")
+    config["generation"]["top_k"] = 8
+    return GenerateSettings.from_config(config, threads=2)
+
+
+@pytest.mark.slow
+def test_a_rank_dead_between_batches_fails_the_next_batch_naming_it(demo_dir):
+    from teacher_logits.generation.engine import open_engine
+    from teacher_logits.generation.tensor_engine import RankFailed
+
+    ids = torch.arange(3, 35).reshape(2, 16)
+    mask = torch.ones_like(ids)
+    with open_engine(engine_settings(demo_dir), Claim("", 0)) as engine:
+        assert engine(ids, mask).ids.shape == (32, 8)
+        victim = engine.ranks[1].process
+        os.kill(victim.pid, signal.SIGKILL)
+        victim.wait()
+        started = time.time()
+        with pytest.raises(RankFailed, match=r"rank 1 \(pid \d+\) was killed by SIGKILL"):
+            engine(ids, mask)
+        assert time.time() - started < 30
+    assert all(rank.process.poll() is not None for rank in engine.ranks)
 
 
 def _processes(marker: str, lock_dir: Path) -> list[int]:
@@ -293,7 +327,12 @@ def test_a_killed_job_takes_its_ranks_and_locks_with_it(tmp_path, demo_dir):
     proc = wf.start("--cores", "2", config=run_config("tensor", **KILL_RUN))
     parts = wf.path(OUT, "shards", "shard_00000.parts")
     _wait_for(lambda: len(list(parts.glob("part_*.h5"))) >= 1, "a committed part")
-    assert len(_processes(RANK, wf.lock_dir)) == 2
+    ranks = _processes(RANK, wf.lock_dir)
+    assert len(ranks) == 2
+    locks = {str(p) for p in wf.lock_dir.glob("gpu-*.lock")}
+    assert len(locks) == 2
+    for rank in ranks:  # each rank holds the group's locks too (inherited descriptors)
+        assert locks <= {os.readlink(fd) for fd in Path(f"/proc/{rank}/fd").iterdir()}
     jobs = [
         p for p in _processes("generate.py", wf.lock_dir) if p not in _processes(RANK, wf.lock_dir)
     ]

@@ -48,6 +48,10 @@ class RankFailed(TeacherError):
     pass
 
 
+class RanksStuck(RankFailed):
+    """A rank ran out of memory and another did not answer: it waits in a collective."""
+
+
 class RankProcess:
     """One rank: its process and the job's end of its socket."""
 
@@ -72,8 +76,13 @@ class RankProcess:
                 stderr=output,
             )
         conn = Connection(job_end.detach())
-        conn.send(setup)
-        return cls(index, process, conn)
+        rank = cls(index, process, conn)
+        try:
+            conn.send(setup)
+        except BaseException:
+            rank.kill()  # it holds the group's lock descriptors
+            raise
+        return rank
 
     def death(self) -> str:
         """What ended the rank, once its socket closed."""
@@ -113,76 +122,95 @@ def rank_environment(threads: int, on_gpu: bool) -> dict:
 
 
 class TensorParallelEngine:
-    def __init__(self, ranks: list[RankProcess], store, top_k: int, with_entropy: bool):
-        self.ranks, self._store = ranks, store
-        self.top_k, self.with_entropy = top_k, with_entropy
+    def __init__(self, settings, claim, on_gpu: bool):
+        self.top_k, self.with_entropy = settings.top_k, settings.store_entropy
+        self.world = settings.tensor_ranks
+        # Each rank gets its share of the job's threads.
+        self.threads = max(1, settings.threads // self.world)
+        self._settings, self._claim, self._on_gpu = settings, claim, on_gpu
+        self.ranks: list[RankProcess] = []
         self.pad_id = 0
         self.peak_gpu_bytes: list[int] = []
         self.rank_log: Path | None = None
-        self._broken = False
+        self._store = None
+        self._broken = True  # until the ranks are up
 
     @property
     def description(self) -> str:
-        return f"tensor x{len(self.ranks)}"
+        return f"tensor x{self.world}"
 
     @classmethod
     def start(cls, settings, claim, on_gpu: bool) -> TensorParallelEngine:
         """Start one rank per GPU of the group and wait until each has loaded its part."""
-        import torch.distributed as dist
-
         from ..tensor_plan import check_teacher_splits
 
-        world = settings.tensor_ranks
         teacher = settings.teacher
-        check_teacher_splits(teacher.path, world, settings.top_k, teacher.trust_remote_code)
-        store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
-        threads = max(1, settings.threads // world)
-        env = rank_environment(threads, on_gpu)
-        ranks: list[RankProcess] = []
-        engine = cls(ranks, store, settings.top_k, settings.store_entropy)
+        check_teacher_splits(
+            teacher.path, settings.tensor_ranks, settings.top_k, teacher.trust_remote_code
+        )
+        if teacher.max_memory or teacher.allow_offload:
+            log.info(
+                "teacher.max_memory and teacher.allow_offload apply to the pipeline engine only: "
+                "each tensor-parallel rank holds its 1/%d of every layer",
+                settings.tensor_ranks,
+            )
+        engine = cls(settings, claim, on_gpu)
+        engine._launch()
+        return engine
+
+    def _launch(self) -> None:
+        import torch.distributed as dist
+
+        # Served here on a free port: any number of groups start at once on one machine.
+        self._store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
+        env = rank_environment(self.threads, self._on_gpu)
         log_file = job_log_file()
-        if log_file is not None:
-            engine.rank_log = rank_log_for(log_file)
-            output = open(engine.rank_log, "w")  # the ranks' copies outlive this one
-        else:
-            output = None  # the job's own stderr
+        self.rank_log = rank_log_for(log_file) if log_file is not None else None
+        # Appended: a rerun keeps the traceback an earlier job's log points to.
+        output = open(self.rank_log, "a") if self.rank_log else None
+        self.ranks, self._broken = [], False
         try:
-            for index in range(world):
+            for index in range(self.world):
                 setup = RankSetup(
                     rank=index,
-                    world_size=world,
-                    store_port=store.port,
-                    on_gpu=on_gpu,
-                    threads=threads,
-                    teacher=teacher,
-                    top_k=settings.top_k,
-                    with_entropy=settings.store_entropy,
-                    temperatures=tuple(settings.temperatures),
-                    chunk_bytes=0,
+                    world_size=self.world,
+                    store_port=self._store.port,
+                    on_gpu=self._on_gpu,
+                    threads=self.threads,
+                    teacher=self._settings.teacher,
+                    top_k=self.top_k,
+                    with_entropy=self.with_entropy,
+                    temperatures=tuple(self._settings.temperatures),
                 )
-                ranks.append(RankProcess.spawn(index, setup, claim.lock_fds, env, output))
-            ready = engine._answers()
-            engine.pad_id = ready[0]["pad_id"]
-            log.info(
-                "tensor-parallel teacher: %d ranks of %d threads, %s",
-                world,
-                threads,
-                "; ".join(f"rank {i}: {a['describe']}" for i, a in sorted(ready.items())),
-            )
+                self.ranks.append(
+                    RankProcess.spawn(index, setup, self._claim.lock_fds, env, output)
+                )
+            ready = self._answers()
         except BaseException:
-            engine._kill()
+            self._kill()
             raise
         finally:
             if output is not None:
                 output.close()
-        return engine
+        self.pad_id = ready[0]["pad_id"]
+        log.info(
+            "tensor-parallel teacher: %d ranks of %d threads, %s",
+            self.world,
+            self.threads,
+            "; ".join(f"rank {i}: {a['describe']}" for i, a in sorted(ready.items())),
+        )
 
     def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> TopK:
-        batch = ("batch", input_ids.numpy(), attention_mask.numpy())
         try:
-            for rank in self.ranks:
-                rank.conn.send(batch)
+            self._send_all(("batch", input_ids.numpy(), attention_mask.numpy()))
             answers = self._answers()
+        except RanksStuck as exc:
+            # Their collectives no longer line up: start the ranks afresh, and the caller
+            # retries the batch as two halves as after any out-of-memory.
+            log.warning("%s; starting the ranks again", exc)
+            self._kill()
+            self._launch()
+            raise torch.OutOfMemoryError(str(exc)) from None
         except BaseException:
             self._kill()
             raise
@@ -192,9 +220,23 @@ class TensorParallelEngine:
         slices = [answers[i]["rows"] for i in range(len(self.ranks))]
         return merge_slices(slices, self.top_k, self.with_entropy)
 
+    def _send_all(self, message: tuple) -> None:
+        for rank in self.ranks:
+            try:
+                rank.conn.send(message)
+            except OSError:  # its end is closed: it died
+                raise self._died(rank) from None
+
+    def _died(self, rank: RankProcess) -> RankFailed:
+        return RankFailed(
+            f"tensor-parallel rank {rank.index} (pid {rank.process.pid}) {rank.death()}"
+            f"{self._see_output()}. Run the same command again: it resumes from the last "
+            "committed part"
+        )
+
     def _answers(self) -> dict[int, dict]:
         """One answer from every rank. A rank that dies, or fails, fails the batch; once
-        one has failed, the others get ``RANK_GRACE_S`` to answer."""
+        one has run out of memory, the others get ``RANK_GRACE_S`` to answer."""
         pending = {rank.conn: rank for rank in self.ranks}
         answers: dict[int, dict] = {}
         deadline = None
@@ -202,21 +244,17 @@ class TensorParallelEngine:
             timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
             ready = wait(list(pending), timeout=timeout)
             if not ready:
-                raise RankFailed(
+                raise RanksStuck(
                     f"tensor-parallel ranks {sorted(r.index for r in pending.values())} did "
-                    f"not answer within {RANK_GRACE_S:.0f} s of another rank's failure; lower "
-                    "generation.batch_tokens, or set teacher.parallel: pipeline"
+                    f"not answer within {RANK_GRACE_S:.0f} s of another rank running out of "
+                    "memory"
                 )
             for conn in ready:
                 rank = pending.pop(conn)
                 try:
                     answer = decode(conn.recv())
                 except (EOFError, OSError):
-                    raise RankFailed(
-                        f"tensor-parallel rank {rank.index} (pid {rank.process.pid}) "
-                        f"{rank.death()}{self._see_output()}. Run the same command again: "
-                        "it resumes from the last committed part"
-                    ) from None
+                    raise self._died(rank) from None
                 if "error" in answer:
                     raise RankFailed(
                         f"tensor-parallel rank {rank.index}: {answer['error']}{self._see_output()}"
@@ -234,8 +272,7 @@ class TensorParallelEngine:
         logged), SIGKILL otherwise."""
         if not self._broken:
             try:
-                for rank in self.ranks:
-                    rank.conn.send(("stop",))
+                self._send_all(("stop",))
                 stopped = self._answers()
                 self.peak_gpu_bytes = [stopped[i]["peak_gpu_bytes"] for i in sorted(stopped)]
                 if any(self.peak_gpu_bytes):

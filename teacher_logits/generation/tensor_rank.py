@@ -35,7 +35,6 @@ class RankSetup:
     top_k: int
     with_entropy: bool
     temperatures: tuple[float, ...]
-    chunk_bytes: int
 
 
 def die_with_parent(parent_pid: int) -> None:
@@ -51,17 +50,30 @@ def main(fd: int, parent_pid: int) -> None:
     setup: RankSetup = conn.recv()
     try:
         head = load(setup)
+    except BaseException as exc:
+        if type(exc).__name__ == "OutOfMemoryError":
+            fail(
+                conn,
+                f"out of memory loading its 1/{setup.world_size} of the teacher ({exc}); use "
+                "more GPUs per model (gpus_per_model) or a smaller teacher.dtype",
+            )
+        fail(conn, f"{type(exc).__name__}: {exc}")
+    try:
         conn.send(("ready", {"pad_id": head.pad_id, "describe": head.describe()}))
         serve(conn, head)
-    except BaseException as exc:  # the job reports it; a rank has no log of its own
-        message = f"{type(exc).__name__}: {exc}"
-        traceback.print_exc()
-        try:
-            conn.send(("error", message))
-        except OSError:
-            pass
-        os._exit(1)
+    except BaseException as exc:
+        fail(conn, f"{type(exc).__name__}: {exc}")
     os._exit(0)  # skip interpreter teardown: the job has what it needs
+
+
+def fail(conn: Connection, message: str) -> None:
+    """Tell the job (which logs it) and exit; the traceback goes to the ranks' log."""
+    traceback.print_exc()
+    try:
+        conn.send(("error", message))
+    except OSError:
+        pass
+    os._exit(1)
 
 
 def serve(conn: Connection, head) -> None:

@@ -53,7 +53,6 @@ class VocabSliceHead:
         self.model = model
         self.top_k = setup.top_k
         rank, world = setup.rank, setup.world_size
-        self.description = f"tensor x{world}"
         head = model.get_output_embeddings()
         weight = local_part(head.weight.data)
         bias = local_part(head.bias.data) if getattr(head, "bias", None) is not None else None
@@ -74,7 +73,7 @@ class VocabSliceHead:
         self.reduction = Reduction.of(
             setup.top_k,
             max(1, self.slice_size),
-            setup.chunk_bytes or DEFAULT_CHUNK_BYTES,
+            DEFAULT_CHUNK_BYTES,
             setup.with_entropy,
             setup.temperatures,
         )
@@ -82,7 +81,8 @@ class VocabSliceHead:
             raise RuntimeError(
                 f"rank {rank} holds {self.slice_size} vocabulary ids, fewer than top_k={setup.top_k}"
             )
-        matches = torch.tensor([int(self._slice_matches_model())])
+        # On the rank's device: NCCL reduces CUDA tensors only.
+        matches = torch.tensor([int(self._slice_matches_model())], device=self.device)
         dist.all_reduce(matches, op=dist.ReduceOp.MIN)
         self.sliced = bool(matches.item())
 

@@ -66,12 +66,15 @@ def fletcher32(data) -> int:
     if len(raw) % 2:
         raw = np.concatenate([raw, np.zeros(1, np.uint8)])
     words = raw.view(">u2")
-    # Word i counts (n - i) times in the second sum: the sum of the running sums. Exact
-    # in uint64 for frames up to ~2^31 words (each running sum < n * 2^16).
+    if not len(words):
+        return 0
+    # Word i counts (n - i) times in the second sum: the sum of the running sums, each
+    # reduced modulo 65535 first so that no frame size can overflow the uint64 total.
     running = np.cumsum(words, dtype=np.uint64)
-    nonzero = bool(running[-1]) if len(running) else False
-    first = int(running[-1]) if len(running) else 0
-    return (_fold(int(running.sum(dtype=np.uint64)), nonzero) << 16) | _fold(first, nonzero)
+    first = int(running[-1])
+    nonzero = bool(first)
+    second = int((running % 65535).sum(dtype=np.uint64))
+    return (_fold(second, nonzero) << 16) | _fold(first, nonzero)
 
 
 def _fold(total: int, nonzero: bool) -> int:
