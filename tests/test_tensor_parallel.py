@@ -291,17 +291,24 @@ KILL_RUN = dict(
 )
 
 
+def start_until_parts(wf, parts: int):
+    """Start a tensor-parallel run in the background; return it and its two ranks' pids
+    once shard 0 has ``parts`` committed parts."""
+    proc = wf.start("--cores", "2", config=run_config("tensor", **KILL_RUN))
+    folder = wf.path(OUT, "shards", "shard_00000.parts")
+    _wait_for(lambda: len(list(folder.glob("part_*.h5"))) >= parts, f"{parts} committed parts")
+    ranks = _processes(RANK, wf.lock_dir)
+    assert len(ranks) == 2
+    return proc, ranks
+
+
 @pytest.mark.slow
 def test_a_killed_rank_fails_the_job_fast_and_the_rerun_is_bit_identical(tmp_path, demo_dir):
     reference = demo_workflow(tmp_path / "reference", demo_dir)
     reference.run("--cores", "2", config=run_config("tensor", **KILL_RUN))
 
     wf = demo_workflow(tmp_path / "killed", demo_dir)
-    proc = wf.start("--cores", "2", config=run_config("tensor", **KILL_RUN))
-    parts = wf.path(OUT, "shards", "shard_00000.parts")
-    _wait_for(lambda: len(list(parts.glob("part_*.h5"))) >= 2, "two committed parts")
-    ranks = _processes(RANK, wf.lock_dir)
-    assert len(ranks) == 2
+    proc, ranks = start_until_parts(wf, 2)
     os.kill(ranks[1], signal.SIGKILL)
     killed_at = time.time()
     jobs = lambda: _processes("generate.py", wf.lock_dir)  # noqa: E731
@@ -324,11 +331,7 @@ def test_a_killed_rank_fails_the_job_fast_and_the_rerun_is_bit_identical(tmp_pat
 @pytest.mark.slow
 def test_a_killed_job_takes_its_ranks_and_locks_with_it(tmp_path, demo_dir):
     wf = demo_workflow(tmp_path / "wf", demo_dir)
-    proc = wf.start("--cores", "2", config=run_config("tensor", **KILL_RUN))
-    parts = wf.path(OUT, "shards", "shard_00000.parts")
-    _wait_for(lambda: len(list(parts.glob("part_*.h5"))) >= 1, "a committed part")
-    ranks = _processes(RANK, wf.lock_dir)
-    assert len(ranks) == 2
+    proc, ranks = start_until_parts(wf, 1)
     locks = {str(p) for p in wf.lock_dir.glob("gpu-*.lock")}
     assert len(locks) == 2
     for rank in ranks:  # each rank holds the group's locks too (inherited descriptors)

@@ -80,11 +80,6 @@ def reduce_rows(rows: torch.Tensor, project, reduction: Reduction, device, id_of
                 chunk.sub_(top)  # as reduce_chunk leaves it
         if temperatures:
             tempered_logsumexps(chunk, top, temperatures, [out[start:stop] for out in out_tempered])
-        empty = top.squeeze(1) == -torch.inf
-        if empty.any():  # a slice of the vocabulary masked whole: no probability in it
-            for out in (out_lse, *out_tempered):
-                out[start:stop][empty] = -torch.inf
-            out_entropy[start:stop][empty] = 0.0
     host = to_host((out_ids, out_values, out_lse, out_entropy, *out_tempered))
     return TopK(*host[:4], logsumexp_t=dict(zip(temperatures, host[4:])))
 
@@ -99,18 +94,25 @@ def merge_slices(slices: list[TopK], top_k: int, with_entropy: bool = True) -> T
     """
     if len(slices) == 1:
         return slices[0]
-    lse_r = torch.stack([s.logsumexp for s in slices])
+    # A slice whose logits are all masked (-inf) holds no probability; its own reduction
+    # is NaN there (-inf - -inf), so it is taken out here rather than checked per chunk
+    # on the device (a host sync per chunk).
+    empty = torch.stack([s.logits[:, 0] for s in slices]) == -torch.inf
+    lse_r = torch.stack([s.logsumexp for s in slices]).masked_fill(empty, -torch.inf)
     lse = torch.logsumexp(lse_r, dim=0)
     if with_entropy:
         weight = torch.exp(lse_r - lse)
         surprise = torch.where(weight > 0, -torch.log(weight), torch.zeros_like(weight))
-        entropy = (weight * (torch.stack([s.entropy for s in slices]) + surprise)).sum(dim=0)
+        entropy_r = torch.stack([s.entropy for s in slices]).masked_fill(empty, 0.0)
+        entropy = (weight * (entropy_r + surprise)).sum(dim=0)
     else:
         entropy = torch.zeros_like(lse)
     values, order = torch.topk(torch.cat([s.logits for s in slices], dim=1), top_k, dim=1)
     ids = torch.gather(torch.cat([s.ids for s in slices], dim=1), 1, order)
     tempered = {
-        t: torch.logsumexp(torch.stack([s.logsumexp_t[t] for s in slices]), dim=0)
+        t: torch.logsumexp(
+            torch.stack([s.logsumexp_t[t] for s in slices]).masked_fill(empty, -torch.inf), dim=0
+        )
         for t in slices[0].logsumexp_t
     }
     return TopK(ids, values, lse, entropy, logsumexp_t=tempered)
