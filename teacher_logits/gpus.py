@@ -143,6 +143,11 @@ class DevicePlan:
         return self.mode != "cpu"
 
     @property
+    def may_compute_on_cpu(self) -> bool:
+        """CPU mode, or GPU groups with ``allow_cpu`` (tests, CPU fallback)."""
+        return self.mode == "cpu" or self.allow_cpu
+
+    @property
     def gpus_per_job(self) -> int:
         """The ``gpu`` resource of one generate job (a scheduler is always asked for GPUs)."""
         return self.gpus_per_model if self.wants_gpu else 0

@@ -181,6 +181,7 @@ def test_a_splittable_teacher_passes():
     check_tensor_parallel(_config("gemma2", num_attention_heads=4, num_key_value_heads=2), 2, 8)
 
 
+@pytest.mark.slow
 def test_prepare_refuses_gpt2_in_tensor_mode_and_the_dry_run_knows_the_key(
     workflow, demo_dir, tmp_path
 ):

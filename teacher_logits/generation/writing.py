@@ -173,6 +173,10 @@ def open_shard_writer(
         with_loss_mask=loss_mask is not None,
         stored_rows=needed_rows(loss_mask, offsets) if settings.store_masked_only else None,
         temperatures=settings.temperatures,
+        # A teacher on the CPU keeps every core busy with its own threads: one compressing
+        # thread (GIL-free, beside the writer thread) is then far faster than it needs,
+        # where more would stall the teacher's parallel kernels.
+        compress_threads=1 if settings.devices.may_compute_on_cpu else None,
     )
     writer.add_samples(sample_ids, np.diff(offsets))
     return writer

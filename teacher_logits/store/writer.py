@@ -37,8 +37,9 @@ class ShardWriter:
     The total row count is known from the shard plan, so datasets are created at
     their final size and rows land in order; nothing is ever appended to a file
     that a previous (killed) process left behind. With the default compression, the
-    top-k rows of each whole chunk are encoded and compressed in a thread pool and
-    written as finished chunks (``chunks``).
+    top-k rows of each whole chunk are encoded and compressed in a thread pool of
+    ``compress_threads`` (default: the usable cores, at most 4) and written as finished
+    chunks (``chunks``).
     """
 
     def __init__(
@@ -54,6 +55,7 @@ class ShardWriter:
         with_loss_mask: bool = False,
         stored_rows: np.ndarray | None = None,
         temperatures=(1.0,),
+        compress_threads: int | None = None,
     ):
         self.path = Path(path)
         self.temp_path = partial_path(self.path)
@@ -106,7 +108,8 @@ class ShardWriter:
             from . import chunks
 
             row_sets = {name: f[name] for name in f if is_row_dataset(name)}
-            self._chunks = chunks.ChunkPipeline(row_sets, rows, chunks.compress_threads())
+            threads = compress_threads or chunks.compress_threads()
+            self._chunks = chunks.ChunkPipeline(row_sets, rows, threads)
         self._sample_ids = np.zeros(num_samples, dtype=np.int64)
         self._offsets = np.zeros(num_samples + 1, dtype=np.int64)
         self._samples_done = 0
