@@ -38,13 +38,8 @@ def load_teacher(
 ):
     from transformers import AutoModelForCausalLM
 
-    kwargs = dict(
-        dtype=DTYPES[dtype],
-        device_map="auto" if on_gpu else "cpu",
-        trust_remote_code=trust_remote_code,
-    )
-    if attn_implementation:
-        kwargs["attn_implementation"] = attn_implementation
+    kwargs = from_pretrained_options(dtype, attn_implementation, trust_remote_code)
+    kwargs["device_map"] = "auto" if on_gpu else "cpu"
     if max_memory:
         kwargs["max_memory"] = max_memory
     model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
@@ -54,6 +49,14 @@ def load_teacher(
             getattr(model, "hf_device_map", None), model.get_memory_footprint(), allow_offload
         )
     return model
+
+
+def from_pretrained_options(dtype: str, attn_implementation, trust_remote_code: bool) -> dict:
+    """What every engine passes ``from_pretrained`` from the ``teacher`` settings."""
+    options = dict(dtype=DTYPES[dtype], trust_remote_code=trust_remote_code)
+    if attn_implementation:
+        options["attn_implementation"] = attn_implementation
+    return options
 
 
 def refuse_offload(device_map: dict | None, weight_bytes: int, allow_offload: bool) -> None:

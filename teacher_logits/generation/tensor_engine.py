@@ -4,7 +4,8 @@ The generate job is not a rank: it keeps the claim, the writer, part commits and
 resume exactly as with the pipeline engine. It starts ``gpus_per_model`` rank
 processes (``tensor_rank``), hands each the same padded batch and merges their
 per-slice top-k, logsumexp and entropy (``topk.merge_slices``), so full logits
-are never gathered anywhere.
+are not gathered anywhere (unless a rank's probe finds its slice of the head does not
+reproduce the model's logits: ``vocab_slice``).
 
 Failure behaviour:
 - the ranks inherit the claim's lock descriptors, so the group stays locked while

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from .teacher import DEFAULT_CHUNK_BYTES, DTYPES
+from .teacher import DEFAULT_CHUNK_BYTES, from_pretrained_options
 from .topk import Reduction, TopK, reduce_rows
 
 
@@ -22,13 +22,10 @@ def load_sharded_teacher(teacher, world_size: int):
     from transformers import AutoModelForCausalLM
     from transformers.distributed import DistributedConfig
 
-    kwargs = dict(
-        dtype=DTYPES[teacher.dtype],
-        trust_remote_code=teacher.trust_remote_code,
-        distributed_config=DistributedConfig(tp_plan="auto", tp_size=world_size),
+    kwargs = from_pretrained_options(
+        teacher.dtype, teacher.attn_implementation, teacher.trust_remote_code
     )
-    if teacher.attn_implementation:
-        kwargs["attn_implementation"] = teacher.attn_implementation
+    kwargs["distributed_config"] = DistributedConfig(tp_plan="auto", tp_size=world_size)
     model = AutoModelForCausalLM.from_pretrained(str(teacher.path), **kwargs)
     model.eval()
     return model
@@ -58,10 +55,10 @@ class VocabSliceHead:
         bias = local_part(head.bias.data) if getattr(head, "bias", None) is not None else None
         vocab = int(head.weight.shape[0])
         if weight.shape[0] == vocab:  # replicated: take this rank's rows as a Shard(0) would
-            bounds = torch.arange(vocab).chunk(world)
-            rows = bounds[rank] if rank < len(bounds) else bounds[0][:0]
-            weight = weight[rows[0] : rows[0] + len(rows)] if len(rows) else weight[:0]
-            bias = bias[rows[0] : rows[0] + len(rows)] if bias is not None and len(rows) else None
+            size = -(-vocab // world)
+            mine = slice(min(rank * size, vocab), min((rank + 1) * size, vocab))
+            weight = weight[mine]
+            bias = bias[mine] if bias is not None else None
         sizes = [0] * world
         dist.all_gather_object(sizes, int(weight.shape[0]))
         self.first_id, self.slice_size = sum(sizes[:rank]), sizes[rank]
@@ -70,17 +67,14 @@ class VocabSliceHead:
         self.weight, self.bias = weight, bias
         self.device = weight.device
         self.softcap = getattr(model.config.get_text_config(), "final_logit_softcapping", None)
+        # At least top_k ids per slice: tensor_plan checked that before the ranks started.
         self.reduction = Reduction.of(
             setup.top_k,
-            max(1, self.slice_size),
+            self.slice_size,
             DEFAULT_CHUNK_BYTES,
             setup.with_entropy,
             setup.temperatures,
         )
-        if self.slice_size < setup.top_k:
-            raise RuntimeError(
-                f"rank {rank} holds {self.slice_size} vocabulary ids, fewer than top_k={setup.top_k}"
-            )
         # On the rank's device: NCCL reduces CUDA tensors only.
         matches = torch.tensor([int(self._slice_matches_model())], device=self.device)
         dist.all_reduce(matches, op=dist.ReduceOp.MIN)
