@@ -40,6 +40,7 @@ from teacher_logits.run_inputs import (
     save_digest_cache,
 )
 from teacher_logits.run_lock import hold_run_lock
+from teacher_logits.sampling import check_sampling
 from teacher_logits.shard_plan import plan_shards
 from teacher_logits.shard_records import date_back
 from teacher_logits.temperatures import check_temperatures
@@ -108,6 +109,7 @@ def check_config(config):
         check_paths(config)
         check_chat_and_overflow(config)
         check_temperatures(config)
+        check_sampling(config)
     except ConfigError as error:
         exit_with_config_error(error)
     if devices.mode == "scheduler" and devices.groups and workflow.is_main_process:

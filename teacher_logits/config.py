@@ -38,6 +38,8 @@ ADDED_MEANING_DEFAULTS = {
     ("tokenize", "split_special_tokens"): False,
     ("generation", "store_masked_only"): False,
     ("generation", "temperatures"): [1.0],
+    ("generation", "mode"): "topk",
+    ("generation", "top_p"): None,
 }
 KNOWN_ROLES = ("system", "developer", "user", "assistant", "tool", "function", "ipython")
 
@@ -351,6 +353,9 @@ def _add_meaning_settings(config: dict, settings: dict) -> None:
             value = list(normalise_temperatures(value))
         if value != old:
             settings[section][key] = value
+    if config["generation"].get("mode", "topk") != "topk":
+        for key in ("samples", "sample_temperature"):
+            settings["generation"][key] = config["generation"][key]
     if config["tokenize"].get("overflow", "truncate") == "split":
         settings["tokenize"]["stride"] = config["tokenize"].get("stride")
     if config["dataset"].get("messages_field"):

@@ -16,6 +16,7 @@ import h5py
 import numpy as np
 
 from .layout import RunLayout
+from .sampling import planned_sampling
 from .shard_plan import shard_sources
 from .store.identity import identity_mismatch, temperature_mismatch
 from .store.isolated import check_isolated, default_workers
@@ -112,6 +113,7 @@ def check_shards(
             loss_mask=prepared.loss_mask,
             masked_only=masked_only,
             temperatures=temperatures,
+            **planned_sampling(plan["settings"]),
         )
         # Another run's shard (or another index) comes back as a ForeignShard, not read on.
         summary = validate_shard(

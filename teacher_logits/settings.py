@@ -12,6 +12,7 @@ from pathlib import Path
 
 from .config import dataset_paths, meaning_settings, teacher_path
 from .gpus import DevicePlan, device_plan
+from .sampling import SampleSettings
 from .temperatures import DEFAULT_TEMPERATURES, normalise_temperatures
 
 
@@ -93,7 +94,9 @@ class PrepareSettings:
             max_length=int(tok["max_length"]),
             overflow=tok["overflow"],
             num_shards=int(config["num_shards"]),
-            top_k=int(config["generation"]["top_k"]),
+            top_k=SampleSettings.from_config(config["generation"]).stored_top_k(
+                config["generation"]["top_k"]
+            ),
             meaning=meaning_settings(config),
             threads=int(threads),
             split_special_tokens=bool(tok["split_special_tokens"]),
@@ -114,8 +117,11 @@ class GenerateSettings:
     max_length: int
     stride: int
     threads: int = 1
-    # Every temperature a logsumexp is stored for, sorted, 1.0 included (its `logsumexp`).
+    # Every temperature a logsumexp is stored for, sorted, 1.0 included (its `logsumexp`);
+    # the sample temperature too in the sampled modes (the head-plus-tail loss needs it).
     temperatures: tuple[float, ...] = DEFAULT_TEMPERATURES
+    sampling: SampleSettings = SampleSettings()
+    top_p: float | None = None
 
     @property
     def tensor_ranks(self) -> int:
@@ -124,10 +130,14 @@ class GenerateSettings:
     @classmethod
     def from_config(cls, config: dict, threads: int = 1) -> GenerateSettings:
         gen, storage, tok = config["generation"], config["storage"], config["tokenize"]
+        sampling = SampleSettings.from_config(gen)
+        temperatures = list(gen.get("temperatures") or [1.0])
+        if sampling.draws:
+            temperatures.append(sampling.temperature)
         return cls(
             teacher=TeacherSettings.from_config(config),
             devices=device_plan(config),
-            top_k=int(gen["top_k"]),
+            top_k=sampling.stored_top_k(gen["top_k"]),
             batch_tokens=int(gen["batch_tokens"]),
             store_entropy=bool(gen["store_entropy"]),
             store_masked_only=bool(gen["store_masked_only"]),
@@ -137,5 +147,7 @@ class GenerateSettings:
             max_length=int(tok["max_length"]),
             stride=int(tok["stride"]),
             threads=int(threads),
-            temperatures=normalise_temperatures(gen.get("temperatures")),
+            temperatures=normalise_temperatures(temperatures),
+            sampling=sampling,
+            top_p=gen.get("top_p"),
         )

@@ -45,6 +45,10 @@ def check_temperatures(config: dict) -> None:
 
 def planned_temperatures(settings: dict) -> tuple[float, ...]:
     """The temperatures of a run from its meaning settings (``plan.json``'s and
-    ``manifest.json``'s ``settings``): they name them only when they are not the default."""
-    listed = (settings or {}).get("generation", {}).get("temperatures")
+    ``manifest.json``'s ``settings``): they name them only when they are not the default.
+    The sampled modes store the sample temperature's too."""
+    generation = (settings or {}).get("generation", {})
+    listed = list(generation.get("temperatures") or [])
+    if generation.get("mode", "topk") != "topk":
+        listed.append(generation.get("sample_temperature", 1.0))
     return normalise_temperatures(listed)

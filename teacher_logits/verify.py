@@ -25,6 +25,7 @@ import numpy as np
 from .errors import ShardError, StoreError
 from .fingerprints import file_sha256
 from .layout import INDEX_NAME, MANIFEST_NAME, RunLayout
+from .sampling import planned_sampling
 from .store.format import TEMPERATURES_ATTR, read_attrs
 from .store.identity import (
     FINGERPRINTS,
@@ -178,6 +179,7 @@ def deep_problems(root: Path, manifest: dict, workers: int) -> list[str]:
             loss_mask=loss_mask,
             masked_only=masked_only,
             temperatures=temperatures,
+            **planned_sampling(manifest.get("settings")),
         )
         summary = validate_shard(path, expectation, progress=progress)
         if summary.num_tokens != entry["num_tokens"] or summary.num_samples != entry["num_samples"]:

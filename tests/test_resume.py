@@ -233,7 +233,7 @@ def test_disk_full_fails_clearly_keeps_earlier_work_and_resumes(workflow, refere
 
 
 def write_part(parts: CommittedParts, first_sample: int, first_row: int, rows: int, claim="0,1"):
-    writer = PartWriter(parts.part_path(first_sample), first_sample, first_row, top_k=4)
+    writer = PartWriter(parts.part_path(first_sample), first_sample, first_row)
     writer.append(
         2,
         {

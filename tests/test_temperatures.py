@@ -408,7 +408,7 @@ def test_resume_parts_carry_the_temperatures_and_are_dropped_when_they_change(tm
 
     identity = {"config_fingerprint": "c", "temperatures": list(ALL)}
     parts = CommittedParts(tmp_path / "p", identity, rows_total=20)
-    writer = PartWriter(parts.part_path(0), 0, 0, top_k=4, temperatures=ALL)
+    writer = PartWriter(parts.part_path(0), 0, 0)
     writer.append(2, part_rows(10, ALL))
     path = writer.commit({"committed_at": 1.0})
     parts.add(path, read_part_attrs(path))
@@ -429,7 +429,7 @@ def test_parts_from_before_temperatures_are_kept_by_a_run_at_temperature_1(tmp_p
 
     older = {"config_fingerprint": "c"}  # a meta file written before the key existed
     parts = CommittedParts(tmp_path / "p", older, rows_total=20)
-    writer = PartWriter(parts.part_path(0), 0, 0, top_k=4)
+    writer = PartWriter(parts.part_path(0), 0, 0)
     writer.append(2, part_rows(10, (1.0,)))
     parts.add(writer.commit({"committed_at": 1.0}), read_part_attrs(parts.part_path(0)))
     with caplog.at_level(logging.WARNING):

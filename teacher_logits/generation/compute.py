@@ -14,14 +14,18 @@ import numpy as np
 import torch
 
 from ..errors import TeacherError
+from ..sampling import counts_from_draws
 from ..store.format import temperature_dataset
 from .batching import long_document_windows, plan_batches
 
 log = logging.getLogger("generate")
 
 
-def forward_batch(head, batch: np.ndarray, input_ids: np.ndarray, offsets: np.ndarray, pad_id: int):
-    """Top-k of one padded batch; on out-of-memory, retry it as two halves (logged)."""
+def forward_batch(
+    head, batch: np.ndarray, input_ids: np.ndarray, offsets: np.ndarray, pad_id: int, row_keys=None
+):
+    """Top-k of one padded batch; on out-of-memory, retry it as two halves (logged).
+    ``row_keys``: the window's ``sampling.row_keys``, for the sampled modes."""
     lengths = offsets[batch + 1] - offsets[batch]
     width = int(lengths.max())
     try:
@@ -31,7 +35,10 @@ def forward_batch(head, batch: np.ndarray, input_ids: np.ndarray, offsets: np.nd
             start, stop = offsets[sample], offsets[sample + 1]
             ids[row, : stop - start] = torch.from_numpy(input_ids[start:stop].astype(np.int64))
             mask[row, : stop - start] = 1
-        return [head(ids, mask)]
+        if row_keys is None:
+            return [head(ids, mask)]
+        keys = np.concatenate([row_keys[offsets[s] : offsets[s + 1]] for s in batch])
+        return [head(ids, mask, keys)]
     except torch.OutOfMemoryError as exc:
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
@@ -47,16 +54,17 @@ def forward_batch(head, batch: np.ndarray, input_ids: np.ndarray, offsets: np.nd
             len(batch),
             width,
         )
-        return forward_batch(head, batch[:half], input_ids, offsets, pad_id) + forward_batch(
-            head, batch[half:], input_ids, offsets, pad_id
-        )
+        return forward_batch(
+            head, batch[:half], input_ids, offsets, pad_id, row_keys
+        ) + forward_batch(head, batch[half:], input_ids, offsets, pad_id, row_keys)
 
 
 def compute_window(
-    head, input_ids: np.ndarray, offsets: np.ndarray, batch_tokens: int, pad_id: int
+    head, input_ids: np.ndarray, offsets: np.ndarray, batch_tokens: int, pad_id: int, row_keys=None
 ):
     """Top-k rows of the samples in one window, concatenated in sample order, keyed by
-    their shard dataset names (each extra temperature's logsumexp under its own)."""
+    their shard dataset names (each extra temperature's logsumexp under its own; the
+    draws as ``sampled_ids``/``sampled_counts`` when ``row_keys`` seed them)."""
     lengths = np.diff(offsets)
     num_rows = int(offsets[-1])
     out = {
@@ -66,7 +74,7 @@ def compute_window(
         "entropy": np.empty(num_rows, dtype=np.float32),
     }
     for batch in plan_batches(lengths, batch_tokens):
-        results = forward_batch(head, batch, input_ids, offsets, pad_id)
+        results = forward_batch(head, batch, input_ids, offsets, pad_id, row_keys)
         samples = iter(batch)
         for result in results:
             # Valid positions come back row-major: sample by sample in batch order.
@@ -83,7 +91,19 @@ def compute_window(
                     name = temperature_dataset(temperature)
                     column = out.setdefault(name, np.empty(num_rows, dtype=np.float32))
                     column[start:stop] = lse[cursor : cursor + n].numpy()
+                if result.draws is not None:
+                    draws = out.setdefault(
+                        "draws", np.empty((num_rows, result.draws.shape[1]), np.int32)
+                    )
+                    draws[start:stop] = result.draws[cursor : cursor + n].numpy()
+                    void = out.setdefault("void", np.empty(num_rows, bool))
+                    void[start:stop] = ~np.isfinite(result.tail_lse[cursor : cursor + n].numpy())
                 cursor += n
+    if "draws" in out:
+        void = out.pop("void")
+        out["sampled_ids"], out["sampled_counts"] = counts_from_draws(out.pop("draws"), ~void)
+    if not head.top_k:  # sampled mode: no top-k datasets
+        del out["topk_ids"], out["topk_logits"]
     return out
 
 
@@ -95,6 +115,7 @@ def compute_window_split(
     pad_id: int,
     max_length: int,
     stride: int,
+    row_keys=None,
 ):
     """``compute_window`` where documents may be longer than ``max_length`` (overflow: split).
 
@@ -104,13 +125,16 @@ def compute_window_split(
     """
     lengths = np.diff(offsets)
     if not len(lengths) or int(lengths.max()) <= max_length:
-        return compute_window(head, input_ids, offsets, batch_tokens, pad_id)
+        return compute_window(head, input_ids, offsets, batch_tokens, pad_id, row_keys)
     cut = long_document_windows(lengths, max_length, stride)
     starts = offsets[cut["sample"]] + cut["start"]
     stops = offsets[cut["sample"]] + cut["stop"]
     window_ids = np.concatenate([input_ids[a:b] for a, b in zip(starts, stops)])
     window_offsets = np.concatenate([[0], np.cumsum(stops - starts)]).astype(np.int64)
-    rows = compute_window(head, window_ids, window_offsets, batch_tokens, pad_id)
+    window_keys = None
+    if row_keys is not None:  # a row's key is its place in the document, whichever window
+        window_keys = np.concatenate([row_keys[a:b] for a, b in zip(starts, stops)])
+    rows = compute_window(head, window_ids, window_offsets, batch_tokens, pad_id, window_keys)
     # Kept rows tile each document in order, and windows come in document order, so
     # the kept rows, concatenated, are the window's rows in token order.
     first = window_offsets[:-1] + (cut["keep_start"] - cut["start"])

@@ -74,6 +74,7 @@ def load_pipeline(settings, on_gpu: bool):
         settings.top_k,
         with_entropy=settings.store_entropy,
         temperatures=settings.temperatures,
+        sampling=settings.sampling,
     )
 
 

@@ -41,14 +41,7 @@ from ..layout import (
 )
 from ..locks import OUTPUT_DIR_FIX, holder_line, try_lock
 from ..shard_records import record_written_shard
-from ..store.format import (
-    CHUNK_ROWS,
-    VALUE_DTYPES,
-    fsync_dir,
-    is_row_dataset,
-    read_attrs,
-    row_datasets,
-)
+from ..store.format import CHUNK_ROWS, fsync_dir, is_row_dataset, read_attrs
 
 log = logging.getLogger(__name__)
 
@@ -284,48 +277,35 @@ class PartWriter:
     the process on a failed write.
     """
 
-    def __init__(
-        self,
-        path,
-        first_sample: int,
-        first_row: int,
-        top_k: int,
-        value_dtype: str = "float16",
-        with_entropy: bool = True,
-        *,
-        temperatures=(1.0,),
-    ):
+    def __init__(self, path, first_sample: int, first_row: int, with_entropy: bool = True):
         self.path = Path(path)
         self.temp_path = partial_path(self.path)
         self.first_sample, self.first_row = first_sample, first_row
         self.num_samples = self.num_rows = 0
         self._buffer = io.BytesIO()
         self._file = h5py.File(self._buffer, "w")
-        dtypes = {
-            "topk_ids": np.int32,
-            "topk_logits": VALUE_DTYPES[value_dtype],
-            "logsumexp": np.float32,
-            "entropy": np.float16,
-        }
-        # Extra temperatures' logsumexps: float32, like logsumexp.
-        dtypes.update(
-            {name: np.float32 for name in row_datasets(temperatures) if name not in dtypes}
-        )
-        for name, dtype in dtypes.items():
-            if name == "entropy" and not with_entropy:
+        self._with_entropy = with_entropy
+
+    def _create(self, arrays: dict) -> None:
+        """The part's row datasets, in the dtypes and widths of the first rows (already
+        cast to the shard's stored dtypes by ``rows_in_stored_dtypes``)."""
+        for name, values in arrays.items():
+            if not is_row_dataset(name) or (name == "entropy" and not self._with_entropy):
                 continue
-            wide = name in ("topk_ids", "topk_logits")
+            trailing = tuple(np.shape(values)[1:])
             self._file.create_dataset(
                 name,
-                shape=(0, top_k) if wide else (0,),
-                maxshape=(None, top_k) if wide else (None,),
-                chunks=(CHUNK_ROWS, top_k) if wide else (CHUNK_ROWS,),
-                dtype=dtype,
+                shape=(0, *trailing),
+                maxshape=(None, *trailing),
+                chunks=(CHUNK_ROWS, *trailing),
+                dtype=np.asarray(values).dtype,
                 fletcher32=True,
             )
 
     def append(self, num_samples: int, arrays: dict) -> None:
         rows = len(arrays["logsumexp"])
+        if not len(self._file):
+            self._create(arrays)
         for name in self._file:
             if is_row_dataset(name):
                 ds = self._file[name]

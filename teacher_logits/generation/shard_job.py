@@ -23,6 +23,7 @@ from ..errors import ShardError, TeacherError
 from ..fingerprints import teacher_content_digest, teacher_fingerprint, tokenizer_fingerprint
 from ..gpus import gpu_claim
 from ..layout import PARTS_ASSEMBLED, RunLayout
+from ..sampling import row_keys
 from ..settings import GenerateSettings
 from ..shard_plan import job_plan
 from ..store.format import FORMAT_VERSION, read_attrs
@@ -83,6 +84,9 @@ def generate(settings: GenerateSettings, layout: RunLayout, shard: int) -> None:
             loss_mask=loss_mask,
             masked_only=settings.store_masked_only,
             temperatures=settings.temperatures,
+            samples=settings.sampling.draws,
+            sample_mode=settings.sampling.mode,
+            top_p=settings.top_p,
         )
 
         def is_valid(path):
@@ -109,8 +113,9 @@ def generate(settings: GenerateSettings, layout: RunLayout, shard: int) -> None:
         sink = ShardSink(live, input_ids, settings.store_entropy, loss_mask)
         try:
             if parts.rows_done < num_tokens:
+                keys = row_keys(sample_ids, offsets) if settings.sampling.draws else None
                 this_claim = compute_remaining(
-                    settings, shard, parts, offsets, input_ids, sink, plan=plan
+                    settings, shard, parts, offsets, input_ids, sink, plan=plan, row_keys=keys
                 )
             else:  # every row was committed by earlier jobs: copy them into the shard
                 sink.replay(parts)
@@ -138,6 +143,7 @@ def compute_remaining(
     input_ids: np.ndarray,
     sink: ShardSink,
     plan: dict,
+    row_keys: np.ndarray | None = None,
 ) -> dict:
     """Claim a GPU group, run every window not yet committed, commit parts as it goes.
 
@@ -187,6 +193,7 @@ def compute_remaining(
                         committer=committer,
                         writer=writer,
                         sink=sink,
+                        row_keys=row_keys,
                     ),
                 )
             writer.submit(committer.commit)
@@ -214,6 +221,8 @@ class WindowRun:
     committer: PartCommitter
     writer: WriterThread
     sink: ShardSink
+    # sampling.row_keys of the shard's rows (the sampled modes), else None.
+    row_keys: np.ndarray | None = None
 
 
 def run_windows(engine, run: WindowRun) -> None:
@@ -237,11 +246,12 @@ def run_windows(engine, run: WindowRun) -> None:
                 engine.pad_id,
                 settings.max_length,
                 settings.stride,
+                None if run.row_keys is None else run.row_keys[r0:r1],
             )
             seconds = time.time() - started
 
             def write(s0=s0, r0=r0, n=s1 - s0, rows=rows, seconds=seconds):
-                rows = rows_in_stored_dtypes(rows, settings.value_dtype)
+                rows = rows_in_stored_dtypes(rows, settings)
                 run.committer.add(s0, r0, n, rows, seconds)
                 run.sink.add(r0, rows)
 

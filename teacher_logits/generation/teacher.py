@@ -12,7 +12,7 @@ import logging
 import torch
 
 from ..errors import TeacherError
-from .topk import Reduction, TopK, reduce_rows
+from .topk import Reduction, TopK, draw_uniforms, reduce_rows
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +87,7 @@ class TopKHead:
         chunk_bytes: int = DEFAULT_CHUNK_BYTES,
         with_entropy: bool = True,
         temperatures=(1.0,),
+        sampling=None,
     ):
         self.model = model
         self.top_k = top_k
@@ -97,7 +98,9 @@ class TopKHead:
         vocab = self.head.weight.shape[0] if self.head is not None else model.config.vocab_size
         # The entropy costs one more pass over each logits chunk (~13% of lm_head + top-k);
         # each extra temperature one exp pass more, no more memory than the entropy's.
-        self.reduction = Reduction.of(top_k, vocab, chunk_bytes, with_entropy, temperatures)
+        self.reduction = Reduction.of(
+            top_k, vocab, chunk_bytes, with_entropy, temperatures, sampling
+        )
         self.chunked = self.head is not None and self._chunked_head_matches()
         log.info(
             "top-k via %s, %d rows per chunk",
@@ -135,17 +138,23 @@ class TopKHead:
             return False
 
     @torch.inference_mode()
-    def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> TopK:
+    def __call__(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, row_keys=None
+    ) -> TopK:
+        """``row_keys`` (``sampling.row_keys`` of the valid positions, row-major) seed the
+        draws when the reduction samples."""
+        uniforms = draw_uniforms(self.reduction, row_keys)
         input_ids = input_ids.to(self.input_device)
         attention_mask = attention_mask.to(self.input_device)
         inputs = dict(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
         if self.chunked:
             hidden = self.body(**inputs).last_hidden_state
             rows = hidden[attention_mask.to(hidden.device).bool()]
-            return reduce_rows(rows, self.head, self.reduction, self.head.weight.device)
+            device = self.head.weight.device
+            return reduce_rows(rows, self.head, self.reduction, device, uniforms=uniforms)
         logits = self.model(**inputs).logits
         rows = logits[attention_mask.to(logits.device).bool()]
-        return reduce_rows(rows, None, self.reduction, rows.device)
+        return reduce_rows(rows, None, self.reduction, rows.device, uniforms=uniforms)
 
     def close(self) -> None:
         """Nothing to stop: the weights go with the process."""

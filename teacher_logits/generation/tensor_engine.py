@@ -35,7 +35,7 @@ import torch
 from ..errors import TeacherError
 from ..layout import rank_log_for
 from .tensor_rank import RankSetup
-from .topk import TopK, merge_slices
+from .topk import Reduction, TopK, choice_uniforms, draw_uniforms, merge_slices
 
 log = logging.getLogger("generate")
 
@@ -125,6 +125,10 @@ def rank_environment(threads: int, on_gpu: bool) -> dict:
 class TensorParallelEngine:
     def __init__(self, settings, claim, on_gpu: bool):
         self.top_k, self.with_entropy = settings.top_k, settings.store_entropy
+        # The draws' settings (the ranks reduce their slices; the job merges the draws).
+        self.reduction = Reduction.of(
+            settings.top_k, 1, 1, sampling=settings.sampling, temperatures=settings.temperatures
+        )
         self.world = settings.tensor_ranks
         # Each rank gets its share of the job's threads.
         self.threads = max(1, settings.threads // self.world)
@@ -182,6 +186,7 @@ class TensorParallelEngine:
                     top_k=self.top_k,
                     with_entropy=self.with_entropy,
                     temperatures=tuple(self._settings.temperatures),
+                    sampling=self._settings.sampling,
                 )
                 self.ranks.append(
                     RankProcess.spawn(index, setup, self._claim.lock_fds, env, output)
@@ -201,9 +206,19 @@ class TensorParallelEngine:
             "; ".join(f"rank {i}: {a['describe']}" for i, a in sorted(ready.items())),
         )
 
-    def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> TopK:
+    def __call__(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, row_keys=None
+    ) -> TopK:
+        uniforms = draw_uniforms(self.reduction, row_keys)
         try:
-            self._send_all(("batch", input_ids.numpy(), attention_mask.numpy()))
+            self._send_all(
+                (
+                    "batch",
+                    input_ids.numpy(),
+                    attention_mask.numpy(),
+                    None if uniforms is None else uniforms.numpy(),
+                )
+            )
             answers = self._answers()
         except RanksStuck as exc:
             # Their collectives no longer line up: start the ranks afresh, and the caller
@@ -219,7 +234,13 @@ class TensorParallelEngine:
         if ooms:  # every rank is back at its loop: the batch can be retried smaller
             raise torch.OutOfMemoryError(ooms[0])
         slices = [answers[i]["rows"] for i in range(len(self.ranks))]
-        return merge_slices(slices, self.top_k, self.with_entropy)
+        return merge_slices(
+            slices,
+            self.top_k,
+            self.with_entropy,
+            choice_uniforms(self.reduction, row_keys),
+            self.reduction.sample_temperature,
+        )
 
     def _send_all(self, message: tuple) -> None:
         for rank in self.ranks:
@@ -298,10 +319,13 @@ def decode(message: tuple) -> dict:
     """A rank's message as a dict (see ``tensor_rank`` for the protocol)."""
     kind = message[0]
     if kind == "rows":
-        *columns, tempered = message[1:]
+        *columns, tempered, drawn = message[1:]
         tensors = [torch.from_numpy(column) for column in columns]
         tempered = {t: torch.from_numpy(v) for t, v in tempered.items()}
-        return {"rows": TopK(*tensors, logsumexp_t=tempered)}
+        draws = {}
+        if drawn is not None:
+            draws = dict(draws=torch.from_numpy(drawn[0]), tail_lse=torch.from_numpy(drawn[1]))
+        return {"rows": TopK(*tensors, logsumexp_t=tempered, **draws)}
     if kind in ("ready", "stopped"):
         return message[1]
     return {kind: message[1]}

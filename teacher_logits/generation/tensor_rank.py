@@ -4,8 +4,8 @@ Started by ``tensor_engine`` (the generate job), one per GPU of the claimed grou
 It dies with the job (a parent-death signal), holds the group's GPU locks through
 descriptors it inherited, and talks to the job over the socket ``FD``: it receives
 its ``RankSetup``, answers ``("ready", {"pad_id", "describe"})`` once the model is
-loaded, then for each ``("batch", input_ids, attention_mask)`` answers ``("rows",
-TopK fields)`` of its own slice of the vocabulary or ``("oom", message)``; before
+loaded, then for each ``("batch", input_ids, attention_mask, uniforms)`` answers
+``("rows", TopK fields)`` of its own slice of the vocabulary or ``("oom", message)``; before
 it exits on an error, ``("error", message)``. ``("stop",)`` ends it, answered with
 ``("stopped", {"peak_gpu_bytes"})``.
 """
@@ -35,6 +35,7 @@ class RankSetup:
     top_k: int
     with_entropy: bool
     temperatures: tuple[float, ...]
+    sampling: object = None  # SampleSettings
 
 
 def die_with_parent(parent_pid: int) -> None:
@@ -85,9 +86,13 @@ def serve(conn: Connection, head) -> None:
             peak = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else 0
             conn.send(("stopped", {"peak_gpu_bytes": peak}))
             return
-        _, input_ids, attention_mask = message
+        _, input_ids, attention_mask, uniforms = message
         try:
-            rows = head(torch.from_numpy(input_ids), torch.from_numpy(attention_mask))
+            rows = head(
+                torch.from_numpy(input_ids),
+                torch.from_numpy(attention_mask),
+                None if uniforms is None else torch.from_numpy(uniforms),
+            )
         except torch.OutOfMemoryError as exc:
             torch.cuda.empty_cache()
             conn.send(("oom", str(exc)))
@@ -100,6 +105,7 @@ def serve(conn: Connection, head) -> None:
                 rows.logsumexp.numpy(),
                 rows.entropy.numpy(),
                 {t: v.numpy() for t, v in rows.logsumexp_t.items()},
+                None if rows.draws is None else (rows.draws.numpy(), rows.tail_lse.numpy()),
             )
         )
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..sampling import CHOICE_STREAM, DRAW_STREAM, uniforms
 from ..store.format import extra_temperatures
 
 
@@ -27,6 +28,11 @@ class TopK:
     entropy: torch.Tensor  # float32 [N]
     # Temperature T (other than 1) -> float32 [N] logsumexp(logits / T).
     logsumexp_t: dict = field(default_factory=dict)
+    # Sampled modes: int32 [N, samples] ids drawn at the sample temperature (from outside
+    # the top-k in topk+sampled), and float32 [N] the logsumexp at that temperature of
+    # what they were drawn from (-inf: nothing there, the row's draws are void).
+    draws: torch.Tensor | None = None
+    tail_lse: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -38,23 +44,39 @@ class Reduction:
     with_entropy: bool = True
     # Temperatures other than 1, each one exp pass more over each chunk.
     temperatures: tuple[float, ...] = ()
+    # Draws per row (0: none), their temperature, and whether they skip the top-k.
+    samples: int = 0
+    sample_temperature: float = 1.0
+    tail_only: bool = False
 
     @classmethod
-    def of(cls, top_k, vocab, chunk_bytes, with_entropy=True, temperatures=(1.0,)):
-        """``chunk_bytes`` of float32 logits per chunk over a vocabulary (slice) of ``vocab``."""
+    def of(cls, top_k, vocab, chunk_bytes, with_entropy=True, temperatures=(1.0,), sampling=None):
+        """``chunk_bytes`` of float32 logits per chunk over a vocabulary (slice) of ``vocab``;
+        ``sampling``: a ``SampleSettings`` (None: no draws)."""
         return cls(
             top_k=top_k,
             chunk_rows=max(1, chunk_bytes // (int(vocab) * 4)),
             with_entropy=with_entropy,
             temperatures=tuple(extra_temperatures(temperatures)),
+            samples=sampling.draws if sampling is not None else 0,
+            sample_temperature=sampling.temperature if sampling is not None else 1.0,
+            tail_only=bool(sampling is not None and sampling.tail_only),
         )
 
 
-def reduce_rows(rows: torch.Tensor, project, reduction: Reduction, device, id_offset=0) -> TopK:
+def reduce_rows(
+    rows: torch.Tensor, project, reduction: Reduction, device, id_offset=0, uniforms=None
+) -> TopK:
     """Reduce ``rows`` (hidden states when ``project`` is the output head, else logits,
     which are overwritten) chunk by chunk; ids are shifted by ``id_offset`` (a
-    vocabulary slice's first id)."""
+    vocabulary slice's first id). ``uniforms`` (float32 [rows, samples], see
+    ``sampling.uniforms``) drive the draws when the reduction samples."""
     n, k = rows.shape[0], reduction.top_k
+    sampling = reduction.samples > 0
+    if sampling:
+        out_draws = torch.empty((n, reduction.samples), dtype=torch.int32, device=device)
+        out_tail = torch.empty(n, dtype=torch.float32, device=device)
+        uniforms = torch.as_tensor(uniforms).to(device)
     out_ids = torch.empty((n, k), dtype=torch.int32, device=device)
     out_values = torch.empty((n, k), dtype=torch.float32, device=device)
     out_lse = torch.empty(n, dtype=torch.float32, device=device)
@@ -70,35 +92,88 @@ def reduce_rows(rows: torch.Tensor, project, reduction: Reduction, device, id_of
         values, ids = torch.topk(chunk, k, dim=-1, sorted=True)
         out_values[start:stop] = values
         out_ids[start:stop] = ids + id_offset
-        top = values[:, :1]
+        top = values[:, :1] if k else chunk.amax(dim=-1, keepdim=True)
         if reduction.with_entropy:
             reduce_chunk(chunk, top, out_lse[start:stop], out_entropy[start:stop])
         else:
             torch.logsumexp(chunk, dim=-1, out=out_lse[start:stop])
             out_entropy[start:stop] = 0.0
-            if temperatures:
+            if temperatures or sampling:
                 chunk.sub_(top)  # as reduce_chunk leaves it
         if temperatures:
             tempered_logsumexps(chunk, top, temperatures, [out[start:stop] for out in out_tempered])
-    host = to_host((out_ids, out_values, out_lse, out_entropy, *out_tempered))
-    return TopK(*host[:4], logsumexp_t=dict(zip(temperatures, host[4:])))
+        if sampling:
+            out_draws[start:stop], out_tail[start:stop] = draw_chunk(
+                chunk, top, ids if reduction.tail_only else None, reduction, uniforms[start:stop]
+            )
+            out_draws[start:stop] += id_offset
+    tensors = (out_ids, out_values, out_lse, out_entropy, *out_tempered)
+    if sampling:
+        tensors += (out_draws, out_tail)
+    host = to_host(tensors)
+    draws = dict(draws=host[-2], tail_lse=host[-1]) if sampling else {}
+    return TopK(
+        *host[:4], logsumexp_t=dict(zip(temperatures, host[4 : 4 + len(temperatures)])), **draws
+    )
 
 
-def merge_slices(slices: list[TopK], top_k: int, with_entropy: bool = True) -> TopK:
+def draw_uniforms(reduction: Reduction, row_keys, stream: int = DRAW_STREAM):
+    """float32 [rows, samples] uniforms of the rows with these keys (None: no draws)."""
+    if not reduction.samples:
+        return None
+    if row_keys is None:
+        raise ValueError("a sampling reduction needs the rows' keys (sampling.row_keys)")
+    return torch.from_numpy(uniforms(row_keys, reduction.samples, stream))
+
+
+def choice_uniforms(reduction: Reduction, row_keys):
+    """The second stream, which ``merge_draws`` picks a slice's piece with."""
+    return draw_uniforms(reduction, row_keys, CHOICE_STREAM)
+
+
+def draw_chunk(shifted, top, exclude, reduction: Reduction, uniforms):
+    """Draws by inverse CDF from each row's softmax at the sample temperature.
+
+    ``shifted`` = logits - row max (float32, not modified); ``exclude`` [c, k]: ids
+    (within the chunk) to leave out, the top-k in topk+sampled. Returns the draws
+    int32 [c, samples] and the logsumexp at that temperature of what they come from.
+    The CDF is float32: an id whose share is below ~1e-7 of the row's is not drawn
+    in proportion (far below what any student can learn from).
+    """
+    temperature = reduction.sample_temperature
+    cdf = torch.div(shifted, temperature).exp_()
+    if exclude is not None and exclude.shape[1]:
+        cdf.scatter_(1, exclude, 0.0)
+    cdf = cdf.cumsum_(dim=1)
+    total = cdf[:, -1:]
+    # u < 1, but u * total may round up to total: the largest float below it is still
+    # inside the last id with any mass.
+    target = torch.minimum(uniforms * total, torch.nextafter(total, torch.zeros_like(total)))
+    draws = torch.searchsorted(cdf, target.contiguous(), right=True)
+    draws.clamp_(max=cdf.shape[1] - 1)
+    tail_lse = top.squeeze(1) / temperature + torch.log(total.squeeze(1))
+    return draws.to(torch.int32), tail_lse
+
+
+def merge_slices(
+    slices: list[TopK], top_k: int, with_entropy: bool = True, choices=None, sample_temperature=1.0
+) -> TopK:
     """One row's results over the whole vocabulary from its results over disjoint slices.
 
     logsumexp is the logsumexp of the slices' logsumexps. With w_r = exp(lse_r - lse),
     the share of probability in slice r, the entropy is sum_r w_r H_r - sum_r w_r log w_r
     (the chain rule of entropy), which needs no difference of large numbers. Top-k is the
-    top-k of the slices' top-k lists.
+    top-k of the slices' top-k lists. Draws: see ``merge_draws`` (``choices``: float32
+    [N, samples] uniforms of ``sampling.CHOICE_STREAM``).
     """
     if len(slices) == 1:
         return slices[0]
     # A slice whose logits are all masked (-inf) holds no probability; its own reduction
-    # is NaN there (-inf - -inf), so it is taken out here rather than checked per chunk
-    # on the device (a host sync per chunk).
-    empty = torch.stack([s.logits[:, 0] for s in slices]) == -torch.inf
-    lse_r = torch.stack([s.logsumexp for s in slices]).masked_fill(empty, -torch.inf)
+    # is NaN (or -inf) there, so it is taken out here rather than checked per chunk on
+    # the device (a host sync per chunk).
+    lse_r = torch.stack([s.logsumexp for s in slices])
+    empty = torch.isnan(lse_r) | torch.isneginf(lse_r)
+    lse_r = lse_r.masked_fill(empty, -torch.inf)
     lse = torch.logsumexp(lse_r, dim=0)
     if with_entropy:
         weight = torch.exp(lse_r - lse)
@@ -107,15 +182,55 @@ def merge_slices(slices: list[TopK], top_k: int, with_entropy: bool = True) -> T
         entropy = (weight * (entropy_r + surprise)).sum(dim=0)
     else:
         entropy = torch.zeros_like(lse)
-    values, order = torch.topk(torch.cat([s.logits for s in slices], dim=1), top_k, dim=1)
-    ids = torch.gather(torch.cat([s.ids for s in slices], dim=1), 1, order)
+    all_values = torch.cat([s.logits for s in slices], dim=1)
+    all_ids = torch.cat([s.ids for s in slices], dim=1)
+    values, order = torch.topk(all_values, top_k, dim=1)
+    ids = torch.gather(all_ids, 1, order)
     tempered = {
         t: torch.logsumexp(
             torch.stack([s.logsumexp_t[t] for s in slices]).masked_fill(empty, -torch.inf), dim=0
         )
         for t in slices[0].logsumexp_t
     }
-    return TopK(ids, values, lse, entropy, logsumexp_t=tempered)
+    merged = TopK(ids, values, lse, entropy, logsumexp_t=tempered)
+    if slices[0].draws is not None:
+        merged.draws, merged.tail_lse = merge_draws(
+            slices, all_values, all_ids, order, choices, sample_temperature
+        )
+    return merged
+
+
+def merge_draws(slices, all_values, all_ids, kept, choices, temperature):
+    """Draws over the whole vocabulary (or its tail outside the merged top-k) from each
+    slice's draws over its own part.
+
+    What a row's draws come from splits into disjoint pieces: each slice's own tail (its
+    draws come from there, its ``tail_lse`` is that piece's mass) and the entries of the
+    slices' top-k lists that the merged top-k did not keep (their logits are here).
+    Draw j first picks a piece in proportion to its mass with ``choices[:, j]``, then
+    takes the entry, or slice r's own draw j: exactly a draw from the union, as the
+    slices' draws are independent of the pick.
+    """
+    discrete = all_values / temperature
+    if discrete.shape[1]:
+        discrete = discrete.scatter(1, kept, -torch.inf)
+    lumps = torch.stack([s.tail_lse for s in slices], dim=1).nan_to_num(nan=-torch.inf)
+    log_mass = torch.cat([discrete, lumps], dim=1)
+    top = log_mass.amax(dim=1, keepdim=True)
+    top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
+    cdf = (log_mass - top).exp_().cumsum_(dim=1)
+    total = cdf[:, -1:]
+    target = torch.minimum(choices * total, torch.nextafter(total, torch.zeros_like(total)))
+    pick = torch.searchsorted(cdf, target.contiguous(), right=True).clamp_(max=cdf.shape[1] - 1)
+    m = discrete.shape[1]
+    per_slice = torch.stack([s.draws for s in slices], dim=2)  # [N, samples, R]
+    from_slice = per_slice.gather(2, (pick - m).clamp(min=0).unsqueeze(2)).squeeze(2)
+    if m:
+        from_list = all_ids.gather(1, pick.clamp(max=m - 1))
+        draws = torch.where(pick < m, from_list, from_slice)
+    else:
+        draws = from_slice
+    return draws.to(torch.int32), top.squeeze(1) + torch.log(total.squeeze(1))
 
 
 def reduce_chunk(logits: torch.Tensor, top: torch.Tensor, lse_out, entropy_out) -> None:

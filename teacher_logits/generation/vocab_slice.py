@@ -74,6 +74,7 @@ class VocabSliceHead:
             DEFAULT_CHUNK_BYTES,
             setup.with_entropy,
             setup.temperatures,
+            setup.sampling,
         )
         # On the rank's device: NCCL reduces CUDA tensors only.
         matches = torch.tensor([int(self._slice_matches_model())], device=self.device)
@@ -116,14 +117,23 @@ class VocabSliceHead:
         return torch.equal(mine, self.project(hidden))
 
     @torch.inference_mode()
-    def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> TopK:
+    def __call__(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, uniforms=None
+    ) -> TopK:
         inputs = self._inputs(input_ids, attention_mask)
         keep = inputs["attention_mask"].bool()
         if self.sliced:
             hidden = local_part(self.model.base_model(**inputs).last_hidden_state)
             return reduce_rows(
-                hidden[keep], self.project, self.reduction, self.device, id_offset=self.first_id
+                hidden[keep],
+                self.project,
+                self.reduction,
+                self.device,
+                id_offset=self.first_id,
+                uniforms=uniforms,
             )
         logits = local_part(self.model(**inputs).logits)
         rows = logits[keep][:, self.first_id : self.first_id + self.slice_size]
-        return reduce_rows(rows, None, self.reduction, self.device, id_offset=self.first_id)
+        return reduce_rows(
+            rows, None, self.reduction, self.device, id_offset=self.first_id, uniforms=uniforms
+        )

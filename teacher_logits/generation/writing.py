@@ -15,6 +15,7 @@ import numpy as np
 
 from ..disk import disk_full, disk_full_is_a_user_error, room_for
 from ..store.format import VALUE_DTYPES, needed_rows
+from ..store.values import SCALE_DATASETS, encode_int8, truncate_top_p
 from ..store.writer import ShardWriter
 from .parts import CommittedParts, PartWriter, iter_part_rows, read_part_attrs
 from .provenance import part_attrs
@@ -42,10 +43,7 @@ class PartCommitter:
                 self.parts.part_path(first_sample),
                 first_sample,
                 first_row,
-                self.settings.top_k,
-                self.settings.value_dtype,
                 self.settings.store_entropy,
-                temperatures=self.settings.temperatures,
             )
             self.opened_at = time.time()
         with disk_full_is_a_user_error(self.writer.path):
@@ -114,10 +112,21 @@ class WriterThread:
         self._raise()
 
 
-def rows_in_stored_dtypes(rows: dict, value_dtype: str) -> dict:
-    """Cast once, so the part files and the shard hold the very same bits."""
+def rows_in_stored_dtypes(rows: dict, settings) -> dict:
+    """Cast (and truncate to ``top_p``, encode as int8) once, so the part files and the
+    shard hold the very same bits."""
     out = dict(rows)
-    out["topk_logits"] = rows["topk_logits"].astype(VALUE_DTYPES[value_dtype], copy=False)
+    if "topk_logits" in rows:
+        if settings.top_p is not None:
+            out["topk_ids"], out["topk_logits"] = truncate_top_p(
+                rows["topk_ids"], rows["topk_logits"], rows["logsumexp"], settings.top_p
+            )
+        if settings.value_dtype == "int8":
+            codes, top, step = encode_int8(out["topk_logits"])
+            out.update(zip(("topk_logits", *SCALE_DATASETS), (codes, top, step)))
+        else:
+            dtype = VALUE_DTYPES[settings.value_dtype]
+            out["topk_logits"] = out["topk_logits"].astype(dtype, copy=False)
     out["entropy"] = rows["entropy"].astype(np.float16, copy=False)
     return out
 
@@ -173,6 +182,7 @@ def open_shard_writer(
         with_loss_mask=loss_mask is not None,
         stored_rows=needed_rows(loss_mask, offsets) if settings.store_masked_only else None,
         temperatures=settings.temperatures,
+        sampling=settings.sampling,
         # A teacher on the CPU keeps every core busy with its own threads: one compressing
         # thread (GIL-free, beside the writer thread) is then far faster than it needs,
         # where more would stall the teacher's parallel kernels.

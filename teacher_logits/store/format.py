@@ -57,11 +57,36 @@ REQUIRED_ATTRS = (
 OPTIONAL_DATASETS = ("entropy", "loss_mask")
 # Datasets with one entry per top-k row: all T rows, or with generation.store_masked_only
 # only the rows a trainer uses (``needed_rows``). Resume's part files hold these too.
-ROW_DATASETS = ("topk_ids", "topk_logits", "logsumexp", "entropy")
+# The sampled modes add sampled_ids/sampled_counts, storage.value_dtype int8 its per-row
+# scales (extra_rows.py): optional datasets, no version bump.
+ROW_DATASETS = (
+    "topk_ids",
+    "topk_logits",
+    "logsumexp",
+    "entropy",
+    "sampled_ids",
+    "sampled_counts",
+    "topk_logits_max",
+    "topk_logits_step",
+)
 # Per-token arrays a sample record carries (those the shard has; temperature datasets too).
-SAMPLE_FIELDS = ("input_ids", "topk_ids", "topk_logits", "logsumexp", "entropy", "loss_mask")
+SAMPLE_FIELDS = (
+    "input_ids",
+    "topk_ids",
+    "topk_logits",
+    "topk_logits_max",
+    "topk_logits_step",
+    "logsumexp",
+    "entropy",
+    "loss_mask",
+    "sampled_ids",
+    "sampled_counts",
+)
 
-VALUE_DTYPES = {"float16": np.float16, "float32": np.float32}
+# int8: 8-bit codes relative to each row's top (store/values.py), decoded by the reader.
+VALUE_DTYPES = {"float16": np.float16, "float32": np.float32, "int8": np.uint8}
+# File attributes of the sampled modes: generation.mode, and the draws' temperature.
+SAMPLING_MODE_ATTR, SAMPLE_TEMPERATURE_ATTR = "sampling_mode", "sample_temperature"
 COMPRESSIONS = ("default", "zstd", "gzip", "lzf", "none")
 
 

@@ -20,6 +20,7 @@ import numpy as np
 from ..errors import ShardError
 from ..temperatures import normalise_temperatures
 from .codec import ids_from_deltas
+from .extra_rows import check_sampled_rows, check_unused_ranks, extra_shapes, stored_values
 from .format import (
     FORMAT_VERSION,
     OLDEST_READABLE_VERSION,
@@ -60,6 +61,10 @@ class ShardExpectation:
     masked_only: bool = False
     # Every temperature the run stores a logsumexp for, 1.0 included (generation.temperatures).
     temperatures: tuple = (1.0,)
+    # Draws per row and generation.mode (sampled modes), and generation.top_p.
+    samples: int = 0
+    sample_mode: str = "topk"
+    top_p: float | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -146,10 +151,10 @@ def quick_check(path: str | os.PathLike, num_samples: int, num_tokens: int) -> d
                 "sample_ids": (num_samples,),
                 "offsets": (num_samples + 1,),
                 "input_ids": (num_tokens,),
-                "topk_ids": (rows, top_k),
-                "topk_logits": (rows, top_k),
                 "logsumexp": (rows,),
             }
+            if top_k:  # sampled mode stores none
+                shapes.update({"topk_ids": (rows, top_k), "topk_logits": (rows, top_k)})
             if "entropy" in handle:
                 shapes["entropy"] = (rows,)
             for temperature in extra_temperatures(stored_temperatures(attrs)):
@@ -229,10 +234,13 @@ def _check_datasets(
         "sample_ids": ((num_samples,), np.int64),
         "offsets": ((num_samples + 1,), np.int64),
         "input_ids": ((num_tokens,), np.int32),
-        "topk_ids": ((num_rows, top_k), np.int32),
-        "topk_logits": ((num_rows, top_k), None),
         "logsumexp": ((num_rows,), np.float32),
     }
+    int8_values = top_k > 0 and "topk_logits" in handle and handle["topk_logits"].dtype == np.uint8
+    if top_k:
+        shapes["topk_ids"] = ((num_rows, top_k), np.int32)
+        shapes["topk_logits"] = ((num_rows, top_k), None)
+    shapes.update(extra_shapes(expected.samples, num_rows, int8_values))
     if expected.loss_mask is not None:
         shapes["loss_mask"] = ((num_tokens,), np.uint8)
     if masked_only:
@@ -254,7 +262,7 @@ def _check_datasets(
             raise ShardError(f"dataset {name!r} has shape {ds.shape}, expected {shape}")
         if dtype is not None and ds.dtype != dtype:
             raise ShardError(f"dataset {name!r} has dtype {ds.dtype}, expected {np.dtype(dtype)}")
-    if handle["topk_logits"].dtype not in (np.float16, np.float32):
+    if top_k and handle["topk_logits"].dtype not in (np.float16, np.float32, np.uint8):
         raise ShardError(f"topk_logits has dtype {handle['topk_logits'].dtype}")
     if "entropy" in handle and handle["entropy"].shape != (num_rows,):
         raise ShardError(f"dataset 'entropy' has shape {handle['entropy'].shape}")
@@ -290,7 +298,6 @@ def _check_rows(
     """Tokens equal prepare's; top-k rows are sane; each checked block feeds ``stats``."""
     num_tokens, vocab_size = expected.num_tokens, expected.vocab_size
     exp_input_ids, offsets = expected.input_ids, expected.offsets
-    has_entropy = "entropy" in handle
     # Which rows have a next token inside their own sample: all but each sample's last.
     all_have_next = np.ones(num_tokens, dtype=bool)
     all_have_next[offsets[1:][offsets[1:] > offsets[:-1]] - 1] = False
@@ -307,30 +314,52 @@ def _check_rows(
         c0, c1 = c1, c1 + len(rows)
         if not len(rows):
             continue
-        deltas = handle["topk_ids"][c0:c1]
-        logits = handle["topk_logits"][c0:c1].astype(np.float32)
         lse = handle["logsumexp"][c0:c1]
-        # Stored ids ascend strictly per row: a first id >= 0, then gaps >= 1 (distinct ids).
-        if deltas.size and (deltas[:, 0].min() < 0 or (top_k > 1 and deltas[:, 1:].min() < 1)):
-            raise ShardError(
-                f"repeated or unordered token ids inside a top-k row in rows {r0}..{r1 - 1}"
+        if not np.isfinite(lse).all():
+            raise ShardError(f"non-finite values in rows {r0}..{r1 - 1}")
+        if expected.samples:
+            check_sampled_rows(handle, c0, c1, expected.samples, expected.sample_mode, vocab_size)
+        if not top_k:  # sampled mode: no top-k rows
+            stats.add(
+                np.zeros((len(rows), 0), np.int32),
+                np.zeros((len(rows), 0), np.float32),
+                lse,
+                _entropy(handle, c0, c1),
+                exp_input_ids[np.minimum(rows + 1, num_tokens - 1)],
+                all_have_next[rows],
             )
+            continue
+        # Stored ids ascend strictly per row: a first id >= 0, then gaps >= 1 (distinct ids),
+        # but for the ranks top-p left unused (id 0, logit -inf).
+        deltas = handle["topk_ids"][c0:c1]
+        logits = stored_values(handle, c0, c1)
         ids = ids_from_deltas(deltas)
+        unused = check_unused_ranks(ids, logits, deltas, expected.top_p, (r0, r1))
         if ids.size and ids[:, -1].max() >= vocab_size:
             raise ShardError(f"topk_ids outside the vocabulary [0, {vocab_size})")
-        if not (np.isfinite(logits).all() and np.isfinite(lse).all()):
-            raise ShardError(f"non-finite values in rows {r0}..{r1 - 1}")
         # The largest logit cannot exceed logsumexp (allow the storage dtype's rounding).
         if (logits.max(axis=1) > lse + 1e-2 * np.maximum(1.0, np.abs(lse))).any():
             raise ShardError(f"logsumexp smaller than the top logit in rows {r0}..{r1 - 1}")
         _check_tempered_rows(handle, expected.temperatures, logits, (c0, c1), (r0, r1))
-        entropy = None
-        if has_entropy:
-            entropy = handle["entropy"][c0:c1].astype(np.float64)
-            if not (np.isfinite(entropy).all() and (entropy >= -1e-2).all()):
-                raise ShardError(f"entropy negative or not finite in rows {c0}..{c1 - 1}")
         next_ids = exp_input_ids[np.minimum(rows + 1, num_tokens - 1)]
-        stats.add(ids, logits, lse, entropy, next_ids, all_have_next[rows])
+        stats.add(
+            np.where(unused, -1, ids),
+            logits,
+            lse,
+            _entropy(handle, c0, c1),
+            next_ids,
+            all_have_next[rows],
+        )
+
+
+def _entropy(handle, c0: int, c1: int):
+    """Rows c0:c1 of the entropy (None when the shard has none), checked."""
+    if "entropy" not in handle:
+        return None
+    entropy = handle["entropy"][c0:c1].astype(np.float64)
+    if not (np.isfinite(entropy).all() and (entropy >= -1e-2).all()):
+        raise ShardError(f"entropy negative or not finite in rows {c0}..{c1 - 1}")
+    return entropy
 
 
 def _check_tempered_rows(handle, temperatures, logits, stored_span, token_span) -> None:

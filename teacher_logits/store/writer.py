@@ -19,6 +19,8 @@ from .format import (
     CHUNK_ROWS,
     FORMAT_VERSION,
     OPTIONAL_DATASETS,
+    SAMPLE_TEMPERATURE_ATTR,
+    SAMPLING_MODE_ATTR,
     TEMPERATURES_ATTR,
     TOPK_ENCODING,
     VALUE_DTYPES,
@@ -29,6 +31,7 @@ from .format import (
     stored_row_offsets,
     temperature_dataset,
 )
+from .values import SCALE_DATASETS
 
 
 class ShardWriter:
@@ -56,6 +59,7 @@ class ShardWriter:
         stored_rows: np.ndarray | None = None,
         temperatures=(1.0,),
         compress_threads: int | None = None,
+        sampling=None,
     ):
         self.path = Path(path)
         self.temp_path = partial_path(self.path)
@@ -74,30 +78,33 @@ class ShardWriter:
         self._stored = self._init_masked_storage(with_loss_mask, stored_rows, rows, opts)
         num_rows = num_tokens if self._stored is None else int(self._stored.sum())
         rows = max(1, min(CHUNK_ROWS, num_rows))
-        # HDF5 refuses a chunk larger than an empty dataset unless it may grow.
-        wide, flat = ({}, {}) if num_rows else ({"maxshape": (None, top_k)}, {"maxshape": (None,)})
-        for name, dtype in (("topk_ids", np.int32), ("topk_logits", VALUE_DTYPES[value_dtype])):
-            f.create_dataset(
-                name, shape=(num_rows, top_k), dtype=dtype, chunks=(rows, top_k), **wide, **opts
-            )
-        f.create_dataset(
-            "logsumexp", shape=(num_rows,), dtype=np.float32, chunks=(rows,), **flat, **opts
-        )
+
+        def row_dataset(name, dtype, width=None):
+            shape = (num_rows,) if width is None else (num_rows, width)
+            # HDF5 refuses a chunk larger than an empty dataset unless it may grow.
+            grow = {} if num_rows else {"maxshape": (None, *shape[1:])}
+            chunks = (rows, *shape[1:])
+            return f.create_dataset(name, shape=shape, dtype=dtype, chunks=chunks, **grow, **opts)
+
+        if top_k:  # sampled mode stores no top-k
+            row_dataset("topk_ids", np.int32, top_k)
+            row_dataset("topk_logits", VALUE_DTYPES[value_dtype], top_k)
+            if value_dtype == "int8":
+                for name in SCALE_DATASETS:
+                    row_dataset(name, np.float32)
+        row_dataset("logsumexp", np.float32)
         if with_entropy:
-            f.create_dataset(
-                "entropy", shape=(num_rows,), dtype=np.float16, chunks=(rows,), **flat, **opts
-            )
+            row_dataset("entropy", np.float16)
         self.extra_temperatures = extra_temperatures(temperatures)
         for temperature in self.extra_temperatures:
-            ds = f.create_dataset(
-                temperature_dataset(temperature),
-                shape=(num_rows,),
-                dtype=np.float32,
-                chunks=(rows,),
-                **flat,
-                **opts,
+            row_dataset(temperature_dataset(temperature), np.float32).attrs["temperature"] = (
+                temperature
             )
-            ds.attrs["temperature"] = temperature
+        self.sampling = sampling if sampling is not None and sampling.draws else None
+        if self.sampling is not None:
+            drawn = row_dataset("sampled_ids", np.int32, self.sampling.draws)
+            drawn.attrs.update(temperature=self.sampling.temperature, mode=self.sampling.mode)
+            row_dataset("sampled_counts", np.uint8, self.sampling.draws)
         self._chunk_rows = rows
         # The default codec's row chunks are compressed in a pool, outside HDF5 (chunks.py);
         # the other compressions go through HDF5's own filters.
@@ -225,6 +232,9 @@ class ShardWriter:
         f.attrs["top_k"] = self.top_k
         if self.extra_temperatures:  # absent: temperature 1 only, as in every older shard
             f.attrs[TEMPERATURES_ATTR] = json.dumps(sorted([1.0, *self.extra_temperatures]))
+        if self.sampling is not None:
+            f.attrs[SAMPLING_MODE_ATTR] = self.sampling.mode
+            f.attrs[SAMPLE_TEMPERATURE_ATTR] = self.sampling.temperature
         for key, value in attrs.items():
             f.attrs[key] = json.dumps(value) if isinstance(value, (dict, list)) else value
         f.close()

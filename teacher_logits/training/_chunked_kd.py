@@ -26,8 +26,11 @@ class DistillationRows:
     """The rows a loss reads, gathered from the batch onto the student's device.
 
     ``teacher_log_p``: log-probabilities of the top-k ids at the temperature (bucket:
-    over the full vocabulary; renormalize: over the k ids). ``teacher_rest``: the
-    bucket's teacher mass outside the top-k, clamped at 0.
+    over the full vocabulary; renormalize: over the k ids; -inf at ranks top-p left
+    unused, whose ids point at rank 0's). ``teacher_rest``: the bucket's teacher mass
+    outside the top-k, clamped at 0. ``sampled``: ``topk_ids`` are the head's ids then
+    the drawn ids, ``target_weight`` the teacher mass each stands for, and the loss is
+    ``teacher_offset - sum(target_weight * log q)``.
     """
 
     batch_index: torch.Tensor  # int64 [M]
@@ -42,6 +45,8 @@ class DistillationRows:
     ce_weight: float
     chunk_rows: int
     compute_dtype: torch.dtype
+    target_weight: torch.Tensor | None = None  # [M, n] (sampled only)
+    teacher_offset: torch.Tensor | None = None  # [M] (sampled only)
 
     def __len__(self) -> int:
         return len(self.batch_index)
@@ -83,7 +88,10 @@ class ChunkedDistillationLoss(torch.autograd.Function):
                 grad[b, t] = dense.to(grad.dtype)
             elif sparse is not None:
                 ids = rows.topk_ids[part]
-                grad[b[:, None], t[:, None], ids] = sparse.to(grad.dtype)
+                # Accumulated: a top-p row repeats its rank-0 id at unused ranks (gradient 0).
+                grad.index_put_(
+                    (b[:, None], t[:, None], ids), sparse.to(grad.dtype), accumulate=True
+                )
         return grad, None
 
 
@@ -102,6 +110,10 @@ def _chunk(student_logits, rows: DistillationRows, part: slice, gradient_scale):
             # to overwrite in place.
             scaled = student_logits[b, t].to(dtype).div_(temperature)
             kl, dense = _bucket_kl(scaled, ids, log_p, rows.teacher_rest[part], want_grad)
+        elif rows.tail == "sampled":
+            scaled = student_logits[b, t].to(dtype).div_(temperature)
+            weight, offset = rows.target_weight[part], rows.teacher_offset[part]
+            kl, dense = _sampled_kl(scaled, ids, weight, offset, want_grad)
         else:
             scaled = student_logits[b[:, None], t[:, None], ids].to(dtype).div_(temperature)
             kl, sparse = _renormalized_kl(scaled, log_p, want_grad)
@@ -152,12 +164,32 @@ def _bucket_kl(scaled, ids, log_p, teacher_rest, want_grad):
     rest_factor = mass * log_q_rest.exp() - p_rest
     shift = torch.where(rest_empty, torch.zeros_like(log_norm_rest), log_norm_rest)
     grad = scaled.sub_(shift[:, None]).exp_().mul_(rest_factor[:, None])
-    grad.scatter_(1, ids, mass[:, None] * log_q.exp() - p)
+    # Two steps, so an id repeated at ranks top-p left unused (p = 0) writes one value.
+    grad.scatter_(1, ids, mass[:, None] * log_q.exp())
+    grad.scatter_add_(1, ids, -p)
+    return kl, grad
+
+
+def _sampled_kl(scaled, ids, weight, offset, want_grad):
+    """``offset - sum_j weight_j log q(ids_j)``: the sampled estimators (see ``kd_loss``).
+
+    Gradient w.r.t. ``scaled``: ``W q - sum_j weight_j e_{ids_j}``, W the row's total
+    weight; ``scaled`` is consumed.
+    """
+    log_norm = torch.logsumexp(scaled, dim=-1)
+    log_q = scaled.gather(1, ids) - log_norm[:, None]
+    kl = offset - (weight * log_q).sum(-1)
+    if not want_grad:
+        return kl, None
+    grad = scaled.sub_(log_norm[:, None]).exp_().mul_(weight.sum(-1, keepdim=True))
+    grad.scatter_add_(1, ids, -weight)
     return kl, grad
 
 
 def _renormalized_kl(scaled_ids, log_p, want_grad):
-    """KL between the two distributions renormalised over the k ids (logits / T given)."""
+    """KL between the two distributions renormalised over the k ids (logits / T given);
+    ranks top-p left unused (log_p -inf) are outside both."""
+    scaled_ids = scaled_ids.masked_fill(torch.isneginf(log_p), -torch.inf)
     log_q = torch.log_softmax(scaled_ids, dim=-1)
     p = log_p.exp()
     kl = torch.where(p > 0, p * (log_p - log_q), 0.0).sum(-1)

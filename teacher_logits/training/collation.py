@@ -37,6 +37,10 @@ class _Sample:
     topk_ids: np.ndarray  # int64 [n, k]
     topk_logprobs: np.ndarray  # float32 [n, k]
     logsumexp_t: dict  # {temperature: float32 [n]}
+    # Sampled stores: sampled_ids / sampled_counts int64 [n, S]; entropy float32 [n] when
+    # stored (the sampled estimators' constant term).
+    extras: dict
+    sample_temperature: float | None = None
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -57,6 +61,10 @@ def collate(
     (``labels != -100``), ``topk_ids`` int64 [B, L, k], ``topk_logprobs`` float32
     [B, L, k] (temperature-1 log-probabilities of the teacher's top-k),
     ``logsumexp_t`` {temperature: float32 [B, L]} and ``sample_id`` int64 [B].
+    A `sampled` store has k = 0. Sampled stores add ``sampled_ids`` and
+    ``sampled_counts`` int64 [B, L, S] and ``sample_temperature`` (float); a store
+    with entropy adds ``entropy`` float32 [B, L] (what ``kd_loss`` turns the draws'
+    cross-entropy into a KL with).
 
     ``max_length`` keeps each sample's first ``max_length`` tokens; the last kept
     position is still trained on the next original token (its teacher row is
@@ -103,11 +111,6 @@ def _check_options(records, max_length, pad_to_multiple_of) -> None:
 
 def _prepare(record: dict, max_length: int | None) -> _Sample:
     sample_id = int(record["sample_id"])
-    if "topk_ids" not in record:
-        raise TrainingInputError(
-            f"sample {sample_id} has no top-k rows (a store written in `sampled` mode); "
-            "collate reads stores with top_k > 0"
-        )
     input_ids = np.asarray(record["input_ids"])
     full_length = len(input_ids)
     n = full_length if max_length is None else min(full_length, max_length)
@@ -130,13 +133,26 @@ def _prepare(record: dict, max_length: int | None) -> _Sample:
             )
 
     logsumexp = np.asarray(record["logsumexp"][:n], dtype=np.float32)
-    topk_logprobs = np.asarray(record["topk_logits"][:n], dtype=np.float32) - logsumexp[:, None]
+    if "topk_ids" in record:
+        topk_ids = np.asarray(record["topk_ids"][:n], dtype=np.int64)
+        topk_logits = np.asarray(record["topk_logits"][:n], dtype=np.float32)
+    else:  # a `sampled` store: no top-k
+        topk_ids, topk_logits = np.zeros((n, 0), np.int64), np.zeros((n, 0), np.float32)
+    topk_logprobs = topk_logits - logsumexp[:, None]
     per_temperature = record.get("logsumexp_t") or {}
     logsumexp_t = {
         float(t): np.asarray(v[:n], dtype=np.float32) for t, v in per_temperature.items()
     }
     logsumexp_t.setdefault(1.0, logsumexp)
-    topk_ids = np.asarray(record["topk_ids"][:n], dtype=np.int64)
+    extras = {
+        name: np.asarray(record[name][:n], dtype=dtype)
+        for name, dtype in (
+            ("sampled_ids", np.int64),
+            ("sampled_counts", np.int64),
+            ("entropy", np.float32),
+        )
+        if name in record
+    }
     if "row_stored" in record:
         # Absent rows read as zeros already; zero the derived log-probs too, so the
         # documented fill (0) holds for every row a trainer must not read.
@@ -149,6 +165,8 @@ def _prepare(record: dict, max_length: int | None) -> _Sample:
         topk_ids=topk_ids,
         topk_logprobs=topk_logprobs,
         logsumexp_t=logsumexp_t,
+        extras=extras,
+        sample_temperature=record.get("sample_temperature"),
     )
 
 
@@ -160,6 +178,12 @@ def _check_consistent(samples: list[_Sample]) -> None:
                 f"samples {first.sample_id} and {sample.sample_id} have different top_k "
                 f"({first.topk_ids.shape[1]} and {sample.topk_ids.shape[1]}); batch samples "
                 "of one store"
+            )
+        shapes = {name: value.shape[1:] for name, value in sample.extras.items()}
+        if shapes != {name: value.shape[1:] for name, value in first.extras.items()}:
+            raise TrainingInputError(
+                f"samples {first.sample_id} and {sample.sample_id} carry different sampled "
+                "rows or entropy; batch samples of one store"
             )
         if set(sample.logsumexp_t) != set(first.logsumexp_t):
             raise TrainingInputError(
@@ -184,6 +208,10 @@ def _padded(samples: list[_Sample], pad_id: int, pad_to_multiple_of: int | None)
     topk_ids = np.zeros((rows, width, top_k), dtype=np.int64)
     topk_logprobs = np.zeros((rows, width, top_k), dtype=np.float32)
     logsumexp_t = {t: np.zeros((rows, width), dtype=np.float32) for t in samples[0].logsumexp_t}
+    extras = {
+        name: np.zeros((rows, width, *value.shape[1:]), dtype=value.dtype)
+        for name, value in samples[0].extras.items()
+    }
     for row, sample in enumerate(samples):
         n = len(sample)
         input_ids[row, :n] = sample.input_ids
@@ -193,6 +221,8 @@ def _padded(samples: list[_Sample], pad_id: int, pad_to_multiple_of: int | None)
         topk_logprobs[row, :n] = sample.topk_logprobs
         for temperature, values in sample.logsumexp_t.items():
             logsumexp_t[temperature][row, :n] = values
+        for name, values in sample.extras.items():
+            extras[name][row, :n] = values
     return _as_tensors(
         samples,
         input_ids=input_ids,
@@ -201,6 +231,7 @@ def _padded(samples: list[_Sample], pad_id: int, pad_to_multiple_of: int | None)
         topk_ids=topk_ids,
         topk_logprobs=topk_logprobs,
         logsumexp_t=logsumexp_t,
+        **extras,
     )
 
 
@@ -235,6 +266,7 @@ def _packed(samples: list[_Sample], pad_id: int, pad_to_multiple_of: int | None)
         logsumexp_t=logsumexp_t,
         position_ids=position_ids[None],
         cu_seq_lens=cu_seq_lens,
+        **{name: joined_extra(samples, name, padding) for name in samples[0].extras},
     )
     batch["max_seq_len"] = int(max(segments, default=0))
     return batch
@@ -245,4 +277,13 @@ def _as_tensors(samples: list[_Sample], logsumexp_t: dict, **arrays) -> dict:
     batch["kd_mask"] = batch["labels"] != IGNORE_INDEX
     batch["logsumexp_t"] = {t: torch.from_numpy(v) for t, v in logsumexp_t.items()}
     batch["sample_id"] = torch.tensor([s.sample_id for s in samples], dtype=torch.int64)
+    if samples[0].sample_temperature is not None:
+        batch["sample_temperature"] = float(samples[0].sample_temperature)
     return batch
+
+
+def joined_extra(samples: list[_Sample], name: str, padding: int) -> np.ndarray:
+    """A sampled-row or entropy array of packed samples, zeros over the padding."""
+    first = samples[0].extras[name]
+    fill = np.zeros((padding, *first.shape[1:]), dtype=first.dtype)
+    return np.concatenate([s.extras[name] for s in samples] + [fill])[None]

@@ -17,14 +17,14 @@ import torch
 from ..errors import TrainingInputError
 from ._chunked_kd import ChunkedDistillationLoss, DistillationRows, default_chunk_rows
 
-TAILS = ("bucket", "renormalize")
+TAILS = ("auto", "bucket", "renormalize", "sampled")
 
 
 def kd_loss(
     student_logits: torch.Tensor,
     batch: dict,
     temperature: float = 1.0,
-    tail: str = "bucket",
+    tail: str = "auto",
     ce_weight: float = 0.0,
     *,
     chunk_rows: int | None = None,
@@ -40,6 +40,16 @@ def kd_loss(
     Needs the teacher's logsumexp at T (``generation.temperatures``).
     ``tail="renormalize"``: both distributions renormalised over the k ids; it needs
     no stored logsumexp, so any temperature works.
+    ``tail="sampled"`` (stores written in a sampled mode; ``"auto"``, the default,
+    picks it when the batch has draws, else ``"bucket"``): an unbiased estimate of the
+    KL from the teacher's draws, at ``temperature == sample_temperature`` only. With
+    draws x_1..x_S from the teacher (``sampled`` mode) it is
+    ``-H - (1/S) sum_j log q(x_j)``; with the top-k head and draws from the tail outside
+    it (``topk+sampled``), ``-H - sum_head p_i log q_i - P_tail (1/S) sum_j log q(x_j)``
+    (P_tail = 1 - the head's mass). H is the teacher's entropy, stored at temperature 1
+    (``store_entropy``); without it (or at another temperature) the loss is the
+    cross-entropy estimate, the KL plus a constant: the same gradient.
+    Ranks ``generation.top_p`` left unused (logit -inf) count as probability 0.
 
     Returns ``(1 - ce_weight) * kd + ce_weight * ce`` (ce: mean cross-entropy of the
     student at temperature 1 against ``labels`` on the same rows), a float32 scalar
@@ -51,6 +61,8 @@ def kd_loss(
     """
     if tail not in TAILS:
         raise TrainingInputError(f"kd_loss: tail={tail!r}; use one of {', '.join(TAILS)}")
+    if tail == "auto":
+        tail = "sampled" if "sampled_ids" in batch else "bucket"
     if not _is_number(ce_weight) or not 0.0 <= float(ce_weight) <= 1.0:
         raise TrainingInputError(f"kd_loss: ce_weight={ce_weight!r}; use a number in [0, 1]")
     if not _is_number(temperature) or not math.isfinite(temperature) or temperature <= 0:
@@ -95,6 +107,9 @@ def _gather_rows(
 
     topk_ids = rows_of(batch["topk_ids"]).long()
     logprobs_t1 = rows_of(batch["topk_logprobs"]).to(compute_dtype)
+    # Ranks top-p left unused (id 0, logit -inf) point at rank 0's id: no stray id 0.
+    topk_ids = torch.where(torch.isneginf(logprobs_t1), topk_ids[:, :1], topk_ids)
+    _check_tail(batch, tail, topk_ids.shape[1], temperature, ce_weight)
     if topk_ids.numel() and int(topk_ids.max()) >= vocab_size:
         raise TrainingInputError(
             f"kd_loss: the teacher's top-k holds token id {int(topk_ids.max())} but the "
@@ -109,9 +124,23 @@ def _gather_rows(
                 f"kd_loss: labels on kd_mask rows must lie in [0, {vocab_size}); found "
                 f"{int(labels.min())}..{int(labels.max())}"
             )
-    teacher_rest = None
+    teacher_rest = target_weight = teacher_offset = None
     if ce_weight == 1.0:  # the teacher plays no part: no temperature to look up
         teacher_log_p = logprobs_t1
+    elif tail == "sampled":
+        teacher_log_p = logprobs_t1
+        if temperature != 1.0 and topk_ids.shape[1]:
+            lse_1 = rows_of(_logsumexp_at(batch, 1.0)).to(compute_dtype)
+            lse_t = rows_of(_logsumexp_at(batch, temperature)).to(compute_dtype)
+            teacher_log_p = (logprobs_t1 + lse_1[:, None]) / temperature - lse_t[:, None]
+        head = teacher_log_p.exp()
+        counts = rows_of(batch["sampled_counts"]).to(compute_dtype)
+        tail_mass = (1.0 - head.sum(-1, keepdim=True)).clamp_min(0.0)
+        target_weight = torch.cat([head, tail_mass * counts / counts.shape[-1]], dim=1)
+        topk_ids = torch.cat([topk_ids, rows_of(batch["sampled_ids"]).long()], dim=1)
+        teacher_offset = torch.zeros(len(b), dtype=compute_dtype, device=device)
+        if temperature == 1.0 and "entropy" in batch:
+            teacher_offset = -rows_of(batch["entropy"]).to(compute_dtype)
     elif tail == "bucket":
         teacher_log_p = logprobs_t1
         if temperature != 1.0:
@@ -135,7 +164,35 @@ def _gather_rows(
         ce_weight=ce_weight,
         chunk_rows=int(chunk_rows or default_chunk_rows(vocab_size, compute_dtype)),
         compute_dtype=compute_dtype,
+        target_weight=target_weight,
+        teacher_offset=teacher_offset,
     )
+
+
+def _check_tail(batch: dict, tail: str, top_k: int, temperature: float, ce_weight: float):
+    """The store's rows support this loss (draws for ``sampled``, a top-k otherwise)."""
+    if ce_weight == 1.0:
+        return
+    if tail != "sampled" and not top_k:
+        raise TrainingInputError(
+            f"kd_loss(tail={tail!r}): the store has no top-k (written in `sampled` mode); "
+            "use tail='sampled' (the default 'auto' picks it)"
+        )
+    if tail != "sampled":
+        return
+    if "sampled_ids" not in batch:
+        raise TrainingInputError(
+            "kd_loss(tail='sampled'): the batch has no draws; write the store with "
+            "generation.mode: sampled or topk+sampled, or use tail='bucket'"
+        )
+    drawn_at = float(batch.get("sample_temperature", 1.0))
+    if not math.isclose(temperature, drawn_at, rel_tol=1e-6):
+        raise TrainingInputError(
+            f"kd_loss(temperature={temperature:g}, tail='sampled'): the draws come from the "
+            f"teacher's softmax at sample_temperature={drawn_at:g}, and ids and counts alone "
+            f"cannot be reweighted to another; train at temperature={drawn_at:g}, use "
+            "tail='bucket' (topk+sampled stores), or generate again with that temperature"
+        )
 
 
 def _is_number(value) -> bool:

@@ -1,0 +1,94 @@
+"""The optional row datasets of the sampled modes and the int8 value codec: their
+shapes, and the checks gather and ``verify --deep`` run on their rows.
+
+- ``sampled_ids`` int32 / ``sampled_counts`` uint8 [rows, samples]: each row's distinct
+  drawn ids in ascending order with their counts, then unused slots (id 0, count 0).
+  ``sampled_ids`` carries the draws' ``temperature`` and the ``mode`` as attributes.
+- ``topk_logits_max`` / ``topk_logits_step`` float32 [rows]: ``storage.value_dtype: int8``
+  (``values``).
+
+Needs numpy and h5py only.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..errors import ShardError
+from .values import SCALE_DATASETS, decode_int8
+
+SAMPLED_DATASETS = ("sampled_ids", "sampled_counts")
+
+
+def extra_shapes(samples: int, num_rows: int, int8_values: bool) -> dict:
+    """name -> (shape, dtype) of the extra row datasets a shard must hold."""
+    shapes = {}
+    if samples:
+        shapes["sampled_ids"] = ((num_rows, samples), np.int32)
+        shapes["sampled_counts"] = ((num_rows, samples), np.uint8)
+    if int8_values:
+        shapes.update({name: ((num_rows,), np.float32) for name in SCALE_DATASETS})
+    return shapes
+
+
+def stored_values(handle, c0: int, c1: int) -> np.ndarray:
+    """float32 top-k values of stored rows c0:c1 in stored (id) order, int8 codes decoded."""
+    values = handle["topk_logits"][c0:c1]
+    if values.dtype == np.uint8:
+        top, step = (handle[name][c0:c1] for name in SCALE_DATASETS)
+        if not (np.isfinite(top).all() and np.isfinite(step).all() and (step > 0).all()):
+            raise ShardError(f"non-finite or non-positive int8 scales in rows {c0}..{c1 - 1}")
+        return decode_int8(values, top, step)
+    return values.astype(np.float32)
+
+
+def check_unused_ranks(ids, logits, deltas, top_p, span) -> np.ndarray:
+    """Ranks left unused by top-p (id 0, logit -inf; only when the run set top_p). Returns
+    the mask of unused entries; raises on repeated ids among the used ones."""
+    r0, r1 = span
+    unused = np.isneginf(logits)
+    if unused.any():
+        if top_p is None:
+            raise ShardError(f"non-finite values in rows {r0}..{r1 - 1}")
+        if (ids[unused] != 0).any():
+            raise ShardError(
+                f"a rank left unused by top_p holds an id other than 0 in rows {r0}..{r1 - 1}"
+            )
+        if unused.all(axis=1).any():
+            raise ShardError(f"a top-p row keeps no rank in rows {r0}..{r1 - 1}")
+    if deltas.size and deltas[:, 0].min() < 0:
+        raise ShardError(f"negative token ids inside a top-k row in rows {r0}..{r1 - 1}")
+    repeat_ok = unused[:, 1:] & (ids[:, 1:] == 0)
+    if deltas.shape[1] > 1 and ((deltas[:, 1:] < 1) & ~repeat_ok).any():
+        raise ShardError(
+            f"repeated or unordered token ids inside a top-k row in rows {r0}..{r1 - 1}"
+        )
+    if not np.isfinite(logits[~unused]).all():
+        raise ShardError(f"non-finite values in rows {r0}..{r1 - 1}")
+    return unused
+
+
+def check_sampled_rows(handle, c0: int, c1: int, samples: int, mode: str, vocab_size: int) -> None:
+    """Drawn ids in the vocabulary, ascending and distinct among used slots; counts
+    summing to ``samples`` (``topk+sampled``: 0 too, a tail that underflowed)."""
+    ids = handle["sampled_ids"][c0:c1].astype(np.int64)
+    counts = handle["sampled_counts"][c0:c1].astype(np.int64)
+    where = f"rows {c0}..{c1 - 1}"
+    used = counts > 0
+    if ids.size and (ids.min() < 0 or ids.max() >= vocab_size):
+        raise ShardError(f"sampled_ids outside the vocabulary [0, {vocab_size}) in {where}")
+    if (ids[~used] != 0).any():
+        raise ShardError(f"an unused sample slot (count 0) holds an id other than 0 in {where}")
+    # Used slots come first, in ascending id order, each id once.
+    if ids.shape[1] > 1:
+        if (used[:, 1:] & ~used[:, :-1]).any():
+            raise ShardError(f"an unused sample slot before a used one in {where}")
+        if ((ids[:, 1:] <= ids[:, :-1]) & used[:, 1:]).any():
+            raise ShardError(f"repeated or unordered sampled_ids in {where}")
+    totals = counts.sum(axis=1)
+    allowed = (totals == samples) | ((totals == 0) & (mode == "topk+sampled"))
+    if not allowed.all():
+        bad = int(np.flatnonzero(~allowed)[0])
+        raise ShardError(
+            f"sampled_counts of row {c0 + bad} sum to {int(totals[bad])}, expected {samples}"
+        )
