@@ -28,10 +28,11 @@ from pathlib import Path
 from .disk_reservations import room_ledger
 from .errors import DiskFullError
 from .layout import RunLayout, partial_path
+from .sampling import planned_sampling
 from .store.format import CHUNK_ROWS, extra_temperatures
 from .temperatures import DEFAULT_TEMPERATURES, planned_temperatures
 
-VALUE_BYTES = {"float16": 2, "float32": 4}
+VALUE_BYTES = {"float16": 2, "float32": 4, "int8": 1}
 # Per sample: one int64 sample id and one int64 offset.
 SAMPLE_BYTES = 16
 # HDF5 metadata, attributes (versions, claims) and checksums of one shard file.
@@ -49,19 +50,33 @@ MANIFEST_SHARD_BYTES = 4096
 
 
 def uncompressed_bytes_per_token(
-    top_k: int, value_dtype: str, store_entropy: bool, temperatures=DEFAULT_TEMPERATURES
+    top_k: int, value_dtype: str, store_entropy: bool, temperatures=DEFAULT_TEMPERATURES, samples=0
 ) -> int:
-    """Raw bytes of one token row: input id, k ids, k logits, logsumexp, entropy, and one
-    float32 logsumexp per temperature other than 1."""
-    extra = 4 * len(extra_temperatures(temperatures))
+    """Raw bytes of one token row: input id, k ids, k logits (int8: and two float32 scales),
+    logsumexp, entropy, one float32 logsumexp per temperature other than 1, and an int32
+    id and uint8 count per draw (the sampled modes)."""
+    extra = 4 * len(extra_temperatures(temperatures)) + 5 * samples
+    if top_k and value_dtype == "int8":
+        extra += 8
     return 4 + top_k * (4 + VALUE_BYTES[value_dtype]) + 4 + (2 if store_entropy else 0) + extra
 
 
 def part_bytes_per_token(
-    top_k: int, value_dtype: str, store_entropy: bool, temperatures=DEFAULT_TEMPERATURES
+    top_k: int, value_dtype: str, store_entropy: bool, temperatures=DEFAULT_TEMPERATURES, samples=0
 ) -> int:
     """Raw bytes of one row in a resume part: a shard's row without its input id."""
-    return uncompressed_bytes_per_token(top_k, value_dtype, store_entropy, temperatures) - 4
+    return (
+        uncompressed_bytes_per_token(top_k, value_dtype, store_entropy, temperatures, samples) - 4
+    )
+
+
+def planned_row(plan: dict) -> dict:
+    """The temperatures and draws per row of a run's plan, as keyword arguments."""
+    settings = plan.get("settings")
+    return {
+        "temperatures": planned_temperatures(settings),
+        "samples": planned_sampling(settings)["samples"],
+    }
 
 
 def parts_bytes(rows: int, per_token: int, rows_per_part: int = DEFAULT_ROWS_PER_PART) -> int:
@@ -175,8 +190,9 @@ def bytes_per_token(
     if tokens:
         return Estimate(written / tokens, measured=True)
     value_dtype, store_entropy = storage_settings(plan, value_dtype, store_entropy)
-    temperatures = planned_temperatures(plan.get("settings"))
-    raw = uncompressed_bytes_per_token(int(plan["top_k"]), value_dtype, store_entropy, temperatures)
+    raw = uncompressed_bytes_per_token(
+        int(plan["top_k"]), value_dtype, store_entropy, **planned_row(plan)
+    )
     if "loss_mask" in plan:  # chat data: one uint8 per token more
         raw += 1
     return Estimate(float(raw), measured=False)
@@ -219,8 +235,9 @@ def check_shard_fits(
     num_tokens = int(entry["num_tokens"])
     estimate = bytes_per_token(plan, layout, value_dtype, store_entropy)
     shard_need = estimate.shard_bytes(num_tokens, int(entry["num_samples"]))
-    temperatures = planned_temperatures(plan.get("settings"))
-    per_row = part_bytes_per_token(int(plan["top_k"]), value_dtype, store_entropy, temperatures)
+    per_row = part_bytes_per_token(
+        int(plan["top_k"]), value_dtype, store_entropy, **planned_row(plan)
+    )
     parts_need = parts_bytes(num_tokens - committed_rows(layout, shard), per_row, rows_per_part)
     needed = shard_need + parts_need
     with room_ledger(layout) as ledger:
@@ -358,8 +375,7 @@ def run_needs(layout: RunLayout, plan: dict, shards: list, done: set, running: i
     resume parts (uncompressed) of as many shards as run at once (those running now, at
     least one); each shard's parts are deleted when it finishes."""
     estimate = bytes_per_token(plan, layout, shards=done)
-    temperatures = planned_temperatures(plan.get("settings"))
-    per_row = part_bytes_per_token(int(plan["top_k"]), *storage_settings(plan), temperatures)
+    per_row = part_bytes_per_token(int(plan["top_k"]), *storage_settings(plan), **planned_row(plan))
     todo = [s for s in shards if s["state"] != "done"]
     shard_need = 0
     for s in todo:  # a shard being written already has part of its file on disk

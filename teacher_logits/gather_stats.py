@@ -5,10 +5,9 @@ from __future__ import annotations
 
 import os
 
-from .disk import uncompressed_bytes_per_token
+from .disk import planned_row, uncompressed_bytes_per_token
 from .run_stats import group_summary, overall_rate
 from .store.stats import MASS_BINS, entropy_bins
-from .temperatures import planned_temperatures
 
 
 def shard_entry(index: int, path: str, relative: str, summary) -> dict:
@@ -92,7 +91,7 @@ def run_statistics(summaries: list, shards: list[dict], plan: dict, index_path: 
             plan["top_k"],
             plan["settings"]["storage"]["value_dtype"],
             bool(with_entropy),
-            planned_temperatures(plan["settings"]),
+            **planned_row(plan),
         ),
         "total_bytes": shard_bytes,
         "index_bytes": os.path.getsize(index_path),
