@@ -35,6 +35,7 @@ from teacher_logits.store.prepared import read_prepared
 from teacher_logits.store.writer import ShardWriter
 
 from common import (  # noqa: E402
+    BIG_VOCAB,
     DEMO_DIR,
     NAIVE_BYTES_PER_TOKEN,
     Timer,
@@ -44,11 +45,10 @@ from common import (  # noqa: E402
     machine,
     prepared_shard,
     table,
+    vocab_proxies,
 )
 
 TOP_K = 64
-# A Llama-3-sized vocabulary for the proxies of real vocabularies.
-BIG_VOCAB = 128256
 
 
 def demo_rows(num_docs: int):
@@ -124,22 +124,6 @@ def read_all(path, decode: bool) -> None:
             f["logsumexp"][r0 : r0 + 4096]
             if decode:
                 decode_topk(ids, values)
-
-
-def vocab_proxies(rows, vocab: int) -> dict:
-    """The demo rows at ``vocab`` (2k) and at two 128,256-token proxies of the same rows:
-    (a) ids through a fixed random injective map (pessimistic: no frequency order), (b) ids
-    spread in order plus a fixed jitter, as a BPE vocabulary keeps frequent tokens low."""
-    spread = BIG_VOCAB // vocab
-    random_map = np.random.default_rng(0).choice(BIG_VOCAB, vocab, replace=False)
-    ordered_map = np.arange(vocab) * BIG_VOCAB // vocab + np.random.default_rng(1).integers(
-        0, spread, vocab
-    )
-    assert len(np.unique(ordered_map)) == vocab and ordered_map.max() < BIG_VOCAB
-    out = {f"{vocab:,}": rows}
-    for name, mapping in (("128k random (a)", random_map), ("128k ordered (b)", ordered_map)):
-        out[name] = {**rows, "topk_ids": mapping.astype(np.int32)[rows["topk_ids"]]}
-    return out
 
 
 class BaselineWriter(ShardWriter):

@@ -276,3 +276,29 @@ def kv_cache_probe(teacher: Path, device: str, batch: int, width: int, threads: 
         "saved_bytes": runs[True]["peak_bytes"] - runs[False]["peak_bytes"],
         "cache_bytes": runs[True]["cache_bytes"],
     }
+
+
+# A Llama-3-sized vocabulary for the proxies of real vocabularies.
+BIG_VOCAB = 128256
+
+
+def proxy_maps(vocab: int) -> dict:
+    """Two injective maps of a ``vocab``-token vocabulary into 128,256 ids: (a) a fixed
+    random map (pessimistic: no frequency order), (b) ids spread in order plus a fixed
+    jitter, as a BPE vocabulary keeps frequent tokens low."""
+    spread = BIG_VOCAB // vocab
+    random_map = np.random.default_rng(0).choice(BIG_VOCAB, vocab, replace=False)
+    ordered_map = np.arange(vocab) * BIG_VOCAB // vocab + np.random.default_rng(1).integers(
+        0, spread, vocab
+    )
+    assert len(np.unique(ordered_map)) == vocab and ordered_map.max() < BIG_VOCAB
+    return {"128k random (a)": random_map, "128k ordered (b)": ordered_map}
+
+
+def vocab_proxies(rows, vocab: int) -> dict:
+    """The demo rows at ``vocab`` (2k) and at the two 128,256-token proxies of the same
+    rows (``proxy_maps``)."""
+    out = {f"{vocab:,}": rows}
+    for name, mapping in proxy_maps(vocab).items():
+        out[name] = {**rows, "topk_ids": mapping.astype(np.int32)[rows["topk_ids"]]}
+    return out

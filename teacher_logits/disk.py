@@ -28,11 +28,9 @@ from pathlib import Path
 from .disk_reservations import room_ledger
 from .errors import DiskFullError
 from .layout import RunLayout, partial_path
-from .sampling import planned_sampling
-from .store.format import CHUNK_ROWS, extra_temperatures
-from .temperatures import DEFAULT_TEMPERATURES, planned_temperatures
+from .row_bytes import part_bytes_per_token, planned_row, uncompressed_bytes_per_token
+from .store.format import CHUNK_ROWS
 
-VALUE_BYTES = {"float16": 2, "float32": 4, "int8": 1}
 # Per sample: one int64 sample id and one int64 offset.
 SAMPLE_BYTES = 16
 # HDF5 metadata, attributes (versions, claims) and checksums of one shard file.
@@ -47,36 +45,6 @@ DEFAULT_ROWS_PER_PART = 1 << 16
 INDEX_SAMPLE_BYTES = 28
 # A generous upper bound of one shard's entry in manifest.json (claims included).
 MANIFEST_SHARD_BYTES = 4096
-
-
-def uncompressed_bytes_per_token(
-    top_k: int, value_dtype: str, store_entropy: bool, temperatures=DEFAULT_TEMPERATURES, samples=0
-) -> int:
-    """Raw bytes of one token row: input id, k ids, k logits (int8: and two float32 scales),
-    logsumexp, entropy, one float32 logsumexp per temperature other than 1, and an int32
-    id and uint8 count per draw (the sampled modes)."""
-    extra = 4 * len(extra_temperatures(temperatures)) + 5 * samples
-    if top_k and value_dtype == "int8":
-        extra += 8
-    return 4 + top_k * (4 + VALUE_BYTES[value_dtype]) + 4 + (2 if store_entropy else 0) + extra
-
-
-def part_bytes_per_token(
-    top_k: int, value_dtype: str, store_entropy: bool, temperatures=DEFAULT_TEMPERATURES, samples=0
-) -> int:
-    """Raw bytes of one row in a resume part: a shard's row without its input id."""
-    return (
-        uncompressed_bytes_per_token(top_k, value_dtype, store_entropy, temperatures, samples) - 4
-    )
-
-
-def planned_row(plan: dict) -> dict:
-    """The temperatures and draws per row of a run's plan, as keyword arguments."""
-    settings = plan.get("settings")
-    return {
-        "temperatures": planned_temperatures(settings),
-        "samples": planned_sampling(settings)["samples"],
-    }
 
 
 def parts_bytes(rows: int, per_token: int, rows_per_part: int = DEFAULT_ROWS_PER_PART) -> int:

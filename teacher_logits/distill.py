@@ -39,7 +39,7 @@ class DistillSettings:
     num_layers: int = 2
     learning_rate: float = 3e-3
     ce_weight: float = 0.5
-    tail: str = "bucket"
+    tail: str = "auto"
     temperature: float = 1.0
     holdout_fraction: float = 0.05
     seed: int = 0
@@ -213,7 +213,7 @@ def _run(store, settings: DistillSettings, students) -> dict:
     from transformers import AutoModelForCausalLM
 
     torch.set_num_threads(max(1, settings.threads))
-    if settings.tail == "bucket" and "kd_ce" in students:
+    if settings.tail in ("auto", "bucket") and "kd_ce" in students:
         if not any(math.isclose(settings.temperature, t) for t in store.temperatures):
             raise ConfigError(
                 f"distill.temperature={settings.temperature}: the store has a logsumexp at "

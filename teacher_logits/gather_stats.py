@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 
-from .disk import planned_row, uncompressed_bytes_per_token
+from .row_bytes import planned_row, uncompressed_bytes_per_token
 from .run_stats import group_summary, overall_rate
 from .store.stats import MASS_BINS, entropy_bins
 

@@ -298,7 +298,7 @@ def test_bad_batches_are_one_line_errors():
         collate([make_record(0, 3, temperatures=(1.0, 2.0)), make_record(1, 3)])
     sampled = make_record(2, 3)
     del sampled["topk_ids"], sampled["topk_logits"]
-    with pytest.raises(TrainingInputError, match="no top-k rows"):
+    with pytest.raises(TrainingInputError, match="neither top-k rows nor draws"):
         collate([sampled])
 
 

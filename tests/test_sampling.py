@@ -510,3 +510,20 @@ def test_int8_values_and_top_p_round_trip_through_the_workflow(workflow, demo_di
                     # Half a step of (top - lowest kept) / 254, below all 16 ranks' spread.
                     assert abs(value - exact[int(token)]) <= spread[row] / 508 + 1e-4
             np.testing.assert_array_equal(got["topk_logits"][:, 0], want["topk_logits"][:, 0])
+
+
+@pytest.mark.slow
+def test_a_killed_sampled_run_resumes_to_bit_identical_draws(workflow, demo_dir, tmp_path):
+    from test_resume import RESUME, assert_same_store, committed_parts, kill_when, store_datasets
+
+    config = {**RESUME, "generation": {**RESUME["generation"], "mode": "topk+sampled"}}
+    reference = demo_workflow(tmp_path / "reference", demo_dir)
+    reference.run("--cores", "1", config=config)
+    expected = store_datasets(reference.root)
+    assert "shard_00000.h5:sampled_ids" in expected
+    proc = workflow.start("--cores", "1", config=config)
+    kill_when(proc, lambda: len(committed_parts(workflow)) >= 2, "two parts committed")
+    workflow.run("--cores", "1", config=config)
+    log = workflow.path("results", "demo", "logs", "generate", "shard_00000.log").read_text()
+    assert "resuming shard_00000.parts" in log
+    assert_same_store(store_datasets(workflow.root), expected)

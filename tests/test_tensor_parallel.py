@@ -25,11 +25,13 @@ import torch
 import yaml
 from transformers import AutoConfig
 
+from teacher_logits import LogitStore
 from teacher_logits.errors import TeacherError
 from teacher_logits.generation.topk import Reduction, merge_slices, reduce_rows
 from teacher_logits.gpus import Claim
 from teacher_logits.settings import GenerateSettings
 from teacher_logits.tensor_plan import check_tensor_parallel
+from teacher_logits.verify import verify
 
 from conftest import REPO, demo_workflow, small_teacher
 
@@ -358,3 +360,38 @@ def test_two_groups_run_tensor_parallel_at_once(tmp_path, demo_dir):
     assert {c["cuda_visible_devices"] for c in claims} == {"0,1", "2,3"}
     first, second = sorted(claims, key=lambda c: c["started_at"])
     assert second["started_at"] < first["finished_at"], "the two groups did not overlap"
+
+
+@pytest.mark.slow
+def test_tensor_parallel_draws_follow_the_teachers_tail(tmp_path, demo_dir):
+    """topk+sampled under two ranks: each rank draws over its own slice and the job
+    merges by the slices' masses. The store validates, every draw lies outside its
+    row's top-k, and the draws pooled over all rows fit the teacher's own tail
+    distributions (float64 softmax of ``model(...).logits``, top-k removed): a seeded
+    chi-square test, conservative for rows with different distributions."""
+    from test_sampling import chi_square_p_value
+    from transformers import AutoModelForCausalLM
+
+    wf = demo_workflow(tmp_path / "tensor", demo_dir)
+    wf.run("--cores", "2", config=run_config("tensor", generation={"mode": "topk+sampled"}))
+    assert verify(wf.path(OUT), deep=True, workers=1) == []
+    teacher = AutoModelForCausalLM.from_pretrained(demo_dir / "teacher", dtype=torch.float32)
+    observed, expected = np.zeros(2048), np.zeros(2048)
+    with LogitStore(wf.path(OUT)) as store:
+        for i in range(len(store)):
+            rec = store[i]
+            with torch.inference_mode():
+                ids = torch.from_numpy(rec["input_ids"].astype(np.int64))[None]
+                probs = torch.softmax(teacher(input_ids=ids).logits[0].double(), -1).numpy()
+            for row, (drawn, counts, top) in enumerate(
+                zip(rec["sampled_ids"], rec["sampled_counts"], rec["topk_ids"])
+            ):
+                assert not set(drawn[counts > 0]) & set(top)
+                np.add.at(observed, drawn, counts)
+                tail = probs[row].copy()
+                tail[top] = 0
+                expected += counts.sum() * tail / tail.sum()
+    cells = expected >= 5
+    pooled_obs = np.append(observed[cells], observed[~cells].sum())
+    pooled_exp = np.append(expected[cells], expected[~cells].sum())
+    assert chi_square_p_value(pooled_obs, pooled_exp) > 1e-4

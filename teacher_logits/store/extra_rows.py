@@ -1,5 +1,5 @@
-"""The optional row datasets of the sampled modes and the int8 value codec: their
-shapes, and the checks gather and ``verify --deep`` run on their rows.
+"""The optional row datasets (extra temperatures, the sampled modes' draws, the int8
+value codec): their shapes, and the checks gather and ``verify --deep`` run on them.
 
 - ``sampled_ids`` int32 / ``sampled_counts`` uint8 [rows, samples]: each row's distinct
   drawn ids in ascending order with their counts, then unused slots (id 0, count 0).
@@ -15,6 +15,13 @@ from __future__ import annotations
 import numpy as np
 
 from ..errors import ShardError
+from ..temperatures import normalise_temperatures
+from .format import (
+    dataset_temperature,
+    extra_temperatures,
+    stored_temperatures,
+    temperature_dataset,
+)
 from .values import SCALE_DATASETS, decode_int8
 
 SAMPLED_DATASETS = ("sampled_ids", "sampled_counts")
@@ -57,7 +64,9 @@ def check_unused_ranks(ids, logits, deltas, top_p, span) -> np.ndarray:
         if unused.all(axis=1).any():
             raise ShardError(f"a top-p row keeps no rank in rows {r0}..{r1 - 1}")
     if deltas.size and deltas[:, 0].min() < 0:
-        raise ShardError(f"negative token ids inside a top-k row in rows {r0}..{r1 - 1}")
+        raise ShardError(
+            f"repeated or unordered token ids inside a top-k row in rows {r0}..{r1 - 1}"
+        )
     repeat_ok = unused[:, 1:] & (ids[:, 1:] == 0)
     if deltas.shape[1] > 1 and ((deltas[:, 1:] < 1) & ~repeat_ok).any():
         raise ShardError(
@@ -92,3 +101,43 @@ def check_sampled_rows(handle, c0: int, c1: int, samples: int, mode: str, vocab_
         raise ShardError(
             f"sampled_counts of row {c0 + bad} sum to {int(totals[bad])}, expected {samples}"
         )
+
+
+def check_temperatures(handle, attrs: dict, expected) -> None:
+    """The shard stores a logsumexp for exactly the run's temperatures, each labelled."""
+    found, expected = stored_temperatures(attrs), normalise_temperatures(expected)
+    if found != expected:
+        raise ShardError(
+            f"stores logsumexp at temperatures {list(found)}, the run asks for {list(expected)} "
+            "(generation.temperatures changed?)"
+        )
+    for name in handle:
+        temperature = dataset_temperature(name)
+        if temperature is not None and temperature not in found:
+            raise ShardError(f"dataset {name!r} is not among its temperatures {list(found)}")
+    for temperature in extra_temperatures(found):
+        name = temperature_dataset(temperature)
+        if name not in handle:
+            raise ShardError(f"dataset {name!r} is missing")
+        label = handle[name].attrs.get("temperature")
+        label = None if label is None else float(label)
+        if label != temperature:
+            raise ShardError(
+                f"dataset {name!r} has temperature attribute {label!r}, expected {temperature!r}"
+            )
+
+
+def check_tempered_rows(handle, temperatures, logits, stored_span, token_span) -> None:
+    """Each extra temperature's logsumexp is finite and at least the top logit / T (within
+    the same allowance for the storage dtype's rounding as ``logsumexp``'s check)."""
+    (c0, c1), (r0, r1) = stored_span, token_span
+    top = logits.max(axis=1)
+    for temperature in extra_temperatures(temperatures):
+        name = temperature_dataset(temperature)
+        lse = handle[name][c0:c1]
+        if not np.isfinite(lse).all():
+            raise ShardError(f"non-finite values in {name} in rows {r0}..{r1 - 1}")
+        if (top / temperature > lse + 1e-2 * np.maximum(1.0, np.abs(lse))).any():
+            raise ShardError(
+                f"{name} smaller than the top logit / {temperature!r} in rows {r0}..{r1 - 1}"
+            )

@@ -18,15 +18,20 @@ import h5py
 import numpy as np
 
 from ..errors import ShardError
-from ..temperatures import normalise_temperatures
 from .codec import ids_from_deltas
-from .extra_rows import check_sampled_rows, check_unused_ranks, extra_shapes, stored_values
+from .extra_rows import (
+    check_sampled_rows,
+    check_temperatures,
+    check_tempered_rows,
+    check_unused_ranks,
+    extra_shapes,
+    stored_values,
+)
 from .format import (
     FORMAT_VERSION,
     OLDEST_READABLE_VERSION,
     REQUIRED_ATTRS,
     TOPK_ENCODING,
-    dataset_temperature,
     extra_temperatures,
     needed_rows,
     read_attrs,
@@ -177,7 +182,7 @@ def _validate_open_shard(handle, attrs, expected: ShardExpectation, progress) ->
     progress()
     stored = _expected_stored_rows(handle, expected)
     num_rows = expected.num_tokens if stored is None else int(stored.sum())
-    _check_temperatures(handle, attrs, expected.temperatures)
+    check_temperatures(handle, attrs, expected.temperatures)
     _check_datasets(handle, expected, int(attrs["top_k"]), num_rows, stored is not None)
     sample_ids, offsets = handle["sample_ids"][:], handle["offsets"][:]
     if not np.array_equal(sample_ids, expected.sample_ids):
@@ -236,7 +241,8 @@ def _check_datasets(
         "input_ids": ((num_tokens,), np.int32),
         "logsumexp": ((num_rows,), np.float32),
     }
-    int8_values = top_k > 0 and "topk_logits" in handle and handle["topk_logits"].dtype == np.uint8
+    values = handle.get("topk_logits")
+    int8_values = isinstance(values, h5py.Dataset) and values.dtype == np.uint8
     if top_k:
         shapes["topk_ids"] = ((num_rows, top_k), np.int32)
         shapes["topk_logits"] = ((num_rows, top_k), None)
@@ -266,30 +272,6 @@ def _check_datasets(
         raise ShardError(f"topk_logits has dtype {handle['topk_logits'].dtype}")
     if "entropy" in handle and handle["entropy"].shape != (num_rows,):
         raise ShardError(f"dataset 'entropy' has shape {handle['entropy'].shape}")
-
-
-def _check_temperatures(handle, attrs: dict, expected) -> None:
-    """The shard stores a logsumexp for exactly the run's temperatures, each labelled."""
-    found, expected = stored_temperatures(attrs), normalise_temperatures(expected)
-    if found != expected:
-        raise ShardError(
-            f"stores logsumexp at temperatures {list(found)}, the run asks for {list(expected)} "
-            "(generation.temperatures changed?)"
-        )
-    for name in handle:
-        temperature = dataset_temperature(name)
-        if temperature is not None and temperature not in found:
-            raise ShardError(f"dataset {name!r} is not among its temperatures {list(found)}")
-    for temperature in extra_temperatures(found):
-        name = temperature_dataset(temperature)
-        if name not in handle:
-            raise ShardError(f"dataset {name!r} is missing")
-        label = handle[name].attrs.get("temperature")
-        label = None if label is None else float(label)
-        if label != temperature:
-            raise ShardError(
-                f"dataset {name!r} has temperature attribute {label!r}, expected {temperature!r}"
-            )
 
 
 def _check_rows(
@@ -340,7 +322,7 @@ def _check_rows(
         # The largest logit cannot exceed logsumexp (allow the storage dtype's rounding).
         if (logits.max(axis=1) > lse + 1e-2 * np.maximum(1.0, np.abs(lse))).any():
             raise ShardError(f"logsumexp smaller than the top logit in rows {r0}..{r1 - 1}")
-        _check_tempered_rows(handle, expected.temperatures, logits, (c0, c1), (r0, r1))
+        check_tempered_rows(handle, expected.temperatures, logits, (c0, c1), (r0, r1))
         next_ids = exp_input_ids[np.minimum(rows + 1, num_tokens - 1)]
         stats.add(
             np.where(unused, -1, ids),
@@ -360,22 +342,6 @@ def _entropy(handle, c0: int, c1: int):
     if not (np.isfinite(entropy).all() and (entropy >= -1e-2).all()):
         raise ShardError(f"entropy negative or not finite in rows {c0}..{c1 - 1}")
     return entropy
-
-
-def _check_tempered_rows(handle, temperatures, logits, stored_span, token_span) -> None:
-    """Each extra temperature's logsumexp is finite and at least the top logit / T (within
-    the same allowance for the storage dtype's rounding as ``logsumexp``'s check)."""
-    (c0, c1), (r0, r1) = stored_span, token_span
-    top = logits.max(axis=1)
-    for temperature in extra_temperatures(temperatures):
-        name = temperature_dataset(temperature)
-        lse = handle[name][c0:c1]
-        if not np.isfinite(lse).all():
-            raise ShardError(f"non-finite values in {name} in rows {r0}..{r1 - 1}")
-        if (top / temperature > lse + 1e-2 * np.maximum(1.0, np.abs(lse))).any():
-            raise ShardError(
-                f"{name} smaller than the top logit / {temperature!r} in rows {r0}..{r1 - 1}"
-            )
 
 
 def _expected_stored_rows(handle, expected: ShardExpectation):

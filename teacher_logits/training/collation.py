@@ -111,6 +111,11 @@ def _check_options(records, max_length, pad_to_multiple_of) -> None:
 
 def _prepare(record: dict, max_length: int | None) -> _Sample:
     sample_id = int(record["sample_id"])
+    if "topk_ids" not in record and "sampled_ids" not in record:
+        raise TrainingInputError(
+            f"sample {sample_id} has neither top-k rows nor draws; pass records of a "
+            "LogitStore (store[i]) as they come"
+        )
     input_ids = np.asarray(record["input_ids"])
     full_length = len(input_ids)
     n = full_length if max_length is None else min(full_length, max_length)
