@@ -121,9 +121,13 @@ def load_rows(store_dir: Path) -> dict:
     rows["tail_valid"] = counts.sum(axis=1) == SOURCE_DRAWS
     draws = np.zeros(counts.shape, np.int64)
     draws[rows["tail_valid"]] = np.repeat(ids.ravel(), counts.ravel()).reshape(-1, SOURCE_DRAWS)
-    rows["tail_draws"] = draws
     rows["sample_ids"] = np.array([r["sample_id"] for r in records], np.int64)
     rows["lengths"] = np.array([len(r["input_ids"]) for r in records], np.int64)
+    # Expanded from counts, each row's draws are in id order: shuffle them (seeded per
+    # row) so that the first n of them are n iid draws, not the n smallest ids.
+    offsets = np.concatenate([[0], np.cumsum(rows["lengths"])])
+    shuffle = np.argsort(uniforms(row_keys(rows["sample_ids"], offsets), SOURCE_DRAWS, 0x5A5A), 1)
+    rows["tail_draws"] = np.take_along_axis(draws, shuffle, 1)
     rows["vocab"] = vocab
     return rows
 
@@ -433,6 +437,11 @@ def main(argv=None):
             "fidelity_baseline_ppl": baseline["perplexity"],
             "fidelity_ce_seed_spread": spread,
             "fidelity_beats_top64": [r["setting"] for r in beats],
+            "fidelity_best_sampled_ppl_ratio": min(
+                r["perplexity"] / baseline["perplexity"]
+                for r in kd
+                if r["setting"] in drawn and r["ce_weight"] == 0.5
+            ),
             "fidelity_results": [
                 {
                     k: r[k]

@@ -28,6 +28,7 @@ SCRIPTS = [
     "bench_plan.py",
     "bench_fingerprint.py",
     "bench_distill.py",
+    "bench_fidelity.py",
 ]
 # target: (key, comparison, bound, what)
 TARGETS = [
@@ -49,6 +50,18 @@ TARGETS = [
         "weights fingerprint vs reading the weights",
     ),
     ("distill_ppl_ratio", "<=", 0.92, "KD+CE student vs CE-only, held-out perplexity"),
+    (
+        "best_bytes_fraction_within_1pct",
+        "<=",
+        0.25,
+        "smallest storage within 1% of top-64 float16's student / its bytes",
+    ),
+    (
+        "fidelity_best_sampled_ppl_ratio",
+        "<",
+        1.0,
+        "best sampled or head+tail student / top-64 float16's, perplexity",
+    ),
 ]
 
 
@@ -74,7 +87,12 @@ def main(argv=None):
     rows = []
     for key, op, bound, what in TARGETS:
         value = merged.get(key)
-        met = value is not None and (value >= bound if op == ">=" else value <= bound)
+        compare = (
+            {">=": value >= bound, "<=": value <= bound, "<": value < bound}
+            if value is not None
+            else {}
+        )
+        met = value is not None and compare[op]
         rows.append(
             [
                 what,

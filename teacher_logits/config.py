@@ -354,8 +354,8 @@ def _add_meaning_settings(config: dict, settings: dict) -> None:
         if value != old:
             settings[section][key] = value
     if config["generation"].get("mode", "topk") != "topk":
-        for key in ("samples", "sample_temperature"):
-            settings["generation"][key] = config["generation"][key]
+        for key, default in (("samples", 16), ("sample_temperature", 1.0)):
+            settings["generation"][key] = config["generation"].get(key, default)
     if config["tokenize"].get("overflow", "truncate") == "split":
         settings["tokenize"]["stride"] = config["tokenize"].get("stride")
     if config["dataset"].get("messages_field"):

@@ -221,10 +221,19 @@ def _histogram(ax, hist: dict, mean: float | None, xlabel: str, color: str):
     ax.set_ylabel("share of tokens (%)")
 
 
+# What the top-k figures say for a store without a top-k.
+NO_TOP_K = "No top-k: a `sampled` store (generation.mode) keeps draws from the whole distribution"
+
+
 def topk_mass(manifest: dict, path: str) -> None:
     plt = _pyplot()
     stats = manifest["stats"]
     fig, ax = plt.subplots(figsize=(8, 4))
+    if not manifest["top_k"]:
+        _note(ax, NO_TOP_K)
+        fig.savefig(path, dpi=DPI)
+        plt.close(fig)
+        return
     _histogram(
         ax,
         stats["topk_mass_histogram"],
@@ -274,6 +283,9 @@ def next_token(manifest: dict, path: str) -> None:
     fig, ax = plt.subplots(figsize=(8, 4))
     values = [(s["index"], s.get("next_token_in_topk_fraction")) for s in shards]
     values = [(i, v) for i, v in values if v is not None]
+    if not manifest["top_k"]:
+        _note(ax, NO_TOP_K)
+        values = []
     if values:
         ax.bar([i for i, _ in values], [100 * v for _, v in values], width=0.8, color="#b07aa1")
     ax.axhline(

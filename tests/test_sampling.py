@@ -284,6 +284,36 @@ def _kl_t(teacher, student):
     return (p.exp() * (p - torch.log_softmax(student, -1))).sum(-1).mean()
 
 
+def test_draws_outside_the_students_vocabulary_are_one_line_errors():
+    teacher = teacher_rows(4, 10).double()
+    batch = sampled_batch(teacher, 0, 4, "sampled")
+    with pytest.raises(TrainingInputError) as error:
+        kd_loss(torch.zeros(4, 1, 6), batch)  # a student with 6 ids, the teacher has 10
+    assert "the teacher's draws hold token id" in str(error.value)
+    assert "\n" not in str(error.value)
+
+
+def test_a_masked_slice_takes_no_draws():
+    vocab, rows = 12, 500
+    logits = teacher_rows(1, vocab, seed=9).repeat(rows, 1)
+    logits[:, 8:] = -torch.inf  # the last slice holds no probability
+    keys = row_keys([4], [0, rows])
+    slices = []
+    for lo, hi in ((0, 8), (8, 12)):
+        r = reduction(2, hi - lo, "topk+sampled")
+        part = logits[:, lo:hi].clone()
+        slices.append(
+            reduce_rows(part, None, r, "cpu", id_offset=lo, uniforms=draw_uniforms(r, keys))
+        )
+    merged = merge_slices(
+        slices, 2, True, choice_uniforms(reduction(2, vocab, "topk+sampled"), keys)
+    )
+    assert torch.isfinite(merged.tail_lse).all() and (merged.draws < 8).all()
+    probs = torch.softmax(logits[0].double(), -1).numpy()
+    probs[torch.topk(logits[0], 2).indices.numpy()] = 0
+    assert_draws_follow(merged.draws.numpy(), probs)
+
+
 def test_the_sampled_loss_refuses_another_temperature_in_one_line():
     teacher = teacher_rows(4, 10).double()
     batch = sampled_batch(teacher, 2, 4, "topk+sampled", temperature=2.0)
@@ -418,6 +448,14 @@ def test_a_topk_plus_sampled_store_is_validated_read_and_trained_on(workflow):
         handle["sampled_counts"][:2] = counts
     problems = verify(out, deep=True, workers=1)
     assert any("sampled_counts of row 1 sum to 9, expected 8" in p for p in problems), problems
+    # A tail draw that is one of the row's top-k ids is caught too.
+    with h5py.File(out / "shards" / "shard_00001.h5", "r+") as handle:
+        first_top = int(np.cumsum(handle["topk_ids"][5])[0])
+        drawn = handle["sampled_ids"][:8]
+        drawn[5, 0] = first_top
+        handle["sampled_ids"][:8] = drawn
+    problems = verify(out, deep=True, workers=1)
+    assert any("a tail draw of row 5 is one of its top-k ids" in p for p in problems), problems
 
 
 def test_draws_survive_a_batch_split_wherever_the_logits_do(demo_dir):
@@ -445,7 +483,8 @@ def test_draws_survive_a_batch_split_wherever_the_logits_do(demo_dir):
     same_logits = (whole["logsumexp"] == split["logsumexp"]) & (
         whole["topk_logits"] == split["topk_logits"]
     ).all(axis=1)
-    assert same_logits.mean() > 0.5  # else the comparison below says little
+    # Here ~99% of rows come out bit-identical; another BLAS may move more of them,
+    # which only makes the first check cover fewer rows, and the second still holds.
     for name in ("sampled_ids", "sampled_counts"):
         np.testing.assert_array_equal(whole[name][same_logits], split[name][same_logits])
         assert (whole[name] != split[name]).any(axis=1).sum() <= 5
@@ -455,7 +494,7 @@ def test_a_sampled_store_has_no_top_k_and_its_draws_sum_to_samples(workflow):
     config = {
         **SAMPLED_RUN,
         "dataset": {"max_samples": 30},
-        "generation": {**SAMPLED_RUN["generation"], "mode": "sampled", "sample_temperature": 1.0},
+        "generation": {**SAMPLED_RUN["generation"], "mode": "sampled"},
     }
     workflow.run("--cores", "2", config=config)
     out = workflow.path("results", "demo")
@@ -464,9 +503,15 @@ def test_a_sampled_store_has_no_top_k_and_its_draws_sum_to_samples(workflow):
         rec = store[1]
         assert "topk_ids" not in rec
         assert (rec["sampled_counts"].astype(int).sum(axis=1) == 8).all()
+        assert store.temperatures == [1.0, 2.0]  # the sample temperature's logsumexp
         with h5py.File(out / "shards" / "shard_00000.h5", "r", locking=False) as shard:
             assert "topk_logits" not in shard and shard.attrs["sampling_mode"] == "sampled"
     assert verify(out, deep=True, workers=1) == []
+    # Without a top-k, the temperature datasets are still checked.
+    with h5py.File(out / "shards" / "shard_00001.h5", "r+") as shard:
+        shard["logsumexp_t2.0"][3] = np.nan
+    problems = verify(out, deep=True, workers=1)
+    assert any("non-finite values in logsumexp_t2.0" in p for p in problems), problems
 
 
 def test_int8_values_and_top_p_round_trip_through_the_workflow(workflow, demo_dir):

@@ -306,6 +306,9 @@ class PartWriter:
         rows = len(arrays["logsumexp"])
         if not len(self._file):
             self._create(arrays)
+        missing = [n for n in arrays if is_row_dataset(n) and n not in self._file]
+        if missing and not (missing == ["entropy"] and not self._with_entropy):
+            raise ShardError(f"part rows carry {missing}, which its first rows did not")
         for name in self._file:
             if is_row_dataset(name):
                 ds = self._file[name]

@@ -142,15 +142,27 @@ def draw_chunk(shifted, top, exclude, reduction: Reduction, uniforms):
     """
     temperature = reduction.sample_temperature
     cdf = torch.div(shifted, temperature).exp_()
-    if exclude is not None and exclude.shape[1]:
+    excluding = exclude is not None and exclude.shape[1] > 0
+    if excluding:
         cdf.scatter_(1, exclude, 0.0)
-    cdf = cdf.cumsum_(dim=1)
+    # One row's scan may take another kernel (CUDA scans a single row as a whole
+    # tensor): scanning at least two rows keeps every row's rounding the same.
+    single = cdf.shape[0] == 1
+    if single:
+        cdf = torch.cat([cdf, cdf])
+    cdf = cdf.cumsum_(dim=1)[:1] if single else cdf.cumsum_(dim=1)
     total = cdf[:, -1:]
     # u < 1, but u * total may round up to total: the largest float below it is still
     # inside the last id with any mass.
     target = torch.minimum(uniforms * total, torch.nextafter(total, torch.zeros_like(total)))
     draws = torch.searchsorted(cdf, target.contiguous(), right=True)
     draws.clamp_(max=cdf.shape[1] - 1)
+    if excluding:
+        # A parallel scan may leave an excluded id (mass 0) a rounding-sized step of the
+        # CDF; a draw landing there (~1e-7 per draw) moves on to the next id that has mass.
+        hit = (draws.unsqueeze(2) == exclude.unsqueeze(1)).any(dim=2)
+        onward = torch.searchsorted(cdf, cdf.gather(1, draws), right=True)
+        draws = torch.where(hit, onward.clamp_(max=cdf.shape[1] - 1), draws)
     tail_lse = top.squeeze(1) / temperature + torch.log(total.squeeze(1))
     return draws.to(torch.int32), tail_lse
 
@@ -214,7 +226,8 @@ def merge_draws(slices, all_values, all_ids, kept, choices, temperature):
     discrete = all_values / temperature
     if discrete.shape[1]:
         discrete = discrete.scatter(1, kept, -torch.inf)
-    lumps = torch.stack([s.tail_lse for s in slices], dim=1).nan_to_num(nan=-torch.inf)
+    lumps = torch.stack([s.tail_lse for s in slices], dim=1)
+    lumps = torch.where(torch.isnan(lumps), -torch.inf, lumps)
     log_mass = torch.cat([discrete, lumps], dim=1)
     top = log_mass.amax(dim=1, keepdim=True)
     top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))

@@ -77,9 +77,12 @@ def check_unused_ranks(ids, logits, deltas, top_p, span) -> np.ndarray:
     return unused
 
 
-def check_sampled_rows(handle, c0: int, c1: int, samples: int, mode: str, vocab_size: int) -> None:
+def check_sampled_rows(
+    handle, c0: int, c1: int, samples: int, mode: str, vocab_size: int, top_ids=None
+) -> None:
     """Drawn ids in the vocabulary, ascending and distinct among used slots; counts
-    summing to ``samples`` (``topk+sampled``: 0 too, a tail that underflowed)."""
+    summing to ``samples`` (``topk+sampled``: 0 too, a tail that underflowed); in
+    ``topk+sampled``, no draw among the row's ``top_ids`` (the tail excludes them)."""
     ids = handle["sampled_ids"][c0:c1].astype(np.int64)
     counts = handle["sampled_counts"][c0:c1].astype(np.int64)
     where = f"rows {c0}..{c1 - 1}"
@@ -94,6 +97,11 @@ def check_sampled_rows(handle, c0: int, c1: int, samples: int, mode: str, vocab_
             raise ShardError(f"an unused sample slot before a used one in {where}")
         if ((ids[:, 1:] <= ids[:, :-1]) & used[:, 1:]).any():
             raise ShardError(f"repeated or unordered sampled_ids in {where}")
+    if top_ids is not None and mode == "topk+sampled" and top_ids.size:
+        inside = (ids[:, :, None] == top_ids[:, None, :]).any(axis=2) & used
+        if inside.any():
+            row = c0 + int(np.flatnonzero(inside.any(axis=1))[0])
+            raise ShardError(f"a tail draw of row {row} is one of its top-k ids")
     totals = counts.sum(axis=1)
     allowed = (totals == samples) | ((totals == 0) & (mode == "topk+sampled"))
     if not allowed.all():
@@ -129,15 +137,19 @@ def check_temperatures(handle, attrs: dict, expected) -> None:
 
 def check_tempered_rows(handle, temperatures, logits, stored_span, token_span) -> None:
     """Each extra temperature's logsumexp is finite and at least the top logit / T (within
-    the same allowance for the storage dtype's rounding as ``logsumexp``'s check)."""
+    the same allowance for the storage dtype's rounding as ``logsumexp``'s check).
+    ``logits`` None (a sampled store, no top-k): finite only."""
     (c0, c1), (r0, r1) = stored_span, token_span
-    top = logits.max(axis=1)
+    top = None if logits is None else logits.max(axis=1)
     for temperature in extra_temperatures(temperatures):
         name = temperature_dataset(temperature)
         lse = handle[name][c0:c1]
         if not np.isfinite(lse).all():
             raise ShardError(f"non-finite values in {name} in rows {r0}..{r1 - 1}")
-        if (top / temperature > lse + 1e-2 * np.maximum(1.0, np.abs(lse))).any():
+        if (
+            top is not None
+            and (top / temperature > lse + 1e-2 * np.maximum(1.0, np.abs(lse))).any()
+        ):
             raise ShardError(
                 f"{name} smaller than the top logit / {temperature!r} in rows {r0}..{r1 - 1}"
             )

@@ -20,6 +20,7 @@ import numpy as np
 from ..errors import ShardError
 from .codec import ids_from_deltas
 from .extra_rows import (
+    SAMPLED_DATASETS,
     check_sampled_rows,
     check_temperatures,
     check_tempered_rows,
@@ -31,6 +32,7 @@ from .format import (
     FORMAT_VERSION,
     OLDEST_READABLE_VERSION,
     REQUIRED_ATTRS,
+    SAMPLING_MODE_ATTR,
     TOPK_ENCODING,
     extra_temperatures,
     needed_rows,
@@ -164,6 +166,9 @@ def quick_check(path: str | os.PathLike, num_samples: int, num_tokens: int) -> d
                 shapes["entropy"] = (rows,)
             for temperature in extra_temperatures(stored_temperatures(attrs)):
                 shapes[temperature_dataset(temperature)] = (rows,)
+            if attrs.get(SAMPLING_MODE_ATTR):  # the draws, as wide as each other
+                width = handle["sampled_ids"].shape[1:] if "sampled_ids" in handle else ()
+                shapes.update({name: (rows, *width) for name in SAMPLED_DATASETS})
             for name, shape in shapes.items():
                 if name not in handle:
                     raise ShardError(f"dataset {name!r} is missing")
@@ -299,9 +304,10 @@ def _check_rows(
         lse = handle["logsumexp"][c0:c1]
         if not np.isfinite(lse).all():
             raise ShardError(f"non-finite values in rows {r0}..{r1 - 1}")
-        if expected.samples:
-            check_sampled_rows(handle, c0, c1, expected.samples, expected.sample_mode, vocab_size)
+        sampled = (handle, c0, c1, expected.samples, expected.sample_mode, vocab_size)
         if not top_k:  # sampled mode: no top-k rows
+            check_sampled_rows(*sampled)
+            check_tempered_rows(handle, expected.temperatures, None, (c0, c1), (r0, r1))
             stats.add(
                 np.zeros((len(rows), 0), np.int32),
                 np.zeros((len(rows), 0), np.float32),
@@ -323,6 +329,8 @@ def _check_rows(
         if (logits.max(axis=1) > lse + 1e-2 * np.maximum(1.0, np.abs(lse))).any():
             raise ShardError(f"logsumexp smaller than the top logit in rows {r0}..{r1 - 1}")
         check_tempered_rows(handle, expected.temperatures, logits, (c0, c1), (r0, r1))
+        if expected.samples:
+            check_sampled_rows(*sampled, top_ids=np.where(unused, -1, ids))
         next_ids = exp_input_ids[np.minimum(rows + 1, num_tokens - 1)]
         stats.add(
             np.where(unused, -1, ids),

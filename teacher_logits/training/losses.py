@@ -110,12 +110,14 @@ def _gather_rows(
     # Ranks top-p left unused (id 0, logit -inf) point at rank 0's id: no stray id 0.
     topk_ids = torch.where(torch.isneginf(logprobs_t1), topk_ids[:, :1], topk_ids)
     _check_tail(batch, tail, topk_ids.shape[1], temperature, ce_weight)
-    if topk_ids.numel() and int(topk_ids.max()) >= vocab_size:
-        raise TrainingInputError(
-            f"kd_loss: the teacher's top-k holds token id {int(topk_ids.max())} but the "
-            f"student's vocabulary has {vocab_size} entries; use a student with the "
-            "teacher's tokenizer (check_tokenizer)"
-        )
+    drawn = tail == "sampled" and ce_weight < 1.0
+    for what, ids in (("top-k", topk_ids), ("draws", batch["sampled_ids"] if drawn else None)):
+        if ids is not None and ids.numel() and int(ids.max()) >= vocab_size:
+            raise TrainingInputError(
+                f"kd_loss: the teacher's {what} hold token id {int(ids.max())} but the "
+                f"student's vocabulary has {vocab_size} entries; use a student with the "
+                "teacher's tokenizer (check_tokenizer)"
+            )
     labels = None
     if ce_weight > 0:
         labels = rows_of(batch["labels"]).long()
