@@ -572,3 +572,16 @@ def test_a_killed_sampled_run_resumes_to_bit_identical_draws(workflow, demo_dir,
     log = workflow.path("results", "demo", "logs", "generate", "shard_00000.log").read_text()
     assert "resuming shard_00000.parts" in log
     assert_same_store(store_datasets(workflow.root), expected)
+
+
+def test_the_disk_estimate_counts_draws_and_int8_scales():
+    from teacher_logits.row_bytes import planned_row, uncompressed_bytes_per_token
+
+    settings = {"generation": {"mode": "topk+sampled", "samples": 16, "sample_temperature": 2.0}}
+    row = planned_row({"settings": settings})
+    assert row == {"temperatures": (1.0, 2.0), "samples": 16}
+    # input id 4, 8 x (id 4 + code 1), int8 max and step 8, logsumexp 4, entropy 2,
+    # logsumexp at 2.0: 4, 16 draws x (id 4 + count 1).
+    assert uncompressed_bytes_per_token(8, "int8", True, **row) == 4 + 40 + 8 + 4 + 2 + 4 + 80
+    sampled = planned_row({"settings": {"generation": {"mode": "sampled", "samples": 8}}})
+    assert uncompressed_bytes_per_token(0, "float16", False, **sampled) == 4 + 4 + 40
