@@ -49,7 +49,7 @@ from teacher_logits.sampling import (  # noqa: E402
 from teacher_logits.store.reader import read_sample  # noqa: E402
 from teacher_logits.store.writer import ShardWriter  # noqa: E402
 
-from common import REPO, Timer, demo_assets, emit, machine, proxy_maps, table  # noqa: E402
+from common import BENCH_SHARD_ATTRS, REPO, Timer, demo_assets, emit, machine, proxy_maps, table  # noqa: E402
 
 SOURCE_K, SOURCE_DRAWS = 64, 16
 
@@ -188,22 +188,7 @@ def write_setting(path: Path, rows: dict, setting: Setting, derived: dict) -> fl
     for r0 in range(0, int(offsets[-1]), step):
         block = {name: values[r0 : r0 + step] for name, values in stored.items()}
         writer.write_rows({**block, "input_ids": rows["input_ids"][r0 : r0 + step]})
-    writer.commit(
-        {
-            key: "bench"
-            for key in ("teacher_fingerprint", "tokenizer_fingerprint", "config_fingerprint")
-        }
-        | {
-            "shard_index": 0,
-            "num_shards": 1,
-            "cuda_visible_devices": "",
-            "hostname": "",
-            "started_at": 0.0,
-            "finished_at": 0.0,
-            "versions": {},
-            "claims": [],
-        }
-    )
+    writer.commit(BENCH_SHARD_ATTRS)
     return path.stat().st_size / int(offsets[-1])
 
 

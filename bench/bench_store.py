@@ -35,6 +35,7 @@ from teacher_logits.store.prepared import read_prepared
 from teacher_logits.store.writer import ShardWriter
 
 from common import (  # noqa: E402
+    BENCH_SHARD_ATTRS,
     BIG_VOCAB,
     DEMO_DIR,
     NAIVE_BYTES_PER_TOKEN,
@@ -99,21 +100,7 @@ def write_shard(path, lengths, input_ids, rows, compression, sample_ids=None, cl
         block = {k: v[r0 : r0 + step] for k, v in rows.items()}
         block["input_ids"] = input_ids[r0 : r0 + step]
         writer.write_rows(block)
-    writer.commit(
-        {
-            "shard_index": 0,
-            "num_shards": 1,
-            "teacher_fingerprint": "bench",
-            "tokenizer_fingerprint": "bench",
-            "config_fingerprint": "bench",
-            "cuda_visible_devices": "",
-            "hostname": "",
-            "started_at": 0.0,
-            "finished_at": 0.0,
-            "versions": {},
-            "claims": [],
-        }
-    )
+    writer.commit(BENCH_SHARD_ATTRS)
 
 
 def read_all(path, decode: bool) -> None:
