@@ -82,6 +82,9 @@ SETTINGS = [
     Setting("sampled 8", 0, samples=8),
     Setting("top-8 int8 + tail 16", 8, "int8", samples=16, pure=True),
     Setting("top-4 int8 + tail 8", 4, "int8", samples=8),
+    # At k <= 4, int8's two float32 scales per row cost more than float16's values save.
+    Setting("top-4 float16 + tail 8", 4, samples=8),
+    Setting("top-2 float16 + tail 8", 2, samples=8),
 ]
 
 
