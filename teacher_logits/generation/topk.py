@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..sampling import CHOICE_STREAM, DRAW_STREAM, uniforms
+from ..sampling import CHOICE_STREAM, DRAW_STREAM
+from ..sampling import uniforms as hashed_uniforms
 from ..store.format import extra_temperatures
 
 
@@ -123,7 +124,7 @@ def draw_uniforms(reduction: Reduction, row_keys, stream: int = DRAW_STREAM):
         return None
     if row_keys is None:
         raise ValueError("a sampling reduction needs the rows' keys (sampling.row_keys)")
-    return torch.from_numpy(uniforms(row_keys, reduction.samples, stream))
+    return torch.from_numpy(hashed_uniforms(row_keys, reduction.samples, stream))
 
 
 def choice_uniforms(reduction: Reduction, row_keys):
