@@ -1,6 +1,6 @@
 """Every benchmark in one command; the last line printed is one JSON object.
 
-    python bench/run_all.py --quick      # about 30 minutes on 2 cores
+    python bench/run_all.py --quick      # about an hour on 2 cores (bench_fidelity: ~35 min)
     python bench/run_all.py              # bigger sizes
 
 Each benchmark runs in its own process (a fresh interpreter, so one cannot warm
