@@ -20,12 +20,9 @@ from pathlib import Path
 import numpy as np
 
 from .errors import ConfigError
+from .sampling import hash_ids
 
 log = logging.getLogger("distill")
-
-# splitmix64's constants: a fixed, well-mixed hash of the sample id, the same on
-# every machine and numpy version (Python's hash() is salted per process).
-_MIX = (0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB)
 
 
 @dataclass(frozen=True)
@@ -63,11 +60,7 @@ class DistillSettings:
 def holdout_mask(sample_ids: np.ndarray, fraction: float) -> np.ndarray:
     """bool per sample id: held out. A hash of the id alone, so the split never depends
     on shard layout, order or which other samples exist."""
-    with np.errstate(over="ignore"):
-        z = np.asarray(sample_ids, dtype=np.uint64) + np.uint64(_MIX[0])
-        z = (z ^ (z >> np.uint64(30))) * np.uint64(_MIX[1])
-        z = (z ^ (z >> np.uint64(27))) * np.uint64(_MIX[2])
-        z = z ^ (z >> np.uint64(31))
+    z = hash_ids(sample_ids)
     return (z >> np.uint64(11)).astype(np.float64) / float(1 << 53) < fraction
 
 

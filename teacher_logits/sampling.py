@@ -82,10 +82,18 @@ def check_sampling(config: dict) -> None:
         )
 
 
-def _mix(z: np.ndarray) -> np.ndarray:
+def mix64(z: np.ndarray) -> np.ndarray:
+    """splitmix64's finalizer of uint64 values (call under ``np.errstate(over="ignore")``)."""
     z = (z ^ (z >> np.uint64(30))) * _M1
     z = (z ^ (z >> np.uint64(27))) * _M2
     return z ^ (z >> np.uint64(31))
+
+
+def hash_ids(ids) -> np.ndarray:
+    """uint64: splitmix64 of each id, the same on every machine and numpy version
+    (Python's hash() is salted per process)."""
+    with np.errstate(over="ignore"):
+        return mix64(np.asarray(ids, dtype=np.int64).astype(np.uint64) + _GOLDEN)
 
 
 def row_keys(sample_ids, offsets, position_base=None) -> np.ndarray:
@@ -102,14 +110,14 @@ def row_keys(sample_ids, offsets, position_base=None) -> np.ndarray:
     )
     with np.errstate(over="ignore"):
         ids = np.repeat(np.asarray(sample_ids, dtype=np.int64), lengths).astype(np.uint64)
-        return _mix(_mix(ids + _GOLDEN) + positions.astype(np.uint64) * _GOLDEN)
+        return mix64(mix64(ids + _GOLDEN) + positions.astype(np.uint64) * _GOLDEN)
 
 
 def uniforms(keys: np.ndarray, draws: int, stream: int = DRAW_STREAM) -> np.ndarray:
     """float32 [N, draws] in [0, 1): draw j of the row with key k, from (k, j, stream) alone."""
     with np.errstate(over="ignore"):
         z = np.asarray(keys, dtype=np.uint64)[:, None] + np.uint64(stream) * _GOLDEN
-        z = _mix(_mix(z) + (np.arange(draws, dtype=np.uint64) + np.uint64(1)) * _GOLDEN)
+        z = mix64(mix64(z) + (np.arange(draws, dtype=np.uint64) + np.uint64(1)) * _GOLDEN)
     # 24 bits: every value is exact in float32 and below 1.
     return (z >> np.uint64(40)).astype(np.float32) * np.float32(2.0**-24)
 

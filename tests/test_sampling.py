@@ -114,7 +114,7 @@ def test_sampled_draws_follow_the_teachers_softmax(temperature):
     logits = teacher_rows(1, vocab).repeat(rows, 1)
     r = reduction(0, vocab, "sampled", temperature=temperature)
     keys = row_keys([0], [0, rows])
-    out = reduce_rows(logits.clone(), None, r, "cpu", uniforms=draw_uniforms(r, keys))
+    out = reduce_rows(logits.clone(), None, r, "cpu", uniforms=draw_uniforms(r.samples, keys))
     assert out.ids.shape == (rows, 0)
     probs = torch.softmax(logits[0].double() / temperature, -1).numpy()
     assert_draws_follow(out.draws.numpy(), probs)
@@ -126,7 +126,7 @@ def test_tail_draws_follow_the_softmax_renormalised_outside_the_top_k():
     logits = teacher_rows(1, vocab, seed=1).repeat(rows, 1)
     r = reduction(k, vocab, "topk+sampled")
     out = reduce_rows(
-        logits.clone(), None, r, "cpu", uniforms=draw_uniforms(r, row_keys([3], [0, rows]))
+        logits.clone(), None, r, "cpu", uniforms=draw_uniforms(r.samples, row_keys([3], [0, rows]))
     )
     top = torch.topk(logits[0], k).indices.numpy()
     probs = torch.softmax(logits[0].double(), -1).numpy()
@@ -138,7 +138,9 @@ def test_a_tail_that_underflows_voids_the_rows_draws():
     logits = torch.full((2, 6), -200.0)
     logits[:, :2] = 50.0  # exp(-250) underflows in float32: no tail mass outside the top 2
     r = reduction(2, 6, "topk+sampled", samples=4)
-    out = reduce_rows(logits, None, r, "cpu", uniforms=draw_uniforms(r, row_keys([0], [0, 2])))
+    out = reduce_rows(
+        logits, None, r, "cpu", uniforms=draw_uniforms(r.samples, row_keys([0], [0, 2]))
+    )
     assert torch.isneginf(out.tail_lse).all()
     _, counts = counts_from_draws(out.draws.numpy(), np.isfinite(out.tail_lse.numpy()))
     assert (counts == 0).all()
@@ -157,10 +159,10 @@ def test_vocabulary_slices_merge_to_draws_from_the_whole_softmax(mode):
         r = reduction(k, hi - lo, mode)
         part = logits[:, lo:hi].clone()
         slices.append(
-            reduce_rows(part, None, r, "cpu", id_offset=lo, uniforms=draw_uniforms(r, keys))
+            reduce_rows(part, None, r, "cpu", id_offset=lo, uniforms=draw_uniforms(r.samples, keys))
         )
     r = reduction(k, vocab, mode)
-    merged = merge_slices(slices, k, True, choice_uniforms(r, keys), 1.0)
+    merged = merge_slices(slices, k, True, choice_uniforms(r.samples, keys), 1.0)
     probs = torch.softmax(logits[0].double(), -1).numpy()
     if k:
         top = torch.topk(logits[0], k).indices.numpy()
@@ -179,13 +181,19 @@ def test_draws_are_bit_identical_across_chunks_batch_splits_and_row_order():
     logits = teacher_rows(rows, vocab, seed=4)
     keys = row_keys([11, 12], [0, 40, rows])
     whole_r = reduction(5, vocab, "topk+sampled")
-    whole = reduce_rows(logits.clone(), None, whole_r, "cpu", uniforms=draw_uniforms(whole_r, keys))
+    whole = reduce_rows(
+        logits.clone(), None, whole_r, "cpu", uniforms=draw_uniforms(whole_r.samples, keys)
+    )
     small = reduction(5, vocab, "topk+sampled", chunk_rows=7)
     order = np.random.default_rng(0).permutation(rows)
     parts = []
     for batch in np.array_split(order, 3):
         part = reduce_rows(
-            logits[batch].clone(), None, small, "cpu", uniforms=draw_uniforms(small, keys[batch])
+            logits[batch].clone(),
+            None,
+            small,
+            "cpu",
+            uniforms=draw_uniforms(small.samples, keys[batch]),
         )
         parts.append((batch, part.draws))
     again = torch.empty_like(whole.draws)
@@ -209,7 +217,9 @@ def sampled_batch(teacher, k, draws, mode, temperature=1.0, entropy=True):
     rows, vocab = teacher.shape
     r = reduction(k, vocab, mode, samples=draws, temperature=temperature)
     keys = np.arange(rows, dtype=np.uint64) * np.uint64(7919)
-    out = reduce_rows(teacher.float().clone(), None, r, "cpu", uniforms=draw_uniforms(r, keys))
+    out = reduce_rows(
+        teacher.float().clone(), None, r, "cpu", uniforms=draw_uniforms(r.samples, keys)
+    )
     ids, counts = counts_from_draws(out.draws.numpy(), np.isfinite(out.tail_lse.numpy()))
     lse = torch.logsumexp(teacher, -1)
     top = torch.topk(teacher, k)
@@ -303,11 +313,9 @@ def test_a_masked_slice_takes_no_draws():
         r = reduction(2, hi - lo, "topk+sampled")
         part = logits[:, lo:hi].clone()
         slices.append(
-            reduce_rows(part, None, r, "cpu", id_offset=lo, uniforms=draw_uniforms(r, keys))
+            reduce_rows(part, None, r, "cpu", id_offset=lo, uniforms=draw_uniforms(r.samples, keys))
         )
-    merged = merge_slices(
-        slices, 2, True, choice_uniforms(reduction(2, vocab, "topk+sampled"), keys)
-    )
+    merged = merge_slices(slices, 2, True, choice_uniforms(16, keys))
     assert torch.isfinite(merged.tail_lse).all() and (merged.draws < 8).all()
     probs = torch.softmax(logits[0].double(), -1).numpy()
     probs[torch.topk(logits[0], 2).indices.numpy()] = 0

@@ -143,7 +143,7 @@ class TopKHead:
     ) -> TopK:
         """``row_keys`` (``sampling.row_keys`` of the valid positions, row-major) seed the
         draws when the reduction samples."""
-        uniforms = draw_uniforms(self.reduction, row_keys)
+        uniforms = draw_uniforms(self.reduction.samples, row_keys)
         input_ids = input_ids.to(self.input_device)
         attention_mask = attention_mask.to(self.input_device)
         inputs = dict(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)

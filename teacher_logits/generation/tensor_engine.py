@@ -35,7 +35,7 @@ import torch
 from ..errors import TeacherError
 from ..layout import rank_log_for
 from .tensor_rank import RankSetup
-from .topk import Reduction, TopK, choice_uniforms, draw_uniforms, merge_slices
+from .topk import TopK, choice_uniforms, draw_uniforms, merge_slices
 
 log = logging.getLogger("generate")
 
@@ -125,10 +125,8 @@ def rank_environment(threads: int, on_gpu: bool) -> dict:
 class TensorParallelEngine:
     def __init__(self, settings, claim, on_gpu: bool):
         self.top_k, self.with_entropy = settings.top_k, settings.store_entropy
-        # The draws' settings (the ranks reduce their slices; the job merges the draws).
-        self.reduction = Reduction.of(
-            settings.top_k, 1, 1, sampling=settings.sampling, temperatures=settings.temperatures
-        )
+        # The ranks draw over their slices; the job merges the draws.
+        self.sampling = settings.sampling
         self.world = settings.tensor_ranks
         # Each rank gets its share of the job's threads.
         self.threads = max(1, settings.threads // self.world)
@@ -209,7 +207,7 @@ class TensorParallelEngine:
     def __call__(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, row_keys=None
     ) -> TopK:
-        uniforms = draw_uniforms(self.reduction, row_keys)
+        uniforms = draw_uniforms(self.sampling.draws, row_keys)
         try:
             self._send_all(
                 (
@@ -238,8 +236,8 @@ class TensorParallelEngine:
             slices,
             self.top_k,
             self.with_entropy,
-            choice_uniforms(self.reduction, row_keys),
-            self.reduction.sample_temperature,
+            choice_uniforms(self.sampling.draws, row_keys),
+            self.sampling.temperature,
         )
 
     def _send_all(self, message: tuple) -> None:

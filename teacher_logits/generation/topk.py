@@ -118,18 +118,18 @@ def reduce_rows(
     )
 
 
-def draw_uniforms(reduction: Reduction, row_keys, stream: int = DRAW_STREAM):
+def draw_uniforms(samples: int, row_keys, stream: int = DRAW_STREAM):
     """float32 [rows, samples] uniforms of the rows with these keys (None: no draws)."""
-    if not reduction.samples:
+    if not samples:
         return None
     if row_keys is None:
-        raise ValueError("a sampling reduction needs the rows' keys (sampling.row_keys)")
-    return torch.from_numpy(hashed_uniforms(row_keys, reduction.samples, stream))
+        raise ValueError("sampled rows need their keys (sampling.row_keys)")
+    return torch.from_numpy(hashed_uniforms(row_keys, samples, stream))
 
 
-def choice_uniforms(reduction: Reduction, row_keys):
+def choice_uniforms(samples: int, row_keys):
     """The second stream, which ``merge_draws`` picks a slice's piece with."""
-    return draw_uniforms(reduction, row_keys, CHOICE_STREAM)
+    return draw_uniforms(samples, row_keys, CHOICE_STREAM)
 
 
 def draw_chunk(shifted, top, exclude, reduction: Reduction, uniforms):

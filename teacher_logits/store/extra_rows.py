@@ -3,7 +3,8 @@ value codec): their shapes, and the checks gather and ``verify --deep`` run on t
 
 - ``sampled_ids`` int32 / ``sampled_counts`` uint8 [rows, samples]: each row's distinct
   drawn ids in ascending order with their counts, then unused slots (id 0, count 0).
-  ``sampled_ids`` carries the draws' ``temperature`` and the ``mode`` as attributes.
+  ``sampled_ids`` carries the draws' ``temperature`` as an attribute; the file, the
+  ``sampling_mode``.
 - ``topk_logits_max`` / ``topk_logits_step`` float32 [rows]: ``storage.value_dtype: int8``
   (``values``).
 

@@ -85,8 +85,9 @@ SAMPLE_FIELDS = (
 
 # int8: 8-bit codes relative to each row's top (store/values.py), decoded by the reader.
 VALUE_DTYPES = {"float16": np.float16, "float32": np.float32, "int8": np.uint8}
-# File attributes of the sampled modes: generation.mode, and the draws' temperature.
-SAMPLING_MODE_ATTR, SAMPLE_TEMPERATURE_ATTR = "sampling_mode", "sample_temperature"
+# File attribute of the sampled modes: generation.mode (the draws' temperature is the
+# ``temperature`` attribute of ``sampled_ids``).
+SAMPLING_MODE_ATTR = "sampling_mode"
 COMPRESSIONS = ("default", "zstd", "gzip", "lzf", "none")
 
 

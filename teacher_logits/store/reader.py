@@ -48,23 +48,24 @@ def read_sample(handle, position: int, offsets=None) -> dict:
         start, stop = offsets[position], offsets[position + 1]
     record = {"sample_id": int(handle["sample_ids"][position])}
     if "row_offsets" in handle:
-        return _with_temperatures(_read_masked_only_sample(handle, position, start, stop, record))
-    for name in sample_fields(handle):
-        record[name] = handle[name][start:stop]
-    return _with_temperatures(_decoded(record, handle))
+        record = _read_masked_only_sample(handle, position, start, stop, record)
+    else:
+        for name in sample_fields(handle):
+            record[name] = handle[name][start:stop]
+        record = _decoded(record)
+    if "sampled_ids" in record:  # what kd_loss checks its temperature against
+        record["sample_temperature"] = float(handle["sampled_ids"].attrs.get("temperature", 1.0))
+    return _with_temperatures(record)
 
 
-def _decoded(record: dict, handle) -> dict:
-    """Top-k rows back in rank order with float values (int8 codes decoded); the draws'
-    temperature beside sampled rows."""
+def _decoded(record: dict) -> dict:
+    """Top-k rows back in rank order with float values (int8 codes decoded)."""
     if "topk_ids" in record:
         values = record["topk_logits"]
         if "topk_logits_max" in record:
             top, step = record.pop("topk_logits_max"), record.pop("topk_logits_step")
             values = decode_int8(values, top, step)
         record["topk_ids"], record["topk_logits"] = decode_topk(record["topk_ids"], values)
-    if "sampled_ids" in record:
-        record["sample_temperature"] = float(handle["sampled_ids"].attrs.get("temperature", 1.0))
     return record
 
 
@@ -91,10 +92,7 @@ def _read_masked_only_sample(handle, position: int, start: int, stop: int, recor
     record["input_ids"] = handle["input_ids"][start:stop]
     record["loss_mask"] = handle["loss_mask"][start:stop]
     stored = needed_rows(record["loss_mask"], np.array([0, stop - start]))
-    kept = _decoded({name: handle[name][c0:c1] for name in handle if is_row_dataset(name)}, handle)
-    record["sample_temperature"] = kept.pop("sample_temperature", None)
-    if record["sample_temperature"] is None:
-        del record["sample_temperature"]
+    kept = _decoded({name: handle[name][c0:c1] for name in handle if is_row_dataset(name)})
     for name, values in kept.items():
         full = np.full((stop - start, *values.shape[1:]), ABSENT_ROW_FILL, dtype=values.dtype)
         full[stored] = values

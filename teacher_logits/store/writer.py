@@ -19,7 +19,6 @@ from .format import (
     CHUNK_ROWS,
     FORMAT_VERSION,
     OPTIONAL_DATASETS,
-    SAMPLE_TEMPERATURE_ATTR,
     SAMPLING_MODE_ATTR,
     TEMPERATURES_ATTR,
     TOPK_ENCODING,
@@ -103,7 +102,7 @@ class ShardWriter:
         self.sampling = sampling if sampling is not None and sampling.draws else None
         if self.sampling is not None:
             drawn = row_dataset("sampled_ids", np.int32, self.sampling.draws)
-            drawn.attrs.update(temperature=self.sampling.temperature, mode=self.sampling.mode)
+            drawn.attrs["temperature"] = self.sampling.temperature
             row_dataset("sampled_counts", np.uint8, self.sampling.draws)
         self._chunk_rows = rows
         # The default codec's row chunks are compressed in a pool, outside HDF5 (chunks.py);
@@ -234,7 +233,6 @@ class ShardWriter:
             f.attrs[TEMPERATURES_ATTR] = json.dumps(sorted([1.0, *self.extra_temperatures]))
         if self.sampling is not None:
             f.attrs[SAMPLING_MODE_ATTR] = self.sampling.mode
-            f.attrs[SAMPLE_TEMPERATURE_ATTR] = self.sampling.temperature
         for key, value in attrs.items():
             f.attrs[key] = json.dumps(value) if isinstance(value, (dict, list)) else value
         f.close()
