@@ -14,6 +14,7 @@ import h5py
 import numpy as np
 import pytest
 import torch
+import yaml
 
 from teacher_logits import LogitStore
 from teacher_logits.errors import ConfigError, TrainingInputError
@@ -35,7 +36,7 @@ from teacher_logits.store.values import decode_int8, encode_int8, truncate_top_p
 from teacher_logits.training import kd_loss
 from teacher_logits.verify import verify
 
-from conftest import demo_workflow
+from conftest import REPO, demo_workflow
 
 P_VALUE = 1e-4
 
@@ -515,11 +516,28 @@ def test_a_sampled_store_has_no_top_k_and_its_draws_sum_to_samples(workflow):
         with h5py.File(out / "shards" / "shard_00000.h5", "r", locking=False) as shard:
             assert "topk_logits" not in shard and shard.attrs["sampling_mode"] == "sampled"
     assert verify(out, deep=True, workers=1) == []
+    # A top-k size or value dtype changes nothing a sampled store holds: nothing reruns.
+    unstored = {**config, "storage": {"value_dtype": "float32"}}
+    unstored["generation"] = {**config["generation"], "top_k": 4}
+    assert "Nothing to be done" in workflow.run("-n", config=unstored).stdout
     # Without a top-k, the temperature datasets are still checked.
     with h5py.File(out / "shards" / "shard_00001.h5", "r+") as shard:
         shard["logsumexp_t2.0"][3] = np.nan
     problems = verify(out, deep=True, workers=1)
     assert any("non-finite values in logsumexp_t2.0" in p for p in problems), problems
+
+
+def test_sampled_mode_fingerprints_no_top_k_setting():
+    from teacher_logits.config import meaning_settings
+
+    config = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
+    config["generation"]["mode"] = "sampled"
+    sampled = meaning_settings(config)
+    config["generation"]["top_k"], config["storage"]["value_dtype"] = 4, "int8"
+    assert meaning_settings(config) == sampled
+    config["generation"]["mode"] = "topk+sampled"  # stores a top-k: both count
+    assert meaning_settings(config)["generation"]["top_k"] == 4
+    assert meaning_settings(config)["storage"]["value_dtype"] == "int8"
 
 
 def test_int8_values_and_top_p_round_trip_through_the_workflow(workflow, demo_dir):
