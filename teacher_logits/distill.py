@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import ConfigError
-from .sampling import hash_ids
+from .store.views import holdout_mask
 
 log = logging.getLogger("distill")
 
@@ -55,13 +55,6 @@ class DistillSettings:
             threads=int(threads),
             **{key: value for key, value in section.items() if key in known},
         )
-
-
-def holdout_mask(sample_ids: np.ndarray, fraction: float) -> np.ndarray:
-    """bool per sample id: held out. A hash of the id alone, so the split never depends
-    on shard layout, order or which other samples exist."""
-    z = hash_ids(sample_ids)
-    return (z >> np.uint64(11)).astype(np.float64) / float(1 << 53) < fraction
 
 
 def student_config(vocab_size: int, settings: DistillSettings, teacher_config):

@@ -25,6 +25,7 @@ import numpy as np
 
 from ..errors import TrainingInputError
 from ..layout import INDEX_NAME, MANIFEST_NAME
+from . import views
 from .codec import decode_topk
 from .format import (
     ABSENT_ROW_FILL,
@@ -185,6 +186,15 @@ class LogitStore:
         if i >= len(self) or self.sample_ids[i] != sample_id:
             raise KeyError(f"sample id {sample_id} is not in the store (dropped or out of range)")
         return self[i]
+
+    def split(self, holdout: float, seed: int = 0):
+        """``(train, held_out)`` views, by a hash of the sample id (``snakemake distill``'s
+        rule): about ``holdout`` of the samples held out. See ``store.views``."""
+        return views.split(self, holdout, seed)
+
+    def select(self, sample_ids):
+        """A view of the samples with these ids, in sample-id order. See ``store.views``."""
+        return views.select(self, sample_ids)
 
     def _shard(self, shard: int):
         if os.getpid() != self._pid:  # forked into a DataLoader worker: never share handles
