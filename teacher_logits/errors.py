@@ -51,3 +51,7 @@ class TrainingInputError(UserError, ValueError):
 
 class TokenizerMismatch(UserError, ValueError):
     """A student's tokenizer that differs from the teacher's; the message names the first difference."""
+
+
+class ExportError(UserError):
+    """An export (``teacher-logits export``) that cannot be made as asked."""

@@ -29,6 +29,11 @@ def partial_path(path: str | os.PathLike) -> Path:
     return path.with_name(path.name + PARTIAL_SUFFIX)
 
 
+def export_file(out_dir: str | os.PathLike, shard: int) -> Path:
+    """Shard ``shard``'s Parquet file in an export (``teacher-logits export``)."""
+    return Path(out_dir) / f"shard_{shard_name(shard)}.parquet"
+
+
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     """Write a small text file so a reader sees the old content or the new, never half."""
     temp = partial_path(path)

@@ -370,9 +370,9 @@ def render(status: dict, show_all: bool = False) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, prog: str = "python -m teacher_logits.status") -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m teacher_logits.status",
+        prog=prog,
         description="Shards done, in progress, pending and failed; speed, ETA and disk needs of a run.",
     )
     parser.add_argument("output_dir", help="the run's output_dir (e.g. results/demo)")

@@ -234,9 +234,9 @@ def verify(path: str | Path, deep: bool = False, workers: int | None = None) -> 
     return problems
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, prog: str = "python -m teacher_logits.verify") -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m teacher_logits.verify",
+        prog=prog,
         description="Check a gathered store against the sha256 checksums in its manifest.json.",
     )
     parser.add_argument("output_dir", help="the store: the folder with index.h5 and manifest.json")

@@ -28,6 +28,8 @@ def test_importing_the_package_and_its_store_pulls_in_no_torch():
         "import sys\n"
         "import teacher_logits, teacher_logits.store, teacher_logits.gpus, teacher_logits.layout\n"
         "import teacher_logits.status, teacher_logits.verify, teacher_logits.settings\n"
+        "import teacher_logits.cli, teacher_logits.info, teacher_logits.export\n"
+        "import teacher_logits.store.views\n"
         "from teacher_logits import LogitStore\n"
         "heavy = {'torch', 'transformers', 'snakemake', 'datasets'} & {m.split('.')[0] for m in sys.modules}\n"
         "assert not heavy, heavy\n"

@@ -1,0 +1,7 @@
+"""``python -m teacher_logits ...``: the ``teacher-logits`` command."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())
