@@ -8,6 +8,7 @@ Each subcommand is the ``main`` of its module, run with the rest of the command 
 from __future__ import annotations
 
 import argparse
+import inspect
 import os
 import sys
 from importlib import import_module
@@ -50,9 +51,11 @@ def main(argv: list[str] | None = None) -> int:
         parser.parse_args(argv)  # --help, or the error naming the commands
         return 2
     # The rest goes to the command's own parser untouched (argparse would reorder it).
-    module = import_module(f"{__package__}.{found[argv[0]][0]}")
+    command = import_module(f"{__package__}.{found[argv[0]][0]}").main
+    # Its usage line names this command where its main takes a prog (prune's may not).
+    named = "prog" in inspect.signature(command).parameters
     try:
-        return module.main(argv[1:], prog=f"teacher-logits {argv[0]}")
+        return command(argv[1:], **({"prog": f"teacher-logits {argv[0]}"} if named else {}))
     except BrokenPipeError:
         # The reader went away (`teacher-logits info X | head -1`): what it wanted was
         # printed. Point stdout at /dev/null so the final flush cannot fail again.
