@@ -38,7 +38,8 @@ class ShardError(UserError, ValueError):
 
 
 class StoreError(UserError):
-    """A gathered store that cannot be checked at all (no or unreadable manifest)."""
+    """A gathered store that cannot be checked at all (no or unreadable manifest), or that
+    was regathered under a reader opened on it."""
 
 
 class DiskFullError(UserError):

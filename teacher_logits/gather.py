@@ -35,7 +35,7 @@ from .generation.parts import remove_parts_dirs
 from .layout import RunLayout, partial_path
 from .shard_plan import load_plan
 from .store.format import FORMAT_VERSION, TEMPERATURES_ATTR
-from .store.identity import fingerprint_conflicts, shard_list
+from .store.identity import SHARD_FINISHED_AT, fingerprint_conflicts, shard_list
 from .store.writer import GuardedFile
 from .temperatures import planned_temperatures
 from .tokenizer_identity import copy_tokenizer_files
@@ -193,6 +193,10 @@ def gather(
             "sample_shard": shard_of[order],
             "sample_position": position[order],
             "sample_length": lengths[order],
+            # By shard: what a reader opened on this index checks each shard it opens against.
+            SHARD_FINISHED_AT: np.array(
+                [float(s.attrs["finished_at"]) for _, _, s in summaries], dtype=np.float64
+            ),
         }
         write_index(index_temp, index_out, attrs, relative, columns)
 

@@ -86,3 +86,24 @@ def shard_list(indexes, limit: int = 8) -> str:
     if len(runs) > limit:
         text += f", ... ({len(indexes)} in all)"
     return f"{'shard' if len(indexes) == 1 else 'shards'} {text}"
+
+
+# --- a reader's pin on the shards its index describes -------------------------------------
+#
+# index.h5's dataset of each shard's ``finished_at`` attribute, by shard number (indexes
+# gathered before it have none). Its job writes ``finished_at`` when it commits the shard,
+# so a regenerated shard always has another: content attributes, not the file's inode or
+# mtime, which a store copied whole (``cp -r``) changes and a regenerate may not.
+SHARD_FINISHED_AT = "shard_finished_at"
+# The shard attributes a reader compares with its index on every open.
+PINNED_ATTRS = ("shard_index", "top_k", "config_fingerprint", "finished_at")
+
+
+def pin_mismatch(found: dict, pinned: dict) -> str:
+    """How an opened shard (``found``: its ``PINNED_ATTRS`` and ``num_samples``) differs
+    from what the reader's index says of it (``pinned``); empty: the shard it indexed."""
+    return "; ".join(
+        f"{key} {found.get(key)!r}, the index says {value!r}"
+        for key, value in pinned.items()
+        if found.get(key) != value
+    )

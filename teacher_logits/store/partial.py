@@ -25,7 +25,7 @@ from .format import (
     read_attrs,
     stored_temperatures,
 )
-from .identity import FINGERPRINTS, identity_mismatch, temperature_mismatch
+from .identity import FINGERPRINTS, SHARD_FINISHED_AT, identity_mismatch, temperature_mismatch
 
 
 def open_read_only(path: str | os.PathLike, **cache) -> h5py.File:
@@ -56,6 +56,8 @@ class StoreIndex:
     partial: bool = False
     shards_missing: list = field(default_factory=list)
     shards_skipped: dict = field(default_factory=dict)
+    # By shard number: its finished_at when indexed (the reader's pin); None: not recorded.
+    shard_finished_at: np.ndarray | None = None
 
 
 def check_version(version: int, where) -> None:
@@ -102,6 +104,8 @@ def read_index(index_path: Path, manifest_vocab) -> StoreIndex:
             temperatures=list(stored_temperatures(attrs)),
             vocab_size=None,
             tokenizer_content_fingerprint=_text(attrs.get("tokenizer_content_fingerprint")),
+            # Indexes gathered before it was recorded: the reader pins the rest alone.
+            shard_finished_at=index[SHARD_FINISHED_AT][:] if SHARD_FINISHED_AT in index else None,
         )
     if vocab_size is None:
         vocab_size = manifest_vocab()
@@ -151,12 +155,15 @@ def partial_index(output_dir: Path) -> StoreIndex:
         else:
             kept.append((shard, *found))
     empty = np.zeros(0, dtype=np.int64)
-    sample_ids = np.concatenate([empty, *[ids for _, ids, _ in kept]])
-    lengths = np.concatenate([empty, *[np.diff(offsets) for _, _, offsets in kept]])
+    sample_ids = np.concatenate([empty, *[ids for _, ids, _, _ in kept]])
+    lengths = np.concatenate([empty, *[np.diff(offsets) for _, _, offsets, _ in kept]])
     shard_of = np.concatenate(
-        [empty.astype(np.int32), *[np.full(len(ids), s, dtype=np.int32) for s, ids, _ in kept]]
+        [empty.astype(np.int32), *[np.full(len(ids), s, dtype=np.int32) for s, ids, _, _ in kept]]
     )
-    position = np.concatenate([empty, *[np.arange(len(ids)) for _, ids, _ in kept]])
+    position = np.concatenate([empty, *[np.arange(len(ids)) for _, ids, _, _ in kept]])
+    finished_at = np.full(len(numbers), np.nan)  # NaN: a shard left out, never opened
+    for shard, _, _, finished in kept:
+        finished_at[shard] = finished
     order = np.argsort(sample_ids, kind="stable")
     settings = plan["settings"]
     return StoreIndex(
@@ -177,6 +184,7 @@ def partial_index(output_dir: Path) -> StoreIndex:
         partial=True,
         shards_missing=missing,
         shards_skipped=skipped,
+        shard_finished_at=finished_at,
     )
 
 
@@ -204,8 +212,8 @@ def _same_tokens(path: Path, prepared) -> str | None:
 
 
 def _shard_columns(path: Path, expected: dict, entry: dict, run) -> tuple | str:
-    """(sample_ids, offsets) of a finished shard that is this plan's, or one line saying
-    why it is left out. ``run``: the plan's temperatures and whether it is chat data."""
+    """(sample_ids, offsets, finished_at) of a finished shard that is this plan's, or one
+    line saying why it is left out. ``run``: the plan's temperatures and whether it is chat data."""
     temperatures, has_loss_mask = run
     try:
         with open_read_only(path) as handle:
@@ -223,6 +231,7 @@ def _shard_columns(path: Path, expected: dict, entry: dict, run) -> tuple | str:
                 return "no loss_mask dataset, but the plan has chat data"
             sample_ids, offsets = handle["sample_ids"][:], handle["offsets"][:]
             tokens = handle["input_ids"].shape[0]
+            finished_at = float(attrs["finished_at"])
     except (OSError, KeyError, ValueError) as exc:  # truncated, not HDF5, a dataset missing
         return f"not readable ({type(exc).__name__}: {str(exc).splitlines()[0]})"
     samples, planned = len(sample_ids), int(entry["num_tokens"])
@@ -230,4 +239,4 @@ def _shard_columns(path: Path, expected: dict, entry: dict, run) -> tuple | str:
         return f"holds {samples} samples, the plan has {entry['num_samples']}"
     if int(offsets[-1]) != planned or tokens != planned:
         return f"holds {int(offsets[-1])} tokens, the plan has {planned}"
-    return sample_ids, offsets
+    return sample_ids, offsets, finished_at

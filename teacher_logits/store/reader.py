@@ -23,7 +23,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from ..errors import TrainingInputError
+from ..errors import StoreError, TrainingInputError
 from ..layout import INDEX_NAME, MANIFEST_NAME
 from . import views
 from .codec import decode_topk
@@ -34,6 +34,7 @@ from .format import (
     is_row_dataset,
     needed_rows,
 )
+from .identity import PINNED_ATTRS, pin_mismatch
 from .partial import open_read_only, partial_index, read_index
 from .values import decode_int8
 
@@ -102,6 +103,13 @@ def _read_masked_only_sample(handle, position: int, start: int, stop: int, recor
     return record
 
 
+def _plain(value):
+    """An HDF5 attribute as the Python value it was written as."""
+    if isinstance(value, bytes):
+        return value.decode()
+    return value.item() if isinstance(value, np.generic) else value
+
+
 def _manifest_field(root: Path, key: str):
     try:
         return json.loads((root / MANIFEST_NAME).read_text()).get(key)
@@ -137,6 +145,10 @@ class LogitStore:
     the finished shards that are this plan's (``partial.partial_index``: cheap checks
     only, no row validation; ``shards_missing`` and ``shards_skipped`` say what is left
     out). With an ``index.h5`` there, the gathered store is read as usual.
+
+    The index is read once, here: the store is the one gathered then. Each shard file
+    opened later is checked against it (``_check_pinned``), and one regenerated since is a
+    ``StoreError``; files already open are read on, replaced or not (POSIX keeps them).
     """
 
     def __init__(
@@ -166,6 +178,7 @@ class LogitStore:
             root = self.index_path.parent
             index = read_index(self.index_path, lambda: _manifest_field(root, "vocab_size"))
         self.__dict__.update(vars(index))
+        self._samples_per_shard = np.bincount(self.sample_shard, minlength=len(self.shard_paths))
         self._handles: OrderedDict[int, tuple[h5py.File, np.ndarray, dict]] = OrderedDict()
         self._pid = os.getpid()
 
@@ -178,8 +191,17 @@ class LogitStore:
             i += len(self)
         if not 0 <= i < len(self):
             raise IndexError(f"sample {i} out of range for a store of {len(self)}")
-        _, offsets, datasets = self._shard(int(self.sample_shard[i]))
-        return read_sample(datasets, int(self.sample_position[i]), offsets)
+        shard, position = int(self.sample_shard[i]), int(self.sample_position[i])
+        _, offsets, datasets = self._shard(shard)
+        record = read_sample(datasets, position, offsets)
+        if record["sample_id"] != self.sample_ids[i]:  # what pins an index without finished_at
+            raise StoreError(
+                self._regathered(
+                    f"shard {shard} holds sample {record['sample_id']} at position {position}, "
+                    f"the index says {self.sample_ids[i]}"
+                )
+            )
+        return record
 
     def by_sample_id(self, sample_id: int) -> dict:
         i = int(np.searchsorted(self.sample_ids, sample_id))
@@ -210,15 +232,42 @@ class LogitStore:
         # by name on every read costs more than a small sample's decompression.
         datasets = {name: handle[name] for name in sample_fields(handle)}
         datasets["sample_ids"] = handle["sample_ids"][:]
+        self._check_pinned(shard, handle, len(datasets["sample_ids"]))
         if "row_offsets" in handle:  # masked-only storage: where each sample's rows start
             datasets["row_offsets"] = handle["row_offsets"][:]
         self._handles[shard] = (handle, handle["offsets"][:], datasets)
         return self._handles[shard]
 
+    def _check_pinned(self, shard: int, handle: h5py.File, num_samples: int) -> None:
+        """Refuse (and close) a shard file that is not the one the loaded index describes:
+        the store was regathered after it was opened."""
+        pinned = {}
+        if self.shard_finished_at is not None:  # older indexes: the rest, and the ids on read
+            pinned["finished_at"] = float(self.shard_finished_at[shard])
+        pinned.update(
+            shard_index=shard,
+            top_k=self.top_k,
+            config_fingerprint=self.config_fingerprint,
+            num_samples=int(self._samples_per_shard[shard]),
+        )
+        found = {key: _plain(handle.attrs.get(key)) for key in PINNED_ATTRS}
+        why = pin_mismatch({**found, "num_samples": num_samples}, pinned)
+        if why:
+            handle.close()
+            raise StoreError(self._regathered(f"shard {shard}: {why}"))
+
+    def _regathered(self, why: str) -> str:
+        return f"the store at {self.root} was regathered after it was opened ({why}); open it again"
+
     def _open(self, path: Path) -> h5py.File:
         try:
             return open_read_only(path, **self._cache)
         except OSError as exc:
+            if exc.errno == errno.ENOENT:  # deleted by a regenerate that has not finished
+                raise StoreError(
+                    f"{path} is gone since the store at {self.root} was opened (being "
+                    "regathered?); open it again once gather has finished"
+                ) from None
             if exc.errno != errno.EMFILE:
                 raise
             raise TrainingInputError(
