@@ -41,8 +41,6 @@ ADDED_MEANING_DEFAULTS = {
     ("generation", "mode"): "topk",
     ("generation", "top_p"): None,
 }
-# What `generation.mode: sampled` fingerprints in place of the settings it does not store.
-SAMPLED_STAND_INS = {"top_k": 64, "value_dtype": "float16"}
 KNOWN_ROLES = ("system", "developer", "user", "assistant", "tool", "function", "ipython")
 
 
@@ -359,12 +357,8 @@ def _add_meaning_settings(config: dict, settings: dict) -> None:
     if mode != "topk":
         for key, default in (("samples", 16), ("sample_temperature", 1.0)):
             settings["generation"][key] = config["generation"].get(key, default)
-    if mode == "sampled":
-        # No top-k is stored, so neither its size nor its value dtype changes a number on
-        # disk. The defaults stand in, so sampled stores made before this keep their
-        # fingerprint when they used them.
-        settings["generation"]["top_k"] = SAMPLED_STAND_INS["top_k"]
-        settings["storage"]["value_dtype"] = SAMPLED_STAND_INS["value_dtype"]
+    if mode == "sampled":  # stores no top-k: the defaults stand in for its size and dtype
+        settings["generation"]["top_k"], settings["storage"]["value_dtype"] = 64, "float16"
     if config["tokenize"].get("overflow", "truncate") == "split":
         settings["tokenize"]["stride"] = config["tokenize"].get("stride")
     if config["dataset"].get("messages_field"):
