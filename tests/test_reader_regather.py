@@ -77,6 +77,20 @@ def test_an_open_reader_reads_the_files_it_holds_and_refuses_regenerated_ones(tm
     store.close()
     with pytest.raises(StoreError, match=REGATHERED.format("shard 1: finished_at")):
         store[SAMPLES_PER_SHARD]
+    layout.shard(2).unlink()  # deleted by a regenerate still running
+    with pytest.raises(StoreError, match=r"shard_00002.h5 is gone since the store at .+ opened"):
+        store[2 * SAMPLES_PER_SHARD]
+
+
+def test_a_partial_reader_pins_the_shards_it_found(tmp_path):
+    layout = build_run(tmp_path / "run", 3)
+    before = direct(layout)
+    store = LogitStore(layout.output_dir, partial=True, max_open_shards=1)
+    assert_same(store[0], before[0])
+    replace_shard(layout, 1, seed=11)
+    with pytest.raises(StoreError, match=REGATHERED.format("shard 1: finished_at")):
+        store[SAMPLES_PER_SHARD]
+    assert_same(store[2 * SAMPLES_PER_SHARD], before[2 * SAMPLES_PER_SHARD])
 
 
 def test_an_index_without_finished_at_falls_back_to_fingerprints_counts_and_ids(tmp_path):
