@@ -169,6 +169,45 @@ def first_difference(expected_summary: dict, actual_summary: dict) -> str | None
     )
 
 
+def first_meaning_difference(teacher_summary: dict, student_summary: dict) -> str | None:
+    """Like ``first_difference``, but only where a store's ids would mean something
+    else to the student: each id below the teacher's vocabulary size names the same
+    token string, the teacher's special tokens (but its pad token) stay special, BOS and
+    EOS are the same tokens and are added the same way. The student's pad token and the tokens
+    it adds past the teacher's vocabulary are its own business. None when compatible."""
+    teacher_names = {index: token for token, index in teacher_summary["vocab"].items()}
+    student_names = {index: token for token, index in student_summary["vocab"].items()}
+    for index in sorted(teacher_names):
+        token, theirs = teacher_names[index], student_names.get(index)
+        if theirs != token:
+            where = f"{theirs!r}" if theirs is not None else "no token"
+            moved = student_summary["vocab"].get(token)
+            also = f" (which gives {token!r} id {moved})" if moved is not None else ""
+            return (
+                f"id {index} is {token!r} in the teacher's tokenizer but {where} in the "
+                f"student's{also}"
+            )
+    for name in ("bos_token", "eos_token"):
+        mine = teacher_summary["named_special_tokens"][name]
+        theirs = student_summary["named_special_tokens"][name]
+        if mine != theirs:
+            word = name.removesuffix("_token")
+            return (
+                f"the {word} token is {_named(*(mine or [None, None]))} in the teacher's "
+                f"tokenizer but {_named(*(theirs or [None, None]))} in the student's"
+            )
+    theirs = student_summary["special_tokens"]
+    # The teacher's pad token may lose its role: a student padding with EOS drops it.
+    pad = (teacher_summary["named_special_tokens"]["pad_token"] or [None])[0]
+    for token, index in sorted(teacher_summary["special_tokens"].items()):
+        if token not in theirs and token != pad:
+            return (
+                f"{token!r} (id {index}) is a special token of the teacher's tokenizer but "
+                "not of the student's"
+            )
+    return _added_sentence(teacher_summary, student_summary)
+
+
 # -- the teacher tokenizer's copy ------------------------------------------------------
 
 

@@ -299,3 +299,20 @@ def test_forward_and_backward_at_a_128k_vocabulary_add_only_the_gradient_and_a_f
     allowance = 8 * chunk + 16 * 2**20
     assert allowance < full_float32
     assert increase <= gradient + allowance, (increase, gradient, allowance)
+
+
+def test_a_larger_student_vocabulary_is_fine_and_a_smaller_one_is_refused_up_front():
+    """check_tokenizer's rule: the student's logits may go past the teacher's vocabulary
+    (those ids are never targets); fewer is refused even when no stored id falls outside."""
+    records, _ = make_records()
+    batch = collate(records)
+    logits = student_logits(batch)
+    larger = torch.cat([logits, torch.full((*logits.shape[:2], 5), -30.0)], dim=-1)
+    same = kd_loss(logits, batch, ce_weight=0.5, teacher_vocab_size=VOCAB)
+    wider = kd_loss(larger, batch, ce_weight=0.5, teacher_vocab_size=VOCAB)
+    assert torch.allclose(same, wider, rtol=1e-5)
+    # A teacher vocabulary of VOCAB + 3 whose last ids no stored row happens to hold.
+    assert torch.isfinite(kd_loss(logits, batch))
+    message = one_line_error(logits, batch, teacher_vocab_size=VOCAB + 3)
+    assert f"cover {VOCAB} token ids but the teacher's vocabulary has {VOCAB + 3}" in message
+    assert "cross-tokenizer distillation" in message

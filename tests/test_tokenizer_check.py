@@ -1,7 +1,9 @@
 """check_tokenizer and the tokenizer identity it rests on: an unchanged tokenizer saved
-again passes whatever bytes its files get; a swapped id, a missing token, another BOS
-behaviour or another special token id fails naming it; gather's copy of the teacher's
-tokenizer replaces the old one whole."""
+again passes whatever bytes its files get, and so do a student with pad = eos or with
+a token added past the teacher's vocabulary (the store's ids mean the same to it); a
+swapped id, a missing token, another BOS behaviour, a lost special role or a wholly
+different tokenizer fails naming it; gather's copy of the teacher's tokenizer replaces
+the old one whole."""
 
 import json
 import shutil
@@ -66,7 +68,10 @@ def mismatch(store, student) -> str:
     with pytest.raises(TokenizerMismatch) as error:
         check_tokenizer(store, student)
     message = str(error.value)
-    assert "\n" not in message and "the student must use the teacher's tokenizer" in message
+    assert "\n" not in message and "must mean the same token to the student" in message
+    assert message.endswith(
+        "a student with another tokenizer needs cross-tokenizer distillation (not available yet)"
+    )
     return message
 
 
@@ -106,16 +111,15 @@ def test_two_swapped_ids_fail_naming_the_first_token(tmp_path, store, teacher_to
     student = edited(teacher_tokenizer_dir, tmp_path / "swapped", edit_tokenizer=swap)
     message = mismatch(store, student)
     assert message.startswith(
-        f"token {low!r} has id 150 in the teacher's tokenizer but 200 in the student's"
+        f"id 150 is {low!r} in the teacher's tokenizer but {high!r} in the student's "
+        f"(which gives {low!r} id 200)"
     )
     assert tokenizer_content_fingerprint(load(student)) != tokenizer_content_fingerprint(
         load(teacher_tokenizer_dir)
     )
 
 
-def test_fewer_tokens_fail_naming_both_sizes_and_the_missing_token(
-    tmp_path, store, teacher_tokenizer_dir
-):
+def test_fewer_tokens_fail_naming_the_missing_id(tmp_path, store, teacher_tokenizer_dir):
     def drop_last(data):
         model = data["model"]
         last = max(model["vocab"], key=model["vocab"].get)
@@ -125,8 +129,8 @@ def test_fewer_tokens_fail_naming_both_sizes_and_the_missing_token(
 
     student = edited(teacher_tokenizer_dir, tmp_path / "fewer", edit_tokenizer=drop_last)
     message = mismatch(store, student)
-    assert message.startswith("the teacher's tokenizer has 300 tokens but the student's has 299")
-    assert "(id 299 in the teacher's tokenizer) is missing from the student's" in message
+    assert message.startswith("id 299 is ") and "in the student's" in message
+    assert "in the teacher's tokenizer but no token in the student's" in message
 
 
 def test_another_bos_behaviour_fails(tmp_path, store, teacher_tokenizer_dir):
@@ -141,15 +145,47 @@ def test_another_bos_behaviour_fails(tmp_path, store, teacher_tokenizer_dir):
     )
 
 
-def test_another_special_token_id_fails(tmp_path, store, teacher_tokenizer_dir):
+def test_pad_set_to_eos_passes(tmp_path, store, teacher_tokenizer_dir):
+    """Common Hugging Face practice; no id the store holds changes meaning."""
+
     def pad_is_eos(config):
         config["pad_token"] = "</s>"
 
     student = edited(teacher_tokenizer_dir, tmp_path / "pad_eos", edit_config=pad_is_eos)
+    assert load(student).pad_token == "</s>"
+    assert check_tokenizer(store, student) is None
+
+
+def test_tokens_added_past_the_teacher_vocabulary_pass(tmp_path, store, teacher_tokenizer_dir):
+    student = load(teacher_tokenizer_dir)
+    student.add_special_tokens({"pad_token": "<|pad|>"})  # a new special token as pad
+    student.add_tokens(["<|tool|>"])
+    assert len(student) == 302 and student.convert_tokens_to_ids("<|tool|>") == 301
+    student.save_pretrained(tmp_path / "added")
+    assert check_tokenizer(store, student) is None
+    assert check_tokenizer(store, tmp_path / "added") is None
+
+
+def test_a_teacher_special_token_made_plain_fails(tmp_path, store, teacher_tokenizer_dir):
+    def eos_plain(config):
+        config["eos_token"] = None
+
+    student = edited(teacher_tokenizer_dir, tmp_path / "no_eos", edit_config=eos_plain)
     message = mismatch(store, student)
     assert message.startswith(
-        "the pad token is '<pad>' (id 0) in the teacher's tokenizer but '</s>' (id 2) in the student's"
+        "the eos token is '</s>' (id 2) in the teacher's tokenizer but not set in the student's"
     )
+
+
+def test_a_different_tokenizer_fails_pointing_to_cross_tokenizer_distillation(
+    tmp_path, store, teacher_tokenizer_dir
+):
+    from teacher_logits.demo import build_tokenizer
+
+    texts = [f"une pierre {i} et un nuage {i * 3}" for i in range(200)]
+    build_tokenizer(texts, vocab_size=300).save_pretrained(tmp_path / "other")
+    message = mismatch(store, tmp_path / "other")
+    assert message.startswith("id ") and "in the teacher's tokenizer but" in message
 
 
 def test_first_difference_of_equal_summaries_is_none(teacher_tokenizer_dir):

@@ -18,6 +18,11 @@ from ..errors import TrainingInputError
 from ._chunked_kd import ChunkedDistillationLoss, DistillationRows, default_chunk_rows
 
 TAILS = ("auto", "bucket", "renormalize", "sampled")
+# check_tokenizer's rule: every id the store can hold must exist for the student.
+SMALLER_VOCAB = (
+    "use a student whose vocabulary holds the teacher's (a larger one is fine); "
+    "a student with another tokenizer needs cross-tokenizer distillation (not available yet)"
+)
 
 
 def kd_loss(
@@ -28,6 +33,7 @@ def kd_loss(
     ce_weight: float = 0.0,
     *,
     chunk_rows: int | None = None,
+    teacher_vocab_size: int | None = None,
 ) -> torch.Tensor:
     """Mean over ``kd_mask`` rows of KL(teacher || student) at ``temperature`` T.
 
@@ -58,6 +64,10 @@ def kd_loss(
     ``student_logits``: [B, L, V] (packed: [1, N, V]), any float dtype. Rows are read
     ``chunk_rows`` at a time (default: as many as fit in ~64 MiB of float32, 130 rows
     at V=128256); neither forward nor backward makes a float copy of all the logits.
+
+    ``teacher_vocab_size`` (``store.vocab_size``): the student's V may be larger (ids
+    past the teacher's are never targets), never smaller; without it, a smaller V is
+    refused only when a stored id falls outside it.
     """
     if tail not in TAILS:
         raise TrainingInputError(f"kd_loss: tail={tail!r}; use one of {', '.join(TAILS)}")
@@ -73,16 +83,21 @@ def kd_loss(
         or chunk_rows < 1
     ):
         raise TrainingInputError(f"kd_loss: chunk_rows={chunk_rows!r}; use a positive integer")
-    _check_logits(student_logits, batch)
+    _check_logits(student_logits, batch, teacher_vocab_size)
     rows = _gather_rows(
         student_logits, batch, float(temperature), tail, float(ce_weight), chunk_rows
     )
     return ChunkedDistillationLoss.apply(student_logits, rows)
 
 
-def _check_logits(student_logits, batch: dict) -> None:
+def _check_logits(student_logits, batch: dict, teacher_vocab_size: int | None) -> None:
     if not isinstance(student_logits, torch.Tensor) or not student_logits.is_floating_point():
         raise TrainingInputError("kd_loss: student_logits must be a floating-point torch tensor")
+    if teacher_vocab_size is not None and student_logits.shape[-1] < int(teacher_vocab_size):
+        raise TrainingInputError(
+            f"kd_loss: the student's logits cover {student_logits.shape[-1]} token ids but the "
+            f"teacher's vocabulary has {int(teacher_vocab_size)}; {SMALLER_VOCAB}"
+        )
     kd_mask = batch["kd_mask"]
     if student_logits.dim() != 3 or tuple(student_logits.shape[:2]) != tuple(kd_mask.shape):
         raise TrainingInputError(
@@ -115,8 +130,7 @@ def _gather_rows(
         if ids is not None and ids.numel() and int(ids.max()) >= vocab_size:
             raise TrainingInputError(
                 f"kd_loss: the teacher's {what} hold token id {int(ids.max())} but the "
-                f"student's vocabulary has {vocab_size} entries; use a student with the "
-                "teacher's tokenizer (check_tokenizer)"
+                f"student's vocabulary has {vocab_size} entries; {SMALLER_VOCAB}"
             )
     labels = None
     if ce_weight > 0:

@@ -1,10 +1,12 @@
-"""``check_tokenizer``: refuse a student whose tokenizer is not the teacher's.
+"""``check_tokenizer``: refuse a student to whom the store's ids would mean other tokens.
 
 The store's ``input_ids`` and ``topk_ids`` index the teacher's vocabulary; a student
-whose tokenizer maps a token string to another id, has other special tokens or adds
-BOS/EOS differently learns from the wrong targets without any error. Gather copies
-the teacher's tokenizer into the store (``tokenizer/``); this compares the student's
-with it (``teacher_logits.tokenizer_identity``).
+whose tokenizer gives one of those ids to another token string, drops a special role
+or adds BOS/EOS differently learns from the wrong targets without any error. Only
+those ids matter: a student with another pad token or with tokens added past the
+teacher's vocabulary reads the store the same (``kd_loss`` takes its larger
+vocabulary). Gather copies the teacher's tokenizer into the store (``tokenizer/``);
+this compares the student's with it (``teacher_logits.tokenizer_identity``).
 """
 
 from __future__ import annotations
@@ -14,10 +16,11 @@ from pathlib import Path
 
 from ..errors import TokenizerMismatch, TrainingInputError
 from ..layout import INDEX_NAME, RunLayout
-from ..tokenizer_identity import first_difference, summary_fingerprint, tokenizer_summary
+from ..tokenizer_identity import first_meaning_difference, summary_fingerprint, tokenizer_summary
 
 WHY = (
-    "the student must use the teacher's tokenizer (the store's ids index the teacher's vocabulary)"
+    "every id the store holds must mean the same token to the student; a student with "
+    "another tokenizer needs cross-tokenizer distillation (not available yet)"
 )
 
 
@@ -50,10 +53,13 @@ def _stored_fingerprint(store, root: Path) -> str | None:
 
 
 def check_tokenizer(store, tokenizer) -> None:
-    """Raise ``TokenizerMismatch`` naming the first difference between the teacher's
-    tokenizer (kept in the store) and ``tokenizer`` (an object, or a directory to load
-    it from); return None when they are the same for distillation: same token strings
-    and ids, special tokens and ids, and BOS/EOS added around a text.
+    """Raise ``TokenizerMismatch`` naming the first id that would mean something else to
+    ``tokenizer`` (an object, or a directory to load it from) than to the teacher's
+    tokenizer (kept in the store); return None when every id below the teacher's
+    vocabulary size names the same token string, the teacher's special tokens are
+    special to the student too, and BOS/EOS are the same and added the same way.
+    Whatever the student's pad token or the tokens it added after the teacher's
+    vocabulary, it passes.
 
     ``store``: a ``LogitStore``, or the store directory (or its ``index.h5``)."""
     root = _store_root(store)
@@ -72,6 +78,6 @@ def check_tokenizer(store, tokenizer) -> None:
     from transformers import AutoTokenizer
 
     teacher = tokenizer_summary(AutoTokenizer.from_pretrained(str(teacher_dir)))
-    difference = first_difference(teacher, student)
+    difference = first_meaning_difference(teacher, student)
     if difference:
         raise TokenizerMismatch(f"{difference}; {WHY}")
