@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from filelock import FileLock
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -108,10 +109,16 @@ def demo_dir(tmp_path_factory) -> Path:
     cached = os.environ.get("TEACHER_LOGITS_TEST_DEMO_DIR")
     if cached and (Path(cached) / "teacher" / "config.json").exists():
         return Path(cached)
-    root = tmp_path_factory.mktemp("demo_build")
-    wf = Workflow(root, root / "locks")
+    # Under pytest-xdist (the slow tier) the workers share one build, made by whichever
+    # asks first: the folder above each worker's base temp is the run's.
+    shared = os.environ.get("PYTEST_XDIST_WORKER") is not None
+    base = tmp_path_factory.getbasetemp()
+    root = base.parent / "demo_build" if shared else tmp_path_factory.mktemp("demo_build")
     demo = root / "demo"
-    wf.run("--cores", "2", str(demo / "teacher"), config={"demo": {"dir": str(demo)}})
+    with FileLock(str(root) + ".lock"):
+        if not (demo / "teacher" / "config.json").exists():
+            wf = Workflow(root, root / "locks")
+            wf.run("--cores", "2", str(demo / "teacher"), config={"demo": {"dir": str(demo)}})
     assert (demo / "teacher" / "config.json").exists()
     assert (demo / "corpus.jsonl").exists()
     return demo
