@@ -1,10 +1,12 @@
 """Training-side helpers: read a store into a student's training loop.
 
     from teacher_logits.training import (collate, kd_loss, check_tokenizer,
-                                         TokenizerMismatch, ShardLocalBatchSampler)
+                                         TokenizerMismatch, ShardLocalBatchSampler,
+                                         KDTrainer, KDConfig)
 
-``collate`` and ``kd_loss`` need torch; ``ShardLocalBatchSampler`` does not, and
-importing this package imports torch only when a torch helper is first used.
+``collate`` and ``kd_loss`` need torch, ``KDTrainer`` and ``KDConfig`` transformers;
+``ShardLocalBatchSampler`` needs neither, and importing this package imports torch
+or transformers only when a helper that needs it is first used.
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ __all__ = [
     "TokenizerMismatch",
     "TrainingInputError",
     "ShardLocalBatchSampler",
+    "KDTrainer",
+    "KDConfig",
 ]
 
 # name -> the module that defines it; loaded on first use so the sampler stays torch-free.
@@ -28,6 +32,8 @@ _LAZY = {
     "kd_loss": ".losses",
     "check_tokenizer": ".tokenizer_check",
     "ShardLocalBatchSampler": ".sampler",
+    "KDTrainer": ".trainer",
+    "KDConfig": ".trainer",
 }
 
 
