@@ -7,18 +7,24 @@
 Works against any store: it reads the vocabulary and the teacher's tokenizer from
 the store, checks the student's tokenizer against it, and under torchrun each rank
 reads its own shards (``ShardLocalBatchSampler``) and averages gradients with DDP.
+It holds out ``--holdout`` of the samples (``store.split``, the rule ``snakemake
+distill`` uses), reports their perplexity and KL to the teacher every
+``--eval-every`` steps and at the end, and saves the student with its tokenizer
+(``save_pretrained``) to ``--out``.
 """
 
 from __future__ import annotations
 
 import argparse
 import functools
+import math
 import os
 
 import torch
 from torch.utils.data import DataLoader
 
 from teacher_logits import LogitStore
+from teacher_logits.layout import RunLayout
 from teacher_logits.training import ShardLocalBatchSampler, check_tokenizer, collate, kd_loss
 
 
@@ -46,6 +52,44 @@ def build_student(args, store):
     return AutoModelForCausalLM.from_pretrained(args.student, dtype=torch.bfloat16)
 
 
+@torch.no_grad()
+def evaluate(model, held_out, args, device) -> dict:
+    """Held-out perplexity (exp of the cross-entropy per token) and KL to the teacher,
+    per kd_mask row over the whole held-out part."""
+    sampler = ShardLocalBatchSampler(
+        held_out, max_tokens=args.max_tokens, max_length=args.max_length
+    )
+    loader = DataLoader(
+        held_out,
+        batch_sampler=sampler,
+        collate_fn=functools.partial(collate, max_length=args.max_length),
+    )
+    was_training, sums = model.training, torch.zeros(3, dtype=torch.float64)
+    model.eval()
+    for batch in loader:
+        batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+        logits = model(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
+        ).logits
+        rows = batch["kd_mask"].sum().item()
+        ce = kd_loss(logits, batch, ce_weight=1.0).item()
+        kl = kd_loss(logits, batch, temperature=args.temperature, tail="bucket").item()
+        sums += torch.tensor([ce * rows, kl * rows, rows], dtype=torch.float64)
+    model.train(was_training)
+    rows = max(sums[2].item(), 1.0)
+    return {"perplexity": math.exp(sums[0].item() / rows), "kl": sums[1].item() / rows}
+
+
+def save(model, store, args) -> None:
+    """The student and its tokenizer (the student's own, or the teacher's copy in the store)."""
+    from transformers import AutoTokenizer
+
+    model.save_pretrained(args.out)
+    tokenizer_dir = args.student or RunLayout(store.root).tokenizer_dir
+    if os.path.isdir(tokenizer_dir):  # stores gathered before the copy existed have none
+        AutoTokenizer.from_pretrained(str(tokenizer_dir)).save_pretrained(args.out)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("store", help="the workflow's output_dir (or its index.h5)")
@@ -58,6 +102,9 @@ def main(argv=None):
     parser.add_argument("--ce-weight", type=float, default=0.5)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--holdout", type=float, default=0.05, help="fraction held out")
+    parser.add_argument("--eval-every", type=int, default=100)
+    parser.add_argument("--out", default="students/train_student", help="save the student here")
     args = parser.parse_args(argv)
     if not (args.student or args.tiny):
         parser.error("give --student PATH or --tiny")
@@ -70,14 +117,16 @@ def main(argv=None):
     )
 
     store = LogitStore(args.store)
+    train, held_out = store.split(args.holdout, seed=0)
     model = build_student(args, store).to(device)
+    plain = model
     if world > 1:
         model = torch.nn.parallel.DistributedDataParallel(model)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr)
 
     # Every rank gets the same number of batches, each read from its own shards.
     sampler = ShardLocalBatchSampler(
-        store,
+        train,
         max_tokens=args.max_tokens,
         rank=rank,
         world_size=world,
@@ -85,7 +134,7 @@ def main(argv=None):
         max_length=args.max_length,
     )
     loader = DataLoader(
-        store,
+        train,
         batch_sampler=sampler,
         collate_fn=functools.partial(collate, max_length=args.max_length),
         num_workers=args.workers,
@@ -111,11 +160,18 @@ def main(argv=None):
             step += 1
             if rank == 0 and step % 20 == 0:
                 print(f"step {step}: loss {loss.item():.4f}", flush=True)
+            if rank == 0 and step % args.eval_every == 0 and step < args.steps:
+                print(
+                    f"step {step}: held out {evaluate(plain, held_out, args, device)}", flush=True
+                )
             if step >= args.steps:
                 break
         epoch += 1
     # To resume: save sampler.state_dict(batches_done=<batches finished this epoch>) with
     # the model and optimizer, and call sampler.load_state_dict(...) before the loop.
+    if rank == 0:
+        print(f"step {step}: held out {evaluate(plain, held_out, args, device)}", flush=True)
+        save(plain, store, args)
     if world > 1:
         torch.distributed.destroy_process_group()
 

@@ -97,11 +97,16 @@ def test_example_training_script_runs_against_a_store(tmp_path):
     store = tmp_path / "store"
     shutil.copytree(REPO / "tests" / "data" / "store_v2", store)
     script = REPO / "examples" / "train_student.py"
-    args = ["--tiny", "--steps", "4", "--workers", "2", "--max-tokens", "512"]
+    out = tmp_path / "student"
+    args = ["--tiny", "--steps", "4", "--workers", "2", "--max-tokens", "512", "--holdout", "0.5"]
     result = subprocess.run(
-        [sys.executable, str(script), str(store), *args],
+        [sys.executable, str(script), str(store), *args, "--out", str(out)],
         capture_output=True,
         text=True,
         timeout=300,
     )
     assert result.returncode == 0, result.stderr[-2000:]
+    assert "step 4: held out {'perplexity': " in result.stdout and "'kl': " in result.stdout
+    from transformers import AutoModelForCausalLM
+
+    assert AutoModelForCausalLM.from_pretrained(out).config.vocab_size == 2048

@@ -143,7 +143,7 @@ class KDTrainer(Trainer):
             batch_sampler=batch_sampler,
             collate_fn=self.data_collator,
             num_workers=workers,
-            pin_memory=self.args.dataloader_pin_memory,
+            pin_memory=self.args.dataloader_pin_memory and torch.cuda.is_available(),
             persistent_workers=bool(workers) and self.args.dataloader_persistent_workers,
             prefetch_factor=self.args.dataloader_prefetch_factor if workers else None,
         )
