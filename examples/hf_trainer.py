@@ -43,7 +43,7 @@ trainer = KDTrainer(
     ),
     train_dataset=train,
     eval_dataset=held_out,
-    kd=KDConfig(ce_weight=args.ce_weight, max_tokens=1024, max_length=256),  # T=1, bucket tail
+    kd=KDConfig(ce_weight=args.ce_weight, max_tokens=512, max_length=128),  # T=1, bucket tail
 )
 trainer.train()
 print(trainer.evaluate())  # eval_loss, eval_perplexity (held out), eval_kl (to the teacher)
