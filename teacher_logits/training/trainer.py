@@ -43,6 +43,7 @@ from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
 from ..errors import TrainingInputError
+from ..layout import partial_path
 from ..store.reader import LogitStore
 from ..store.views import StoreView
 from .collation import collate
@@ -212,10 +213,10 @@ class KDTrainer(Trainer):
             sampler = self._train_sampler
             epoch, done = self._position(self.state.global_step, len(sampler))
             state = {**sampler.state_dict(batches_done=done), "epoch": epoch}
-            partial = os.path.join(folder, SAMPLER_STATE + ".partial")
-            with open(partial, "w") as handle:
+            final = os.path.join(folder, SAMPLER_STATE)
+            with open(partial_path(final), "w") as handle:
                 json.dump(state, handle, indent=1)
-            os.replace(partial, os.path.join(folder, SAMPLER_STATE))
+            os.replace(partial_path(final), final)
         super()._save_checkpoint(model, trial)
 
     def _restore_sampler(self, sampler: ShardLocalBatchSampler, checkpoint: str) -> None:
