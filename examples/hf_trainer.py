@@ -20,9 +20,10 @@ parser.add_argument("--student", help="a Hugging Face causal LM directory to sta
 parser.add_argument("--out", default="students/hf_trainer")
 parser.add_argument("--steps", type=int, default=300)
 parser.add_argument("--ce-weight", type=float, default=0.5)
+parser.add_argument("--holdout", type=float, default=0.05, help="held-out share of samples")
 args = parser.parse_args()
 
-train, held_out = LogitStore(args.store).split(0.05, seed=0)  # distill's holdout rule
+train, held_out = LogitStore(args.store).split(args.holdout, seed=0)  # distill's holdout rule
 set_seed(0)
 if args.student:
     check_tokenizer(train, args.student)  # the store's ids must mean the same tokens

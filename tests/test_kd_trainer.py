@@ -2,11 +2,14 @@
 2 shards, vocabulary 2048) with a 1-layer Llama of width 32: its loss falls with
 Trainer's defaults; accumulated micro-batches give the gradient of their union; a
 resumed checkpoint continues the same batches; 2 torchrun ranks (gloo) read disjoint
-batches of equal count (about 7 s)."""
+batches of equal count (about 7 s). The examples: TRL's SFTTrainer with collate and
+kd_loss (examples/trl_sft.py) trains; examples/hf_trainer.py evaluates and saves."""
 
 from __future__ import annotations
 
+import ast
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -242,3 +245,67 @@ def test_the_training_package_imports_transformers_only_for_kd_trainer():
     )
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
+
+
+def load_example(name: str):
+    """An example script as a module (its main() is not run)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, REPO / "examples" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_trl_sft_trainer_trains_a_student_with_collate_and_kd_loss(tmp_path, store):
+    pytest.importorskip("trl")
+    from trl import SFTConfig
+
+    from teacher_logits.demo import build_tokenizer
+
+    example = load_example("trl_sft")
+    tokenizer = build_tokenizer(["the apple river stone"] * 20, vocab_size=300)
+    student = tiny_student(store.vocab_size)
+    before = [p.detach().clone() for p in student.parameters()]
+    config = SFTConfig(
+        output_dir=str(tmp_path / "out"),
+        use_cpu=True,
+        bf16=False,
+        max_steps=12,
+        per_device_train_batch_size=2,
+        learning_rate=3e-3,
+        logging_steps=4,
+        save_strategy="no",
+        report_to=[],
+        seed=0,
+        disable_tqdm=True,
+        prediction_loss_only=True,
+        remove_unused_columns=False,
+        dataset_kwargs={"skip_prepare_dataset": True},
+    )
+    kd = dict(temperature=1.0, tail="bucket", ce_weight=0.5)
+    trainer = example.make_trainer(
+        store, holdout=0.5, student=student, tokenizer=tokenizer, args=config, kd=kd
+    )
+    assert len(trainer.eval_dataset) and len(trainer.train_dataset) + len(trainer.eval_dataset) == 6
+    first = trainer.evaluate()["eval_loss"]
+    trainer.train()
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    assert len(losses) == 3 and all(torch.isfinite(torch.tensor(losses)))
+    assert losses[-1] < losses[0]
+    assert trainer.evaluate()["eval_loss"] < first
+    assert any(not torch.equal(a, b) for a, b in zip(before, student.parameters()))
+
+
+def test_the_hf_trainer_example_evaluates_and_saves_the_student(tmp_path, store):
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "student"
+    command = [sys.executable, str(REPO / "examples" / "hf_trainer.py"), str(store.root)]
+    command += ["--out", str(out), "--steps", "4", "--holdout", "0.5"]
+    result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = ast.literal_eval(result.stdout.strip().splitlines()[-1])
+    assert metrics["eval_tokens"] > 0 and math.isfinite(metrics["eval_perplexity"])
+    student = AutoModelForCausalLM.from_pretrained(out)
+    assert student.config.vocab_size == store.vocab_size
