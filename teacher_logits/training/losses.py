@@ -21,7 +21,7 @@ TAILS = ("auto", "bucket", "renormalize", "sampled")
 # check_tokenizer's rule: every id the store can hold must exist for the student.
 SMALLER_VOCAB = (
     "use a student whose vocabulary holds the teacher's (a larger one is fine); "
-    "a student with another tokenizer needs cross-tokenizer distillation (not available yet)"
+    "a student with another tokenizer distils through teacher_logits.training.cross_tokenizer"
 )
 
 

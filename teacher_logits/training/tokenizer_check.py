@@ -20,7 +20,7 @@ from ..tokenizer_identity import first_meaning_difference, summary_fingerprint, 
 
 WHY = (
     "every id the store holds must mean the same token to the student; a student with "
-    "another tokenizer needs cross-tokenizer distillation (not available yet)"
+    "another tokenizer distils through teacher_logits.training.cross_tokenizer"
 )
 
 
