@@ -163,8 +163,9 @@ class ChatRenderer:
                 mask[after[0] : stops[0] + 1] = 1
         return mask
 
-    def encode(self, rows: list[int], conversations: list) -> list[tuple[np.ndarray, np.ndarray]]:
-        """(input_ids int32, loss_mask uint8) per conversation, untruncated."""
+    def encode(self, rows: list[int], conversations: list) -> list[tuple]:
+        """(input_ids int32, loss_mask uint8, rendered text, character offsets int64 [n, 2])
+        per conversation, untruncated."""
         rendered = [self.render(row, messages) for row, messages in zip(rows, conversations)]
         encoded = self.tokenizer(
             [text for text, _ in rendered], add_special_tokens=False, return_offsets_mapping=True
@@ -175,7 +176,8 @@ class ChatRenderer:
         ):
             ids = np.asarray(ids, dtype=np.int64)
             offsets = np.asarray(offsets, dtype=np.int64).reshape(-1, 2)
-            out.append((ids.astype(np.int32), self.loss_mask(offsets, ids, spans, len(text))))
+            mask = self.loss_mask(offsets, ids, spans, len(text))
+            out.append((ids.astype(np.int32), mask, text, offsets))
         return out
 
 

@@ -30,6 +30,7 @@ from .shard_plan import Segment
 from .store.format import FORMAT_VERSION
 from .store.prepared import PreparedWriter
 from .tensor_plan import check_tensor_parallel
+from .token_offsets import TokenOffsets
 from .tokenization import (
     Tokenization,
     add_special_counts,
@@ -235,10 +236,19 @@ def tokenize_dataset(
         describe(settings),
         processes,
     )
+    # The text and each token's byte span in it (storage.cross_tokenizer_fields).
+    offsets = TokenOffsets(tokenizer) if settings.cross_tokenizer_fields else None
     work = Tokenization(
-        tokenizer, settings.max_length, settings.overflow, chat, settings.split_special_tokens
+        tokenizer,
+        settings.max_length,
+        settings.overflow,
+        chat,
+        settings.split_special_tokens,
+        offsets=offsets,
     )
-    writer = PreparedWriter(layout.segment_tokens(segment.index), with_loss_mask=chat is not None)
+    writer = PreparedWriter(
+        layout.segment_tokens(segment.index), chat is not None, with_text=offsets is not None
+    )
     kept_rows, lengths, dropped = [], [], []
     truncated = split = trained = 0
     specials = empty_special_counts()
@@ -246,7 +256,9 @@ def tokenize_dataset(
     try:
         rows = tokenize_rows(data, column, work, processes, source, segment.first_row)
         for result in rows:
-            writer.append(result["input_ids"], result["loss_mask"])
+            writer.append(
+                result["input_ids"], result["loss_mask"], result["token_offsets"], result["texts"]
+            )
             kept_rows.append(result["rows"])
             lengths.append(result["lengths"])
             dropped += result["dropped"]
@@ -339,6 +351,8 @@ def shard_plan(
             for i in range(segment.num_shards)
         ],
         "dropped": tokenized.dropped,
+        # prepare made the texts and token byte spans (storage.cross_tokenizer_fields).
+        "cross_tokenizer_fields": settings.cross_tokenizer_fields,
     }
     if tokenized.special_token_strings is not None:
         counts = tokenized.special_token_strings

@@ -7,7 +7,8 @@ No torch, no Snakemake.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import os
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from .config import dataset_paths, meaning_settings, teacher_path
@@ -39,6 +40,12 @@ class TeacherSettings:
             allow_offload=bool(teacher["allow_offload"]),
             parallel=teacher.get("parallel", "pipeline"),
         )
+
+    def resolved(self) -> TeacherSettings:
+        """The same settings on the real folder behind ``path`` as it is now: a job that
+        fingerprints and loads this path reads one folder, whatever a symlink in ``path``
+        points to later."""
+        return replace(self, path=Path(os.path.realpath(self.path)))
 
 
 def tensor_ranks(teacher: TeacherSettings, devices: DevicePlan) -> int:

@@ -17,6 +17,7 @@ import numpy as np
 
 from .dataset_errors import describe_undecodable_row, describe_unreadable
 from .errors import ConfigError, DataError
+from .token_offsets import covered_text
 
 # Rows handed to a tokenizer process at a time: big enough to amortise the hand-over,
 # small enough that a few in flight per process keep memory flat.
@@ -114,10 +115,19 @@ class Tokenization:
     keeps the whole document (generate computes it in windows). Texts (or message
     contents) that literally hold a special token's string (``"</s>"``) are counted;
     ``split_special_tokens`` tokenizes such strings as plain text (plain text only).
+    ``offsets`` (a ``token_offsets.TokenOffsets``): each kept sample's text and its tokens'
+    byte spans come along (``storage.cross_tokenizer_fields``); a truncated sample keeps
+    the start of its text that its tokens cover.
     """
 
     def __init__(
-        self, tokenizer, max_length: int, overflow: str, chat=None, split_special_tokens=False
+        self,
+        tokenizer,
+        max_length: int,
+        overflow: str,
+        chat=None,
+        split_special_tokens=False,
+        offsets=None,
     ):
         self.tokenizer, self.max_length, self.overflow, self.chat = (
             tokenizer,
@@ -131,6 +141,7 @@ class Tokenization:
                 "(the chat template writes special tokens itself); set it to false"
             )
         self.split_special_tokens = bool(split_special_tokens)
+        self.offsets = offsets
         tokenizer.model_max_length = max(max_length, 1) * 1000  # silence length warnings
         tokens = special_token_strings(tokenizer)
         self.special = re.compile("|".join(map(re.escape, tokens))) if tokens else None
@@ -148,9 +159,9 @@ class Tokenization:
                 items.append(value)
         encoded = self._encode(rows, items) if items else []
         specials = self._count_special(rows, items)
-        kept, id_parts, mask_parts, lengths = [], [], [], []
+        kept, id_parts, mask_parts, lengths, texts, span_parts = [], [], [], [], [], []
         truncated = split = 0
-        for row, (ids, mask, full_length) in zip(rows, encoded):
+        for row, (ids, mask, full_length, text, spans) in zip(rows, encoded):
             if len(ids) == 0:
                 dropped.append({"sample_id": row, "reason": "no tokens after tokenization"})
                 continue
@@ -161,7 +172,12 @@ class Tokenization:
                     truncated += 1
                     ids = ids[: self.max_length]
                     mask = None if mask is None else mask[: self.max_length]
+                    if spans is not None:
+                        spans = spans[: self.max_length]
+                        text = covered_text(text, spans)
             kept.append(row)
+            texts.append(text)
+            span_parts.append(spans)
             lengths.append(len(ids))
             id_parts.append(ids)
             mask_parts.append(mask)
@@ -174,6 +190,10 @@ class Tokenization:
             "loss_mask": None
             if self.chat is None
             else (np.concatenate(mask_parts) if mask_parts else np.zeros(0, dtype=np.uint8)),
+            "texts": texts if self.offsets is not None else None,
+            "token_offsets": None
+            if self.offsets is None
+            else (np.concatenate(span_parts) if span_parts else np.zeros((0, 2), np.int32)),
             "dropped": sorted(dropped, key=lambda d: d["sample_id"]),
             "truncated": truncated,
             "split": split,
@@ -216,11 +236,20 @@ class Tokenization:
         return None if value.strip() else "empty or whitespace-only text"
 
     def _encode(self, rows: list, items: list) -> list:
-        """(input_ids, loss_mask or None, untruncated length) per item."""
+        """(input_ids, loss_mask or None, untruncated length, text, byte spans or None) per
+        item; a truncated item's spans are cut with its ids."""
         if self.chat is not None:
-            return [(ids, mask, len(ids)) for ids, mask in self.chat.encode(rows, items)]
+            return [
+                (ids, mask, len(ids), text, self._spans(text, ids, chars))
+                for ids, mask, text, chars in self.chat.encode(rows, items)
+            ]
         split = {"split_special_tokens": True} if self.split_special_tokens else {}
-        encoded = self.tokenizer(items, add_special_tokens=True, **split)["input_ids"]
+        with_chars = self.offsets is not None and self.offsets.fast
+        found = self.tokenizer(
+            items, add_special_tokens=True, return_offsets_mapping=with_chars, **split
+        )
+        encoded = found["input_ids"]
+        chars = found["offset_mapping"] if with_chars else [None] * len(items)
         full_lengths = [len(ids) for ids in encoded]
         too_long = [i for i, n in enumerate(full_lengths) if n > self.max_length]
         if too_long and self.overflow == "truncate":
@@ -230,11 +259,31 @@ class Tokenization:
                 add_special_tokens=True,
                 truncation=True,
                 max_length=self.max_length,
+                return_offsets_mapping=with_chars,
                 **split,
-            )["input_ids"]
-            for i, ids in zip(too_long, again):
-                encoded[i] = ids
-        return [(np.asarray(ids, dtype=np.int32), None, n) for ids, n in zip(encoded, full_lengths)]
+            )
+            for position, i in enumerate(too_long):
+                encoded[i] = again["input_ids"][position]
+                if with_chars:
+                    chars[i] = again["offset_mapping"][position]
+        return [
+            (
+                np.asarray(ids, dtype=np.int32),
+                None,
+                n,
+                text,
+                self._spans(text, ids, c, n > len(ids)),
+            )
+            for ids, n, text, c in zip(encoded, full_lengths, items, chars)
+        ]
+
+    def _spans(self, text: str, ids, chars, truncated: bool = False):
+        """int32 [n, 2] byte spans of the tokens in ``text`` (None: not stored)."""
+        if self.offsets is None:
+            return None
+        if chars is None:
+            return self.offsets.by_decoding(text, ids, truncated)
+        return self.offsets.from_char_offsets(text, ids, chars)
 
 
 def special_token_strings(tokenizer) -> list[str]:

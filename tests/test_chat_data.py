@@ -80,7 +80,7 @@ def trained_pieces(tokenizer, ids, mask) -> list[str]:
 )
 def test_loss_mask_is_the_assistant_turns_with_their_end_of_turn(tokenizer, template, expected):
     renderer = ChatRenderer(tokenizer, template, ["assistant"], stops_for(tokenizer, template))
-    [(ids, mask)] = renderer.encode([0], [CONVERSATION])
+    [(ids, mask, _, _)] = renderer.encode([0], [CONVERSATION])
     text = tokenizer.apply_chat_template(CONVERSATION, chat_template=template, tokenize=False)
     # The tokens are the rendered text tokenized as it is (its special tokens included).
     assert list(ids) == tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -93,7 +93,7 @@ def test_loss_mask_is_the_assistant_turns_with_their_end_of_turn(tokenizer, temp
 @pytest.mark.parametrize("template", [CHATML, QA], ids=["chatml", "text-around-turns"])
 def test_train_roles_choose_the_turns(tokenizer, template):
     renderer = ChatRenderer(tokenizer, template, ["user", "system"], stops_for(tokenizer, template))
-    [(ids, mask)] = renderer.encode([0], [CONVERSATION])
+    [(ids, mask, _, _)] = renderer.encode([0], [CONVERSATION])
     pieces = trained_pieces(tokenizer, ids, mask)
     assert any("Be brief." in p for p in pieces)
     assert any("What is 2+2?" in p for p in pieces) and any("And 3+3?" in p for p in pieces)
@@ -111,7 +111,7 @@ def test_content_repeated_in_the_template_text_is_located_exactly(tokenizer):
         (QA, ["Answer\n--- end of answer ---</s>"]),
     ):
         renderer = ChatRenderer(tokenizer, template, ["assistant"], stops_for(tokenizer, template))
-        [(ids, mask)] = renderer.encode([0], [conversation])
+        [(ids, mask, _, _)] = renderer.encode([0], [conversation])
         assert trained_pieces(tokenizer, ids, mask) == expected
 
 
@@ -119,7 +119,7 @@ def test_template_that_rewrites_content(tokenizer):
     # Uppercasing keeps the markers around the content: the mask still lands on it.
     upper = "{% for m in messages %}<{{ m.role }}>{{ m.content | upper }}<|im_end|>{% endfor %}"
     renderer = ChatRenderer(tokenizer, upper, ["assistant"], stops_for(tokenizer, CHATML))
-    [(ids, mask)] = renderer.encode([0], [CONVERSATION[1:3]])
+    [(ids, mask, _, _)] = renderer.encode([0], [CONVERSATION[1:3]])
     assert trained_pieces(tokenizer, ids, mask) == [" IT IS 4. <|im_end|>"]
     # A template that cuts content apart leaves nothing to locate: a clear error.
     cutting = (
@@ -243,9 +243,14 @@ def test_chat_workflow_loss_mask_and_masked_only_storage(workflow, demo_dir, tmp
     ones = 0
     for i in range(len(store)):
         rec = store[i]
-        [(ids, mask)] = renderer.encode([0], [rows[rec["sample_id"]]["messages"]])
+        [(ids, mask, text, _)] = renderer.encode([0], [rows[rec["sample_id"]]["messages"]])
         np.testing.assert_array_equal(rec["input_ids"], ids[:200])
         np.testing.assert_array_equal(rec["loss_mask"], mask[:200])
+        # The rendered template is the text (a truncated one: the start its tokens cover),
+        # and the tokens' spans tile it: the template's special tokens hold their text.
+        data = rec["text"].encode()
+        assert text.startswith(rec["text"]) and (len(ids) > 200 or rec["text"] == text)
+        assert b"".join(data[a:b] for a, b in rec["token_offsets"]) == data
         assert rec["loss_mask"].dtype == np.uint8
         ones += int(rec["loss_mask"].sum())
     assert 0 < ones < store.num_tokens

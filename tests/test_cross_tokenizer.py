@@ -287,6 +287,22 @@ def test_collated_chunks_hold_the_same_text_on_both_sides(teacher, students, nam
     assert int(batch["dropped_bytes"]["round_trip"].sum()) == 0
 
 
+def test_every_byte_is_kept_or_counted_with_its_reason(teacher, students):
+    student = students["bytes"]
+    records = [record(teacher, text, i) for i, text in enumerate(TEXTS)]
+    vocab_map = build_vocab_map(teacher, student)
+    batch = collate_cross_tokenizer(records, student, vocab_map, max_length=20, max_chunk_bytes=3)
+    assert batch["input_ids"].shape[1] == 20
+    dropped = batch["dropped_bytes"]
+    assert all(int(dropped[reason].sum()) > 0 for reason in ("past_end", "no_prediction"))
+    kept = torch.zeros(len(records), dtype=torch.int64)
+    for b in range(len(records)):
+        kept[b] = sum(
+            int(batch["chunk_bytes"][c]) for c in set(batch["student_row_chunk"][b].tolist()) - {-1}
+        )
+    assert torch.equal(kept + sum(dropped.values()), batch["text_bytes"])
+
+
 def test_sentencepiece_student_dummy_prefix_bos_and_eos(teacher, students):
     student = students["sentencepiece"]
     text = "Zq the cat sat, naïve 日本!"
@@ -358,6 +374,16 @@ def test_vocab_map_pairs_ids_with_identical_bytes(teacher, students):
     # The byte-level student has every single byte.
     byte_map = build_vocab_map(teacher, students["bytes"])
     assert byte_map.matched >= 256 - 2  # the teacher has every byte, but not the specials
+
+
+def test_a_token_added_to_the_student_after_a_first_map_counts_in_the_next(teacher):
+    student = _byte_level_student(["x"], 258)
+    before = build_vocab_map(teacher, student).matched
+    student.add_tokens([" cat"])
+    vocab_map = build_vocab_map(teacher, student)
+    assert vocab_map.matched == before + 1
+    cat = teacher.convert_tokens_to_ids("Ġcat")
+    assert int(vocab_map.teacher_to_student[cat]) == student.convert_tokens_to_ids(" cat")
 
 
 # ---------------------------------------------------------------- losses
@@ -537,7 +563,7 @@ def test_an_empty_sample_has_no_chunk_and_a_zero_loss(teacher, students):
     logits = torch.zeros(1, 0, len(student), requires_grad=True)
     value = cross_tokenizer_loss(logits, batch)
     value.backward()
-    assert float(value) == 0.0 and logits.grad is not None
+    assert float(value.detach()) == 0.0 and logits.grad is not None
     mixed = collate_cross_tokenizer(
         [empty, record(teacher, TEXTS[0], 1)], student, build_vocab_map(teacher, student)
     )

@@ -49,6 +49,8 @@ def assert_reads_as_recorded(path: Path) -> None:
     expected = recorded()
     with LogitStore(path) as reader:
         assert len(reader) == 6 and reader.top_k == 8
+        # Made before the cross-tokenizer fields: none, and no record carries their keys.
+        assert not reader.has_cross_tokenizer_fields
         for i in range(len(reader)):
             record = reader[i]
             assert record["sample_id"] == int(expected[f"{i}/sample_id"])

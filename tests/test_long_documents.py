@@ -42,7 +42,7 @@ def long_documents(demo_dir, path, tokenizer):
         docs.append("\n\n".join(texts[i : i + size]))
         i += size
     path.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
-    return [tokenizer(d)["input_ids"] for d in docs]
+    return docs, [tokenizer(d)["input_ids"] for d in docs]
 
 
 def windowed_reference(model, ids: list[int], max_length: int, stride: int):
@@ -67,7 +67,7 @@ def test_long_documents_are_kept_whole_and_match_the_windowed_forward(workflow, 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(demo_dir / "teacher")
-    token_ids = long_documents(demo_dir, tmp_path / "long.jsonl", tokenizer)
+    docs, token_ids = long_documents(demo_dir, tmp_path / "long.jsonl", tokenizer)
     max_length, stride = 64, 16
     longest = max(len(ids) for ids in token_ids)
     assert longest > 5 * max_length and min(len(ids) for ids in token_ids) < max_length
@@ -105,6 +105,18 @@ def test_long_documents_are_kept_whole_and_match_the_windowed_forward(workflow, 
         np.testing.assert_allclose(
             rec["topk_logits"], torch.topk(expected, 8, -1).values.numpy(), atol=1e-4, rtol=1e-5
         )
+        # The next token's log-probability from the same window's row, the window's last
+        # row included (its next token is read by the next window); NaN at the end.
+        logprobs = torch.log_softmax(expected, -1)[torch.arange(len(ids) - 1), ids[1:]]
+        assert np.isnan(rec["target_logprob"][-1])
+        np.testing.assert_allclose(
+            rec["target_logprob"][:-1], logprobs.numpy(), atol=1e-4, rtol=1e-5
+        )
+        # Every window's spans refer to the one text of the document.
+        data = rec["text"].encode()
+        assert rec["text"] == docs[i] and rec["token_offsets"][-1, 1] == len(data)
+        decoded = b"".join(data[a:b] for a, b in rec["token_offsets"])
+        assert decoded == data
     # Windows are not a whole-document forward: the rows after the first window differ.
     ids = max(token_ids, key=len)
     with torch.no_grad():

@@ -605,7 +605,7 @@ def test_the_disk_estimate_counts_draws_and_int8_scales():
 
     settings = {"generation": {"mode": "topk+sampled", "samples": 16, "sample_temperature": 2.0}}
     row = planned_row({"settings": settings})
-    assert row == {"temperatures": (1.0, 2.0), "samples": 16}
+    assert row == {"temperatures": (1.0, 2.0), "samples": 16, "cross_fields": False}
     # input id 4, 8 x (id 4 + code 1), int8 max and step 8, logsumexp 4, entropy 2,
     # logsumexp at 2.0: 4, 16 draws x (id 4 + count 1).
     assert uncompressed_bytes_per_token(8, "int8", True, **row) == 4 + 40 + 8 + 4 + 2 + 4 + 80

@@ -67,7 +67,14 @@ def run_config(parallel: str, teacher: Path | None = None, **sections) -> dict:
     return config
 
 
-ROW_NAMES = ("topk_ids", "topk_logits", "logsumexp", "entropy", "logsumexp_t2.0")
+ROW_NAMES = (
+    "topk_ids",
+    "topk_logits",
+    "logsumexp",
+    "entropy",
+    "logsumexp_t2.0",
+    "target_logprob",
+)
 
 
 def store_rows(root: Path) -> dict:
@@ -85,7 +92,7 @@ def assert_close_stores(pipeline: dict, tensor: dict) -> None:
 
     p_ids, p_logits = decode_topk(pipeline["topk_ids"], pipeline["topk_logits"])
     t_ids, t_logits = decode_topk(tensor["topk_ids"], tensor["topk_logits"])
-    for name in ("logsumexp", "entropy", "logsumexp_t2.0"):
+    for name in ("logsumexp", "entropy", "logsumexp_t2.0", "target_logprob"):
         np.testing.assert_allclose(tensor[name], pipeline[name], rtol=0, atol=TP_ATOL, err_msg=name)
     np.testing.assert_allclose(t_logits, p_logits, rtol=0, atol=TP_ATOL)
     # Ids may differ only where neighbouring logits are closer than the bound (a swap).
@@ -220,6 +227,28 @@ def test_tensor_parallel_store_matches_the_pipeline(tmp_path, demo_dir, arch):
     last = "1024..2047" if arch == "llama" else "1026..2050"
     assert f"rank 1: ids {last} via its rows of the output head" in log
     assert_close_stores(store_rows(pipeline.root), store_rows(tensor.root))
+    assert_target_logprob_is_the_teachers(tensor.path(OUT), teacher or demo_dir / "teacher")
+
+
+def assert_target_logprob_is_the_teachers(store_root: Path, teacher: Path) -> None:
+    """Each record's target_logprob is log_softmax(model(ids).logits)[t, ids[t+1]] of the
+    float32 teacher recomputed here (within TP_ATOL: the ranks' slices merge in another
+    order of float32 sums), NaN on the last row; its text and spans are stored too."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(teacher, dtype=torch.float32).eval()
+    with LogitStore(store_root) as store:
+        assert store.has_cross_tokenizer_fields
+        for i in range(0, len(store), 5):
+            rec = store[i]
+            ids = torch.from_numpy(rec["input_ids"].astype(np.int64))
+            with torch.no_grad():
+                logprobs = torch.log_softmax(model(ids[None]).logits[0].float(), -1)
+            expected = logprobs[torch.arange(len(ids) - 1), ids[1:]].numpy()
+            assert np.isnan(rec["target_logprob"][-1])
+            np.testing.assert_allclose(rec["target_logprob"][:-1], expected, rtol=0, atol=TP_ATOL)
+            assert rec["token_offsets"][-1, 1] <= len(rec["text"].encode())
 
 
 def engine_settings(demo_dir: Path) -> GenerateSettings:

@@ -12,7 +12,8 @@ import hashlib
 import logging
 import os
 import time
-from dataclasses import dataclass
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import h5py
@@ -171,14 +172,10 @@ def compute_remaining(
                 writer.submit(lambda: sink.replay(parts))
             import torch  # only now: CUDA must see the claimed group, nothing else
 
-            from .engine import open_engine
-
             # Same threads, same reductions: bit-identical reruns.
             torch.set_num_threads(settings.threads)
-            # Again: the wait for a GPU group can be long, and the weights may be replaced.
-            check_teacher_matches_plan(settings.teacher.path, plan)
             load_start = time.time()
-            with open_engine(settings, claim) as engine:
+            with planned_engine(settings, claim, plan) as engine:
                 load_seconds = time.time() - load_start
                 log.info("teacher loaded in %.1f s (%s)", load_seconds, engine.description)
                 committer.engine = engine.description
@@ -313,6 +310,24 @@ def check_teacher_matches_plan(teacher_path: Path, plan: dict) -> None:
             "same snakemake command again: it plans anew and regenerates the shards made "
             "with the old files"
         )
+
+
+@contextmanager
+def planned_engine(settings: GenerateSettings, claim, plan: dict):
+    """The engine on the teacher ``plan`` was made for, checked before and after it loads.
+
+    The path is resolved once and the engine loads the folder that was fingerprinted, so
+    a symlink switched meanwhile (tensor-parallel ranks load seconds after this check)
+    changes nothing for this job. Files overwritten in place while they were read fail
+    the second check, before a single row is written."""
+    from .engine import open_engine
+
+    settings = replace(settings, teacher=settings.teacher.resolved())
+    # Again: the wait for a GPU group can be long, and the weights may be replaced.
+    check_teacher_matches_plan(settings.teacher.path, plan)
+    with open_engine(settings, claim) as engine:
+        check_teacher_matches_plan(settings.teacher.path, plan)
+        yield engine
 
 
 def say_if_rows_changed(layout: RunLayout, shard: int, digest: str) -> None:

@@ -139,10 +139,11 @@ class TopKHead:
 
     @torch.inference_mode()
     def __call__(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, row_keys=None
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, row_keys=None, targets=None
     ) -> TopK:
         """``row_keys`` (``sampling.row_keys`` of the valid positions, row-major) seed the
-        draws when the reduction samples."""
+        draws when the reduction samples; ``targets`` (their next token ids, -1: none) give
+        ``TopK.target_logit``."""
         uniforms = draw_uniforms(self.reduction.samples, row_keys)
         input_ids = input_ids.to(self.input_device)
         attention_mask = attention_mask.to(self.input_device)
@@ -151,10 +152,14 @@ class TopKHead:
             hidden = self.body(**inputs).last_hidden_state
             rows = hidden[attention_mask.to(hidden.device).bool()]
             device = self.head.weight.device
-            return reduce_rows(rows, self.head, self.reduction, device, uniforms=uniforms)
+            return reduce_rows(
+                rows, self.head, self.reduction, device, uniforms=uniforms, targets=targets
+            )
         logits = self.model(**inputs).logits
         rows = logits[attention_mask.to(logits.device).bool()]
-        return reduce_rows(rows, None, self.reduction, rows.device, uniforms=uniforms)
+        return reduce_rows(
+            rows, None, self.reduction, rows.device, uniforms=uniforms, targets=targets
+        )
 
     def close(self) -> None:
         """Nothing to stop: the weights go with the process."""

@@ -27,6 +27,7 @@ import socket
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from multiprocessing.connection import Connection, wait
 from pathlib import Path
 
@@ -147,7 +148,10 @@ class TensorParallelEngine:
         """Start one rank per GPU of the group and wait until each has loaded its part."""
         from ..tensor_plan import check_teacher_splits
 
-        teacher = settings.teacher
+        # Once, here: each rank loading the path as given would follow a symlink seconds
+        # later, on its own, to whatever folder it then names.
+        teacher = settings.teacher.resolved()
+        settings = replace(settings, teacher=teacher)
         check_teacher_splits(
             teacher.path, settings.tensor_ranks, settings.top_k, teacher.trust_remote_code
         )

@@ -4,7 +4,7 @@ Started by ``tensor_engine`` (the generate job), one per GPU of the claimed grou
 It dies with the job (a parent-death signal), holds the group's GPU locks through
 descriptors it inherited, and talks to the job over the socket ``FD``: it receives
 its ``RankSetup``, answers ``("ready", {"pad_id", "describe"})`` once the model is
-loaded, then for each ``("batch", input_ids, attention_mask, uniforms)`` answers
+loaded, then for each ``("batch", input_ids, attention_mask, uniforms, targets)`` answers
 ``("rows", TopK fields)`` of its own slice of the vocabulary or ``("oom", message)``; before
 it exits on an error, ``("error", message)``. ``("stop",)`` ends it, answered with
 ``("stopped", {"peak_gpu_bytes"})``.
@@ -86,12 +86,13 @@ def serve(conn: Connection, head) -> None:
             peak = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else 0
             conn.send(("stopped", {"peak_gpu_bytes": peak}))
             return
-        _, input_ids, attention_mask, uniforms = message
+        _, input_ids, attention_mask, uniforms, targets = message
         try:
             rows = head(
                 torch.from_numpy(input_ids),
                 torch.from_numpy(attention_mask),
                 None if uniforms is None else torch.from_numpy(uniforms),
+                None if targets is None else torch.from_numpy(targets),
             )
         except torch.OutOfMemoryError as exc:
             torch.cuda.empty_cache()
@@ -106,6 +107,7 @@ def serve(conn: Connection, head) -> None:
                 rows.entropy.numpy(),
                 {t: v.numpy() for t, v in rows.logsumexp_t.items()},
                 None if rows.draws is None else (rows.draws.numpy(), rows.tail_lse.numpy()),
+                None if rows.target_logit is None else rows.target_logit.numpy(),
             )
         )
 

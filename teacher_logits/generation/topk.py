@@ -34,6 +34,9 @@ class TopK:
     # what they were drawn from (-inf: nothing there, the row's draws are void).
     draws: torch.Tensor | None = None
     tail_lse: torch.Tensor | None = None
+    # float32 [N]: the logit of each row's target id (the actual next token), -inf where
+    # there is none or (a vocabulary slice) it is another slice's; None: no targets given.
+    target_logit: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -66,12 +69,20 @@ class Reduction:
 
 
 def reduce_rows(
-    rows: torch.Tensor, project, reduction: Reduction, device, id_offset=0, uniforms=None
+    rows: torch.Tensor,
+    project,
+    reduction: Reduction,
+    device,
+    id_offset=0,
+    uniforms=None,
+    targets=None,
 ) -> TopK:
     """Reduce ``rows`` (hidden states when ``project`` is the output head, else logits,
     which are overwritten) chunk by chunk; ids are shifted by ``id_offset`` (a
     vocabulary slice's first id). ``uniforms`` (float32 [rows, samples], see
-    ``sampling.uniforms``) drive the draws when the reduction samples."""
+    ``sampling.uniforms``) drive the draws when the reduction samples. ``targets`` (int64
+    [rows], -1: none): each row's next token, whose logit is picked from the same chunk
+    (``TopK.target_logit``)."""
     n, k = rows.shape[0], reduction.top_k
     sampling = reduction.samples > 0
     if sampling:
@@ -84,12 +95,18 @@ def reduce_rows(
     out_entropy = torch.empty(n, dtype=torch.float32, device=device)
     temperatures = reduction.temperatures
     out_tempered = [torch.empty(n, dtype=torch.float32, device=device) for _ in temperatures]
+    if targets is not None:
+        # Ids in this slice's own numbering; another slice's (or none) picks nothing.
+        local = torch.as_tensor(targets, dtype=torch.long).to(device) - id_offset
+        out_target = torch.full((n,), -torch.inf, dtype=torch.float32, device=device)
     for start in range(0, n, reduction.chunk_rows):
         stop = min(n, start + reduction.chunk_rows)
         chunk = rows[start:stop]
         if project is not None:
             chunk = project(chunk.to(device))
         chunk = chunk.float()
+        if targets is not None:  # before the reductions below shift the chunk in place
+            pick_target(chunk, local[start:stop], out_target[start:stop])
         values, ids = torch.topk(chunk, k, dim=-1, sorted=True)
         out_values[start:stop] = values
         out_ids[start:stop] = ids + id_offset
@@ -111,11 +128,22 @@ def reduce_rows(
     tensors = (out_ids, out_values, out_lse, out_entropy, *out_tempered)
     if sampling:
         tensors += (out_draws, out_tail)
-    host = to_host(tensors)
-    draws = dict(draws=host[-2], tail_lse=host[-1]) if sampling else {}
+    if targets is not None:
+        tensors += (out_target,)
+    host = list(to_host(tensors))
+    extra = dict(target_logit=host.pop()) if targets is not None else {}
+    if sampling:
+        extra.update(draws=host[-2], tail_lse=host[-1])
     return TopK(
-        *host[:4], logsumexp_t=dict(zip(temperatures, host[4 : 4 + len(temperatures)])), **draws
+        *host[:4], logsumexp_t=dict(zip(temperatures, host[4 : 4 + len(temperatures)])), **extra
     )
+
+
+def pick_target(chunk: torch.Tensor, local: torch.Tensor, out: torch.Tensor) -> None:
+    """``out[i] = chunk[i, local[i]]`` where ``local[i]`` is a column of the chunk."""
+    inside = (local >= 0) & (local < chunk.shape[1])
+    picked = chunk.gather(1, local.clamp(0, chunk.shape[1] - 1).unsqueeze(1)).squeeze(1)
+    torch.where(inside, picked, out, out=out)
 
 
 def draw_uniforms(samples: int, row_keys, stream: int = DRAW_STREAM):
@@ -206,6 +234,8 @@ def merge_slices(
         for t in slices[0].logsumexp_t
     }
     merged = TopK(ids, values, lse, entropy, logsumexp_t=tempered)
+    if slices[0].target_logit is not None:  # one slice holds each target id, the rest -inf
+        merged.target_logit = torch.stack([s.target_logit for s in slices]).amax(dim=0)
     if slices[0].draws is not None:
         merged.draws, merged.tail_lse = merge_draws(
             slices, all_values, all_ids, order, choices, sample_temperature

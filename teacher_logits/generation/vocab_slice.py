@@ -118,7 +118,7 @@ class VocabSliceHead:
 
     @torch.inference_mode()
     def __call__(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, uniforms=None
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, uniforms=None, targets=None
     ) -> TopK:
         inputs = self._inputs(input_ids, attention_mask)
         keep = inputs["attention_mask"].bool()
@@ -131,9 +131,16 @@ class VocabSliceHead:
                 self.device,
                 id_offset=self.first_id,
                 uniforms=uniforms,
+                targets=targets,
             )
         logits = local_part(self.model(**inputs).logits)
         rows = logits[keep][:, self.first_id : self.first_id + self.slice_size]
         return reduce_rows(
-            rows, None, self.reduction, self.device, id_offset=self.first_id, uniforms=uniforms
+            rows,
+            None,
+            self.reduction,
+            self.device,
+            id_offset=self.first_id,
+            uniforms=uniforms,
+            targets=targets,
         )

@@ -144,15 +144,23 @@ class ShardSink:
         input_ids: np.ndarray,
         with_entropy: bool,
         loss_mask: np.ndarray | None = None,
+        token_offsets: np.ndarray | None = None,
     ):
         self.writer, self.input_ids, self.with_entropy = writer, input_ids, with_entropy
-        self.loss_mask = loss_mask
+        self.loss_mask, self.token_offsets = loss_mask, token_offsets
+
+    @property
+    def with_text(self) -> bool:
+        """Whether the shard takes the cross-tokenizer fields (rows bring target_logprob)."""
+        return self.token_offsets is not None
 
     def add(self, first_row: int, rows: dict) -> None:
         last_row = first_row + len(rows["logsumexp"])
         rows = {**rows, "input_ids": self.input_ids[first_row:last_row]}
         if self.loss_mask is not None:
             rows["loss_mask"] = self.loss_mask[first_row:last_row]
+        if self.token_offsets is not None:
+            rows["token_offsets"] = self.token_offsets[first_row:last_row]
         if not self.with_entropy:
             rows.pop("entropy", None)
         # libhdf5 can crash on a failed write: stop cleanly while the rows surely fit.
@@ -169,8 +177,9 @@ class ShardSink:
 
 
 def open_shard_writer(
-    output, sample_ids, offsets, settings, loss_mask: np.ndarray | None = None
+    output, sample_ids, offsets, settings, loss_mask: np.ndarray | None = None, text=None
 ) -> ShardWriter:
+    """``text``: (text_bytes, text_offsets) of the shard's samples: the cross-tokenizer fields."""
     writer = ShardWriter(
         output,
         num_samples=len(sample_ids),
@@ -183,6 +192,7 @@ def open_shard_writer(
         stored_rows=needed_rows(loss_mask, offsets) if settings.store_masked_only else None,
         temperatures=settings.temperatures,
         sampling=settings.sampling,
+        text=text,
         # A teacher on the CPU keeps every core busy with its own threads: one compressing
         # thread (GIL-free, beside the writer thread) is then far faster than it needs,
         # where more would stall the teacher's parallel kernels.

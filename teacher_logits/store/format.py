@@ -53,8 +53,16 @@ REQUIRED_ATTRS = (
 )
 
 # Datasets a shard may leave out (entropy when store_entropy is off, loss_mask for
-# plain-text data).
-OPTIONAL_DATASETS = ("entropy", "loss_mask")
+# plain-text data, the cross-tokenizer fields of cross_fields.py when they are off or the
+# shard predates them).
+OPTIONAL_DATASETS = (
+    "entropy",
+    "loss_mask",
+    "text_bytes",
+    "text_offsets",
+    "token_offsets",
+    "target_logprob",
+)
 # Datasets with one entry per top-k row: all T rows, or with generation.store_masked_only
 # only the rows a trainer uses (``needed_rows``). Resume's part files hold these too.
 # The sampled modes add sampled_ids/sampled_counts, storage.value_dtype int8 its per-row
@@ -68,6 +76,7 @@ ROW_DATASETS = (
     "sampled_counts",
     "topk_logits_max",
     "topk_logits_step",
+    "target_logprob",
 )
 # Per-token arrays a sample record carries (those the shard has; temperature datasets too).
 SAMPLE_FIELDS = (
@@ -81,6 +90,8 @@ SAMPLE_FIELDS = (
     "loss_mask",
     "sampled_ids",
     "sampled_counts",
+    "token_offsets",
+    "target_logprob",
 )
 
 # int8: 8-bit codes relative to each row's top (store/values.py), decoded by the reader.

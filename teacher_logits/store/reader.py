@@ -27,6 +27,7 @@ from ..errors import StoreError, TrainingInputError
 from ..layout import INDEX_NAME, MANIFEST_NAME
 from . import views
 from .codec import decode_topk
+from .cross_fields import has_cross_fields, sample_text, text_datasets
 from .format import (
     ABSENT_ROW_FILL,
     SAMPLE_FIELDS,
@@ -55,6 +56,8 @@ def read_sample(handle, position: int, offsets=None) -> dict:
         for name in sample_fields(handle):
             record[name] = handle[name][start:stop]
         record = _decoded(record)
+    if "text_offsets" in handle:  # the cross-tokenizer fields (cross_fields.py)
+        record["text"] = sample_text(handle, position)
     if "sampled_ids" in record:  # what kd_loss checks its temperature against
         record["sample_temperature"] = float(handle["sampled_ids"].attrs.get("temperature", 1.0))
     return _with_temperatures(record)
@@ -91,12 +94,15 @@ def _with_temperatures(record: dict) -> dict:
 def _read_masked_only_sample(handle, position: int, start: int, stop: int, record: dict) -> dict:
     """Scatter the kept rows back to their tokens; absent rows read as ``ABSENT_ROW_FILL``."""
     c0, c1 = handle["row_offsets"][position : position + 2]
-    record["input_ids"] = handle["input_ids"][start:stop]
-    record["loss_mask"] = handle["loss_mask"][start:stop]
+    for name in ("input_ids", "loss_mask", "token_offsets"):
+        if name in handle:
+            record[name] = handle[name][start:stop]
     stored = needed_rows(record["loss_mask"], np.array([0, stop - start]))
     kept = _decoded({name: handle[name][c0:c1] for name in handle if is_row_dataset(name)})
     for name, values in kept.items():
-        full = np.full((stop - start, *values.shape[1:]), ABSENT_ROW_FILL, dtype=values.dtype)
+        # An absent row has no target log-probability: NaN, as a sample's last row.
+        fill = np.nan if name == "target_logprob" else ABSENT_ROW_FILL
+        full = np.full((stop - start, *values.shape[1:]), fill, dtype=values.dtype)
         full[stored] = values
         record[name] = full
     record["row_stored"] = stored.astype(np.uint8)
@@ -181,6 +187,7 @@ class LogitStore:
         self._samples_per_shard = np.bincount(self.sample_shard, minlength=len(self.shard_paths))
         self._handles: OrderedDict[int, tuple[h5py.File, np.ndarray, dict]] = OrderedDict()
         self._pid = os.getpid()
+        self._cross_fields: bool | None = None
 
     def __len__(self) -> int:
         return len(self.sample_ids)
@@ -209,6 +216,19 @@ class LogitStore:
             raise KeyError(f"sample id {sample_id} is not in the store (dropped or out of range)")
         return self[i]
 
+    @property
+    def has_cross_tokenizer_fields(self) -> bool:
+        """Whether every shard stores ``text``, ``token_offsets`` and ``target_logprob``
+        (``storage.cross_tokenizer_fields``); where one lacks them (made before them or
+        with the setting off), its records come without those keys."""
+        if self._cross_fields is None:
+            found = True
+            for path in self.shard_paths:
+                with open_read_only(path) as handle:
+                    found = found and has_cross_fields(handle)
+            self._cross_fields = found
+        return self._cross_fields
+
     def split(self, holdout: float, seed: int = 0):
         """``(train, held_out)`` views, by a hash of the sample id (``snakemake distill``'s
         rule): about ``holdout`` of the samples held out. See ``store.views``."""
@@ -232,6 +252,7 @@ class LogitStore:
         # by name on every read costs more than a small sample's decompression.
         datasets = {name: handle[name] for name in sample_fields(handle)}
         datasets["sample_ids"] = handle["sample_ids"][:]
+        datasets.update(text_datasets(handle))
         self._check_pinned(shard, handle, len(datasets["sample_ids"]))
         if "row_offsets" in handle:  # masked-only storage: where each sample's rows start
             datasets["row_offsets"] = handle["row_offsets"][:]

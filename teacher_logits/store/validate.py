@@ -19,6 +19,7 @@ import numpy as np
 
 from ..errors import ShardError
 from .codec import ids_from_deltas
+from .cross_fields import check_cross_fields, check_target_rows, value_tolerance
 from .extra_rows import (
     SAMPLED_DATASETS,
     check_sampled_rows,
@@ -189,6 +190,7 @@ def _validate_open_shard(handle, attrs, expected: ShardExpectation, progress) ->
     num_rows = expected.num_tokens if stored is None else int(stored.sum())
     check_temperatures(handle, attrs, expected.temperatures)
     _check_datasets(handle, expected, int(attrs["top_k"]), num_rows, stored is not None)
+    check_cross_fields(handle, expected.offsets, num_rows)  # optional: checked when there
     sample_ids, offsets = handle["sample_ids"][:], handle["offsets"][:]
     if not np.array_equal(sample_ids, expected.sample_ids):
         raise ShardError(_sample_ids_problem(sample_ids, expected.sample_ids))
@@ -305,7 +307,11 @@ def _check_rows(
         if not np.isfinite(lse).all():
             raise ShardError(f"non-finite values in rows {r0}..{r1 - 1}")
         sampled = (handle, c0, c1, expected.samples, expected.sample_mode, vocab_size)
+        next_ids = exp_input_ids[np.minimum(rows + 1, num_tokens - 1)]
+        targets = "target_logprob" in handle
         if not top_k:  # sampled mode: no top-k rows
+            if targets:
+                check_target_rows(handle, (c0, c1), all_have_next[rows], next_ids)
             check_sampled_rows(*sampled)
             check_tempered_rows(handle, expected.temperatures, None, (c0, c1), (r0, r1))
             stats.add(
@@ -313,7 +319,7 @@ def _check_rows(
                 np.zeros((len(rows), 0), np.float32),
                 lse,
                 _entropy(handle, c0, c1),
-                exp_input_ids[np.minimum(rows + 1, num_tokens - 1)],
+                next_ids,
                 all_have_next[rows],
             )
             continue
@@ -331,7 +337,9 @@ def _check_rows(
         check_tempered_rows(handle, expected.temperatures, logits, (c0, c1), (r0, r1))
         if expected.samples:
             check_sampled_rows(*sampled, top_ids=np.where(unused, -1, ids))
-        next_ids = exp_input_ids[np.minimum(rows + 1, num_tokens - 1)]
+        if targets:
+            top = (np.where(unused, -1, ids), logits, lse, value_tolerance(handle, logits, c0, c1))
+            check_target_rows(handle, (c0, c1), all_have_next[rows], next_ids, top)
         stats.add(
             np.where(unused, -1, ids),
             logits,

@@ -59,7 +59,11 @@ class ShardWriter:
         temperatures=(1.0,),
         compress_threads: int | None = None,
         sampling=None,
+        text=None,
     ):
+        """``text``: (text_bytes uint8, text_offsets int64 [S+1]) adds the cross-tokenizer
+        fields (``cross_fields``); then every ``write_rows`` brings ``token_offsets`` and
+        ``target_logprob``."""
         self.path = Path(path)
         self.temp_path = partial_path(self.path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -104,6 +108,23 @@ class ShardWriter:
             drawn = row_dataset("sampled_ids", np.int32, self.sampling.draws)
             drawn.attrs["temperature"] = self.sampling.temperature
             row_dataset("sampled_counts", np.uint8, self.sampling.draws)
+        self.with_text = text is not None
+        if self.with_text:
+            text_bytes, text_offsets = (np.asarray(a) for a in text)
+            if len(text_offsets) != num_samples + 1 or text_offsets[-1] != len(text_bytes):
+                raise ShardError("text_offsets must hold one text per sample, ending at its bytes")
+            f.create_dataset("text_offsets", data=text_offsets.astype(np.int64))
+            chunk = (max(1, min(1 << 16, len(text_bytes))),)
+            grow = {} if len(text_bytes) else {"maxshape": (None,)}
+            f.create_dataset(
+                "text_bytes", data=text_bytes.astype(np.uint8), chunks=chunk, **grow, **opts
+            )
+            tokens = max(1, min(CHUNK_ROWS, num_tokens))
+            grow = {} if num_tokens else {"maxshape": (None, 2)}
+            f.create_dataset(
+                "token_offsets", (num_tokens, 2), np.int32, chunks=(tokens, 2), **grow, **opts
+            )
+            row_dataset("target_logprob", np.float32)
         self._chunk_rows = rows
         # The default codec's row chunks are compressed in a pool, outside HDF5 (chunks.py);
         # the other compressions go through HDF5's own filters.
@@ -170,6 +191,8 @@ class ShardWriter:
         for temperature in self.extra_temperatures:
             if temperature_dataset(temperature) not in arrays:
                 raise ShardError(f"rows without {temperature_dataset(temperature)!r}")
+        if self.with_text and not {"token_offsets", "target_logprob"} <= set(arrays):
+            raise ShardError("rows without token_offsets and target_logprob")
         # Per-token datasets take every row; top-k rows only the kept ones (masked-only).
         keep = None if self._stored is None else self._stored[r0 : r0 + rows]
         block = {}

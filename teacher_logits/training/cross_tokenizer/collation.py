@@ -15,7 +15,10 @@ A chunk is left out of the distillation terms, and its bytes counted in
 a side that adds no BOS, the student's tokens past ``max_length``), when a token does
 not reproduce the stored text's bytes (a tokenizer that normalises or decodes lossily:
 ``round_trip``), or (chunk loss only) when it is longer than ``max_chunk_bytes``
-(``long_chunk``). Chat samples train on the bytes of the teacher's trained tokens.
+(``long_chunk``); ``past_end`` counts the bytes after the last boundary both sides have
+(the student cropped by ``max_length``). For plain text the kept ``chunk_bytes`` and
+these add up to ``text_bytes``. Chat samples train on the bytes of the teacher's trained
+tokens.
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ from .alignment import Tokenization, align
 from .vocab import VocabMap
 
 FIELDS = ("text", "token_offsets", "target_logprob")
-DROP_REASONS = ("no_prediction", "round_trip", "long_chunk")
+DROP_REASONS = ("no_prediction", "round_trip", "long_chunk", "past_end")
 OLD_STORE = (
     "was written without the cross-tokenizer fields (text, token_offsets, "
     "target_logprob); generate the store again with the current workflow and "
@@ -97,7 +100,7 @@ def collate_cross_tokenizer(
     encoded = student_tokenizer(
         texts, add_special_tokens=add_special_tokens, return_offsets_mapping=True
     )
-    offsets = _offsets_helper(student_tokenizer)
+    offsets = _offsets_helper(student_tokenizer, len(student_tokenizer))
     samples = []
     for record, text, ids, chars in zip(
         records, texts, encoded["input_ids"], encoded["offset_mapping"]
@@ -110,7 +113,8 @@ def collate_cross_tokenizer(
 
 
 @lru_cache(maxsize=4)
-def _offsets_helper(tokenizer) -> TokenOffsets:
+def _offsets_helper(tokenizer, size: int) -> TokenOffsets:
+    """One per tokenizer and size (tokens added to it since make a new one)."""
     return TokenOffsets(tokenizer)
 
 
@@ -190,6 +194,7 @@ def _align_sample(record, student_ids, student_spans, vocab_map, max_chunk_bytes
         "no_prediction": int(sizes[~untrained & unscored].sum()),
         "round_trip": int(sizes[~untrained & ~unscored & mismatched].sum()),
         "long_chunk": int(sizes[usable & ~kept].sum()),
+        "past_end": len(data) - int(alignment.bounds[-1]),
     }
     # Local chunk ids of the kept chunks; the rows predicting their tokens point at them.
     renumber = np.where(kept, np.cumsum(kept) - 1, -1)

@@ -79,11 +79,6 @@ def _load_teacher(teacher):
 def token_bytes(tokenizer) -> tuple[list, set]:
     """(bytes of every id, or None where the decoder's spelling is not known; the set of
     special ids). Added tokens stand for their content as written in the text."""
-    return _token_bytes_cached(tokenizer)
-
-
-@lru_cache(maxsize=8)
-def _token_bytes_cached(tokenizer) -> tuple[list, set]:
     size = len(tokenizer)
     tokens = tokenizer.convert_ids_to_tokens(list(range(size)))
     decode = _piece_decoder(_decoder_types(tokenizer))
