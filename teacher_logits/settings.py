@@ -76,6 +76,8 @@ class PrepareSettings:
     threads: int = 1
     # Plain text: special-token strings in it ("</s>") are tokenized as text.
     split_special_tokens: bool = False
+    # The text, token byte spans and target_logprob of storage.cross_tokenizer_fields.
+    cross_tokenizer_fields: bool = True
 
     @property
     def chat(self) -> bool:
@@ -107,6 +109,7 @@ class PrepareSettings:
             meaning=meaning_settings(config),
             threads=int(threads),
             split_special_tokens=bool(tok["split_special_tokens"]),
+            cross_tokenizer_fields=bool(config["storage"].get("cross_tokenizer_fields", True)),
         )
 
 
@@ -129,6 +132,7 @@ class GenerateSettings:
     temperatures: tuple[float, ...] = DEFAULT_TEMPERATURES
     sampling: SampleSettings = SampleSettings()
     top_p: float | None = None
+    cross_tokenizer_fields: bool = True
 
     @property
     def tensor_ranks(self) -> int:
@@ -157,4 +161,5 @@ class GenerateSettings:
             temperatures=normalise_temperatures(temperatures),
             sampling=sampling,
             top_p=gen.get("top_p"),
+            cross_tokenizer_fields=bool(storage.get("cross_tokenizer_fields", True)),
         )

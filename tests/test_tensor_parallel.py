@@ -6,7 +6,10 @@
 - a model that cannot be split fails in prepare with one line naming the fix;
 - a rank killed with -9 fails the job within 30 s, leaves no rank and no GPU lock, and
   the rerun resumes to a store bit-identical to an uninterrupted tensor-parallel run;
-  a job killed with -9 takes its ranks with it; two groups run at once on one machine.
+  a job killed with -9 takes its ranks with it; two groups run at once on one machine;
+- the ranks load the teacher folder the job fingerprinted: a ``teacher.path`` symlink
+  switched while they start changes nothing, a kept copy from another teacher is not
+  reused, and weights overwritten in place while they load fail the job before a row.
 """
 
 from __future__ import annotations
@@ -14,8 +17,10 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import shutil
 import signal
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import h5py
@@ -27,6 +32,11 @@ from transformers import AutoConfig
 
 from teacher_logits import LogitStore
 from teacher_logits.errors import TeacherError
+from teacher_logits.fingerprints import (
+    teacher_content_digest,
+    teacher_fingerprint,
+    tokenizer_fingerprint,
+)
 from teacher_logits.generation.topk import Reduction, merge_slices, reduce_rows
 from teacher_logits.gpus import Claim
 from teacher_logits.settings import GenerateSettings
@@ -207,6 +217,23 @@ def test_prepare_refuses_gpt2_in_tensor_mode_and_the_dry_run_knows_the_key(
     assert bad.returncode != 0 and "parallel" in bad.stdout + bad.stderr
 
 
+def test_the_pipeline_loads_the_folder_the_job_fingerprinted(demo_dir, tmp_path):
+    from teacher_logits.generation.shard_job import planned_engine
+
+    link = tmp_path / "teacher"
+    link.symlink_to(demo_dir / "teacher")
+    plan = {
+        "teacher_fingerprint": teacher_fingerprint(link),
+        "tokenizer_fingerprint": tokenizer_fingerprint(link),
+        "teacher_content_digest": teacher_content_digest(link),
+    }
+    settings = engine_settings(link)
+    settings = replace(settings, teacher=replace(settings.teacher, parallel="pipeline"))
+    with planned_engine(settings, Claim("", 0), plan) as engine:
+        assert engine.description == "pipeline"
+        assert engine.model.name_or_path == str((demo_dir / "teacher").resolve())
+
+
 # --- slow: whole runs -------------------------------------------------------------
 
 
@@ -251,24 +278,83 @@ def assert_target_logprob_is_the_teachers(store_root: Path, teacher: Path) -> No
             assert rec["token_offsets"][-1, 1] <= len(rec["text"].encode())
 
 
-def engine_settings(demo_dir: Path) -> GenerateSettings:
+# Run by every Python process that finds it on PYTHONPATH, so by each rank as it starts,
+# after the job's last fingerprint check and before the rank reads a byte of the teacher:
+# the first rank does RANK_START_ACTION while the others wait for it to be done.
+RANK_START_HOOK = """
+import os, shutil, sys, time
+action = os.environ.get("RANK_START_ACTION")
+if action and "teacher_logits.generation.tensor_rank" in sys.orig_argv:
+    kind, source, target = action.split("|")
+    marker = os.path.join(os.path.dirname(__file__), kind)
+    try:
+        os.close(os.open(marker + ".claimed", os.O_CREAT | os.O_EXCL))
+    except FileExistsError:
+        while not os.path.exists(marker + ".done"):
+            time.sleep(0.01)
+    else:
+        if kind == "link":  # ln -sfn source target
+            os.symlink(source, target + ".new")
+            os.replace(target + ".new", target)
+        else:  # cp source target: the same file, overwritten in place
+            shutil.copyfile(source, target)
+        open(marker + ".done", "w").close()
+"""
+
+
+def another_teacher(teacher: Path, out: Path) -> Path:
+    """A copy of ``teacher`` with every weight scaled: same shapes, other logits."""
+    from safetensors.numpy import load_file, save_file
+
+    shutil.copytree(teacher, out)
+    tensors = {name: t * 1.25 for name, t in load_file(out / "model.safetensors").items()}
+    save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
+    return out
+
+
+def at_rank_start(tmp_path: Path, kind: str, source: Path, target: Path) -> dict:
+    """The environment under which the first rank to start does ``kind`` (``link``: ln
+    -sfn, ``copy``: cp, of ``source`` to ``target``) before any rank loads the teacher."""
+    hooks = tmp_path / "hooks"
+    hooks.mkdir(exist_ok=True)
+    (hooks / "sitecustomize.py").write_text(RANK_START_HOOK)
+    return {"PYTHONPATH": str(hooks), "RANK_START_ACTION": f"{kind}|{source}|{target}"}
+
+
+def engine_settings(teacher: Path) -> GenerateSettings:
     """A tensor-parallel generate job's settings, as the workflow resolves them."""
     config = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
     config.update(gpus="0,1", gpus_per_model=2, allow_cpu=True, gpu_assignment="local")
-    config["teacher"].update(path=str(demo_dir / "teacher"), dtype="float32", parallel="tensor")
+    config["teacher"].update(path=str(teacher), dtype="float32", parallel="tensor")
     config["generation"]["top_k"] = 8
     return GenerateSettings.from_config(config, threads=2)
 
 
 @pytest.mark.slow
-def test_a_rank_dead_between_batches_fails_the_next_batch_naming_it(demo_dir):
+def test_a_rank_dead_between_batches_fails_the_next_batch_naming_it(
+    demo_dir, tmp_path, monkeypatch
+):
+    """Its ranks were given a symlink, switched to another teacher as they start: they
+    load the folder it named when the engine started."""
+    from transformers import AutoModelForCausalLM
+
     from teacher_logits.generation.engine import open_engine
     from teacher_logits.generation.tensor_engine import RankFailed
 
+    link = tmp_path / "teacher"
+    link.symlink_to(demo_dir / "teacher")
+    other = another_teacher(demo_dir / "teacher", tmp_path / "other")
+    for name, value in at_rank_start(tmp_path, "link", other, link).items():
+        monkeypatch.setenv(name, value)
     ids = torch.arange(3, 35).reshape(2, 16)
     mask = torch.ones_like(ids)
-    with open_engine(engine_settings(demo_dir), Claim("", 0)) as engine:
-        assert engine(ids, mask).ids.shape == (32, 8)
+    teacher = AutoModelForCausalLM.from_pretrained(demo_dir / "teacher", dtype=torch.float32)
+    with torch.inference_mode():
+        expected = torch.topk(teacher(ids, attention_mask=mask).logits.flatten(0, 1), 8).values
+    with open_engine(engine_settings(link), Claim("", 0)) as engine:
+        rows = engine(ids, mask)
+        assert link.resolve() == other.resolve()  # switched before the ranks loaded
+        torch.testing.assert_close(rows.logits, expected, atol=TP_ATOL, rtol=0)
         victim = engine.ranks[1].process
         os.kill(victim.pid, signal.SIGKILL)
         victim.wait()
@@ -424,3 +510,56 @@ def test_tensor_parallel_draws_follow_the_teachers_tail(tmp_path, demo_dir):
     pooled_obs = np.append(observed[cells], observed[~cells].sum())
     pooled_exp = np.append(expected[cells], expected[~cells].sum())
     assert chi_square_p_value(pooled_obs, pooled_exp) > 1e-4
+
+
+def assert_store_from(wf, teacher: Path) -> None:
+    """Every stored sample holds ``teacher``'s own numbers, recomputed here."""
+    from test_reader_regather import assert_teacher
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(teacher, dtype=torch.float32).eval()
+    with LogitStore(wf.path(OUT)) as store:
+        assert len(store) == 8
+        for i in range(len(store)):
+            assert_teacher(model, store[i], top_k=8)
+    with h5py.File(wf.path(OUT, "shards", "shard_00000.h5"), "r") as shard:
+        assert shard.attrs["teacher_content_digest"] == teacher_content_digest(teacher)
+
+
+@pytest.mark.slow
+def test_the_ranks_load_the_teacher_the_job_fingerprinted(tmp_path, demo_dir):
+    teacher_a = demo_dir / "teacher"
+    teacher_b = another_teacher(teacher_a, tmp_path / "teacher_b")
+    link = tmp_path / "teacher"
+    link.symlink_to(teacher_a)
+
+    wf = demo_workflow(tmp_path, demo_dir)
+    config = run_config("tensor", link, num_shards=1, dataset={"max_samples": 8})
+    # The link switched to B while the ranks start: they load A, the folder the job
+    # fingerprinted, and the store says so.
+    wf.run("--cores", "2", config=config, env=at_rank_start(tmp_path, "link", teacher_b, link))
+    assert link.resolve() == teacher_b.resolve()
+    assert_store_from(wf, teacher_a)
+    assert verify(wf.path(OUT), deep=True, workers=1) == []
+
+    # The link now names B: the kept copy, recorded as A's, is computed again with B.
+    wf.run("--cores", "2", config=config)
+    log = wf.path(OUT, "logs", "generate", "shard_00000.log").read_text()
+    assert "discarding the finished copy of shard_00000.parts" in log
+    assert "reusing the copy" not in log
+    assert_store_from(wf, teacher_b)
+
+    # B's weights overwritten in place (by A's) while the ranks load: the job compares
+    # the files with its plan once they are loaded, and fails before a row is written.
+    weights = teacher_b / "model.safetensors"
+    failed = wf.run(
+        "--cores",
+        "2",
+        config={**config, "force_regenerate": True},
+        env=at_rank_start(tmp_path, "copy", teacher_a / "model.safetensors", weights),
+        check=False,
+    )
+    assert failed.returncode != 0
+    log = wf.path(OUT, "logs", "generate", "shard_00000.log").read_text()
+    assert f"teacher.path: the files in {teacher_b.resolve()} changed after prepare" in log
+    assert not list(wf.path(OUT, "shards", "shard_00000.parts").glob("part_*.h5"))

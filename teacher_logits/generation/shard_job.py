@@ -67,6 +67,17 @@ def generate(settings: GenerateSettings, layout: RunLayout, shard: int) -> None:
     token = layout.regenerate_token.read_text().strip()
     identity = part_identity(settings, plan, (shard, job.segment_end), sample_ids, offsets, token)
     identity.update(content)
+    # The cross-tokenizer fields (storage.cross_tokenizer_fields), where prepare made them.
+    text = token_offsets = None
+    if settings.cross_tokenizer_fields and prepared.text_bytes is not None:
+        text, token_offsets = (prepared.text_bytes, prepared.text_offsets), prepared.token_offsets
+        identity["cross_tokenizer_fields"] = True  # parts without target_logprob do not do
+    elif settings.cross_tokenizer_fields:
+        log.info(
+            "shard %d: prepare made no texts and token offsets (prepared before them, or with "
+            "storage.cross_tokenizer_fields off): the shard has no cross-tokenizer fields",
+            shard,
+        )
 
     with job_lock(output):
         if finished_by_an_earlier_job(output, {**plan, **content}, shard):
@@ -110,8 +121,8 @@ def generate(settings: GenerateSettings, layout: RunLayout, shard: int) -> None:
             rows_per_part=min(PART_MAX_ROWS, WINDOW_BATCHES * settings.batch_tokens),
         )
         this_claim = {"teacher_load_seconds": 0.0, "rows": 0}
-        live = open_shard_writer(output, sample_ids, offsets, settings, loss_mask)
-        sink = ShardSink(live, input_ids, settings.store_entropy, loss_mask)
+        live = open_shard_writer(output, sample_ids, offsets, settings, loss_mask, text)
+        sink = ShardSink(live, input_ids, settings.store_entropy, loss_mask, token_offsets)
         try:
             if parts.rows_done < num_tokens:
                 keys = row_keys(sample_ids, offsets) if settings.sampling.draws else None
@@ -244,6 +255,7 @@ def run_windows(engine, run: WindowRun) -> None:
                 settings.max_length,
                 settings.stride,
                 None if run.row_keys is None else run.row_keys[r0:r1],
+                with_targets=run.sink.with_text,
             )
             seconds = time.time() - started
 

@@ -209,9 +209,10 @@ class TensorParallelEngine:
         )
 
     def __call__(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, row_keys=None
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, row_keys=None, targets=None
     ) -> TopK:
         uniforms = draw_uniforms(self.sampling.draws, row_keys)
+        targets = None if targets is None else torch.as_tensor(targets, dtype=torch.long).numpy()
         try:
             self._send_all(
                 (
@@ -219,6 +220,7 @@ class TensorParallelEngine:
                     input_ids.numpy(),
                     attention_mask.numpy(),
                     None if uniforms is None else uniforms.numpy(),
+                    targets,
                 )
             )
             answers = self._answers()
@@ -321,12 +323,14 @@ def decode(message: tuple) -> dict:
     """A rank's message as a dict (see ``tensor_rank`` for the protocol)."""
     kind = message[0]
     if kind == "rows":
-        *columns, tempered, drawn = message[1:]
+        *columns, tempered, drawn, target = message[1:]
         tensors = [torch.from_numpy(column) for column in columns]
         tempered = {t: torch.from_numpy(v) for t, v in tempered.items()}
         draws = {}
         if drawn is not None:
             draws = dict(draws=torch.from_numpy(drawn[0]), tail_lse=torch.from_numpy(drawn[1]))
+        if target is not None:
+            draws["target_logit"] = torch.from_numpy(target)
         return {"rows": TopK(*tensors, logsumexp_t=tempered, **draws)}
     if kind in ("ready", "stopped"):
         return message[1]
