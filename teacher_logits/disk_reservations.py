@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import LockError
+from .json_cache import has_fields, load_cache, mapping_of
 from .layout import RunLayout, atomic_write_text, partial_path
 from .locks import OUTPUT_DIR_FIX, held_by_another, holder_line, try_lock
 
@@ -123,8 +124,11 @@ def room_ledger(layout: RunLayout) -> Iterator[Ledger]:
         yield Ledger(layout, read_entries(layout.disk_ledger))
 
 
+def _entry_ok(shard: str, entry) -> bool:
+    return shard.isdigit() and has_fields(entry, bytes=int, baseline=int)
+
+
 def read_entries(path: Path) -> dict[str, dict]:
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        return {}
+    """The reservations on record; none when the ledger is missing or damaged (it only
+    sharpens the disk check, and is rewritten by the next job that starts)."""
+    return load_cache(path, mapping_of(_entry_ok)) or {}

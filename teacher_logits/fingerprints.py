@@ -15,6 +15,8 @@ import json
 import struct
 from pathlib import Path
 
+from .json_cache import has_fields
+
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
 TOKENIZER_FILES = (
     "tokenizer.json",
@@ -181,6 +183,27 @@ def stat_key(path: Path) -> str:
     # ctime moves on every write and cannot be set back by cp -p or rsync -a.
     st = path.stat()
     return f"{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}:{st.st_ino}"
+
+
+# The dataset's hash cache (``RunLayout.digest_cache``), entry by entry: what each kind
+# of entry must hold for the code that reads it. Each is keyed by the stat key it was
+# made at, except the row counts (``rows:<content digest>:<split>``, an int), which are
+# keyed by content. A new kind of entry adds its prefix here.
+DIGEST_ENTRY_FIELDS = {
+    "grown:": {"grown": bool},  # grown_from
+    "snapshot:": {"size": int, "sha256": str, "rows": int},  # dataset_reads.snapshot
+    "rows:": {"spans": dict},  # dataset_reads.rows_digests
+    "blank:": {"blank": int},  # dataset_reads.blank_rows
+    "": {"sha256": str},  # a file's resolved path: content_digest
+}
+
+
+def digest_entry_ok(name: str, entry) -> bool:
+    """Whether ``entry`` has the shape the code reading cache entry ``name`` relies on."""
+    prefix = next(p for p in DIGEST_ENTRY_FIELDS if name.startswith(p))
+    if prefix == "rows:" and isinstance(entry, int) and not isinstance(entry, bool):
+        return entry >= 0
+    return has_fields(entry, key=str, **DIGEST_ENTRY_FIELDS[prefix])
 
 
 def content_digest(path: str | Path, cache: dict) -> str:

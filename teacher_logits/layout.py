@@ -7,7 +7,9 @@ Knows nothing of what is inside the files.
 
 from __future__ import annotations
 
+import hashlib
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,6 +41,24 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     temp = partial_path(path)
     temp.write_text(text)
     os.replace(temp, path)
+
+
+# A shard's file, its resume parts, its job lock, or its file half-written.
+_SHARD_ENTRY = re.compile(r"shard_(\d{5,})\.(h5|parts|lock|h5\.partial)")
+
+
+def shard_index_of(name: str) -> int | None:
+    """The shard a ``shards/`` entry belongs to (``shard_00003.parts`` -> 3), or None."""
+    match = _SHARD_ENTRY.fullmatch(name)
+    return int(match.group(1)) if match else None
+
+
+def user_cache_dir(output_dir: str | os.PathLike) -> Path:
+    """Where ``status`` keeps its cache of a store it may not write into (a copied or
+    read-only store): ``$XDG_CACHE_HOME/teacher-logits/<digest of its absolute path>``."""
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    key = hashlib.sha256(str(Path(output_dir).resolve()).encode()).hexdigest()[:16]
+    return Path(base) / "teacher-logits" / key
 
 
 def parts_dir_for(shard_path: str | os.PathLike) -> Path:
@@ -192,8 +212,14 @@ class RunLayout:
 
     @property
     def status_checks(self) -> Path:
-        """``status``'s quick check of each finished shard, by size, mtime, ctime, inode."""
-        return self._path(".status_checks.json")
+        """``status``'s quick check of each finished shard, by size, mtime, ctime, inode:
+        with the run's own state (prepare's folder), never beside the store's files."""
+        return self._path("prepared", ".status_checks.json")
+
+    @property
+    def user_status_checks(self) -> Path:
+        """The same where the run's state is absent or read-only."""
+        return user_cache_dir(self.output_dir) / "status_checks.json"
 
     @property
     def gather_checks(self) -> Path:

@@ -24,12 +24,14 @@ from .config import dataset_paths, meaning_settings, teacher_path
 from .fingerprints import (
     content_digest,
     dataset_digest,
+    digest_entry_ok,
     grown_from,
     teacher_content_digest,
     teacher_fingerprint,
     tokenizer_fingerprint,
 )
-from .layout import RunLayout, atomic_write_text
+from .json_cache import load_cache, mapping_of, save_cache
+from .layout import RunLayout
 
 # What a legacy plan (made before plans recorded run_inputs) recorded of its inputs.
 LEGACY_PLAN_KEYS = ("settings", "teacher_fingerprint", "tokenizer_fingerprint")
@@ -88,16 +90,14 @@ def _read_json(path: Path):
 
 
 def load_digest_cache(layout: RunLayout) -> dict:
-    cache = _read_json(layout.digest_cache)
-    return cache if isinstance(cache, dict) else {}
+    """The dataset's hash cache; empty when there is none or it is damaged (one warning)."""
+    return load_cache(layout.digest_cache, mapping_of(digest_entry_ok)) or {}
 
 
 def save_digest_cache(layout: RunLayout, cache: dict, before: dict) -> None:
     if cache != before and layout.output_dir.is_dir():
-        try:  # only a cache: a dry run on a full or read-only disk goes on without it
-            atomic_write_text(layout.digest_cache, json.dumps(cache, indent=1, sort_keys=True))
-        except OSError:
-            pass
+        # Only a cache: a dry run on a full or read-only disk goes on without it.
+        save_cache(layout.digest_cache, cache)
 
 
 def data_exists(paths) -> bool:

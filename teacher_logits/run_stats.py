@@ -1,4 +1,5 @@
-"""Throughput arithmetic over shard provenance, shared by gather, status and the report.
+"""Throughput arithmetic over shard provenance, shared by gather, status and the report
+(and ``duration``, how they print a span of time).
 
 Plain Python on dicts (a manifest's ``shards`` entries or a shard's attributes), so
 the status command and the report never need HDF5 or torch for it.
@@ -98,3 +99,20 @@ def overall_rate(shards: list[dict]) -> dict:
         "busy_seconds": busy,
         "tokens_per_second": tokens / busy if busy > 0 else None,
     }
+
+
+def duration(seconds: float | None) -> str:
+    """A span of seconds as people read it: ``2h 05m``, ``3m 07s``."""
+    if seconds is None:
+        return "unknown"
+    seconds = int(round(seconds))
+    days, rest = divmod(seconds, 86400)
+    hours, rest = divmod(rest, 3600)
+    minutes, secs = divmod(rest, 60)
+    if days:
+        return f"{days}d {hours}h {minutes:02d}m"
+    if hours:
+        return f"{hours}h {minutes:02d}m"
+    if minutes:
+        return f"{minutes}m {secs:02d}s"
+    return f"{secs}s"

@@ -19,6 +19,11 @@ A shard is
 The disk section counts what the rest of the run writes at its peak: the shards
 still to make, the uncompressed resume parts of the shards being made (deleted
 when each finishes), and gather's index, and warns when that exceeds the free space.
+
+It writes nothing into the output_dir's store (its cache: ``status_checks``), so it
+works on a read-only or copied store; one without run state (no ``prepared/``) is
+shown as a gathered store with its counts. Every kind also shows who holds the run
+lock (``run_lock.holder_info``) and the shards no plan owns any more (``prune``).
 """
 
 from __future__ import annotations
@@ -31,26 +36,16 @@ import time
 from pathlib import Path
 
 from .disk import free_bytes, gather_bytes, human_bytes, render_disk, run_needs
-from .errors import LockError, ShardError
-from .fingerprints import stat_key
-from .layout import RunLayout, atomic_write_text, job_record_for, partial_path
+from .errors import LockError
+from .layout import RunLayout, job_record_for
 from .locks import held_by_another
-from .run_stats import busy_seconds, group_summary
+from .prune import find_orphans, orphans_line
+from .run_lock import holder_info
+from .run_stats import busy_seconds, duration, group_summary
 from .shard_plan import load_plan, plan_mtimes
-from .store.identity import FINGERPRINTS, identity_mismatch, shard_list
-from .store.isolated import check_batched
-from .store.validate import quick_check
+from .status_checks import check_finished
+from .store.identity import shard_list
 
-# Provenance a finished shard's attributes give the table and the speed figures.
-PROVENANCE_KEYS = (
-    "cuda_visible_devices",
-    "hostname",
-    "started_at",
-    "finished_at",
-    "claims",
-    "generation_seconds",
-    "teacher_load_seconds",
-)
 # Lines of a failed gather's error that status repeats (the first names the shards).
 GATHER_ERROR_LINES = 6
 # Folders whose lock files flock cannot probe, noted once.
@@ -85,55 +80,10 @@ def job_error(log_path: Path, whole: bool = False) -> str | None:
 
 def read_json(path: Path) -> dict | None:
     try:
-        return json.loads(path.read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError):
         return None
-
-
-def check_finished(layout: RunLayout, plan: dict, indexes: list[int]) -> dict:
-    """Quick-check finished shards: per shard its provenance, or why it fails (a str).
-
-    In worker processes (a libhdf5 crash on a corrupt file costs a worker, not status),
-    and only where a shard's file changed since the last status: results are kept in
-    ``layout.status_checks`` by size, mtime, ctime and inode (ctime moves with any write or
-    ``touch``, so a truncated shard whose mtime was put back is checked again).
-    """
-    expected = {k: plan[k] for k in ("top_k", *FINGERPRINTS) if k in plan}
-    cache_path = layout.status_checks
-    cache = read_json(cache_path) or {}
-    known = cache.get("shards", {}) if cache.get("expected") == expected else {}
-    keys = {index: shard_stat_key(layout.shard(index)) for index in indexes}
-    results = {
-        index: known[str(index)]["result"]
-        for index in indexes
-        if known.get(str(index), {}).get("key") == keys[index]
-    }
-
-    def check(index: int) -> dict:
-        entry = plan["shards"][index]
-        attrs = quick_check(layout.shard(index), entry["num_samples"], entry["num_tokens"])
-        wrong = identity_mismatch(attrs, {**expected, "shard_index": index})
-        if wrong:
-            raise ShardError(f"is not this run's shard {index} ({'; '.join(wrong)})")
-        return {key: attrs.get(key) for key in PROVENANCE_KEYS}
-
-    todo = [index for index in indexes if index not in results]
-    if todo:
-        for r in check_batched(check, todo):
-            results[r.item] = r.value if r.error is None else r.error
-        shards = {str(i): {"key": keys[i], "result": results[i]} for i in indexes if keys[i]}
-        try:  # a read-only output_dir or a full disk only costs the next status its speed
-            atomic_write_text(cache_path, json.dumps({"expected": expected, "shards": shards}))
-        except OSError:
-            partial_path(cache_path).unlink(missing_ok=True)
-    return results
-
-
-def shard_stat_key(path: Path) -> str | None:
-    try:
-        return stat_key(path)
-    except OSError:
-        return None
+    return data if isinstance(data, dict) else None
 
 
 def shard_state(layout: RunLayout, entry: dict, plan_mtime: float, checked: dict) -> dict:
@@ -185,6 +135,25 @@ def shard_state(layout: RunLayout, entry: dict, plan_mtime: float, checked: dict
     return state
 
 
+def gathered_store(layout: RunLayout) -> dict | None:
+    """A store with no run state (copied, or its run's files removed): its counts from
+    ``manifest.json`` and the shards that fail a quick check; None when there is no
+    readable manifest."""
+    manifest = read_json(layout.manifest)
+    try:
+        indexes = [int(entry["index"]) for entry in manifest["shards"]]
+        checked = check_finished(layout, manifest, indexes)
+    except (TypeError, KeyError, ValueError):
+        return None
+    return {
+        "index": layout.index.is_file(),
+        "num_shards": len(indexes),
+        "num_samples": manifest.get("num_samples"),
+        "num_tokens": manifest.get("num_tokens"),
+        "failed": {i: r for i, r in checked.items() if isinstance(r, str)},
+    }
+
+
 def collect(output_dir: str | os.PathLike, now: float | None = None) -> dict:
     """Everything the status table shows, as plain data (also printed by ``--json``)."""
     layout = RunLayout(output_dir)
@@ -193,6 +162,8 @@ def collect(output_dir: str | os.PathLike, now: float | None = None) -> dict:
         "output_dir": str(output_dir),
         "now": now,
         "free_bytes": free_bytes(layout.shards_dir),
+        "run_lock": holder_info(layout, now),
+        "orphans": find_orphans(layout).summary(),
     }
     try:
         plan, mtimes = load_plan(layout), plan_mtimes(layout)
@@ -201,6 +172,8 @@ def collect(output_dir: str | os.PathLike, now: float | None = None) -> dict:
     if plan is None:
         status["prepared"] = False
         status["prepare_error"] = job_error(layout.log("prepare"))
+        if not layout.prepared_dir.exists():
+            status["store"] = gathered_store(layout)
         return status
     status["prepared"] = True
     written = [int(e["index"]) for e in plan["shards"] if layout.shard(int(e["index"])).exists()]
@@ -253,24 +226,39 @@ def collect(output_dir: str | os.PathLike, now: float | None = None) -> dict:
     return status
 
 
-def duration(seconds: float | None) -> str:
-    if seconds is None:
-        return "unknown"
-    seconds = int(round(seconds))
-    days, rest = divmod(seconds, 86400)
-    hours, rest = divmod(rest, 3600)
-    minutes, secs = divmod(rest, 60)
-    if days:
-        return f"{days}d {hours}h {minutes:02d}m"
-    if hours:
-        return f"{hours}h {minutes:02d}m"
-    if minutes:
-        return f"{minutes}m {secs:02d}s"
-    return f"{secs}s"
+def run_lines(status: dict) -> list[str]:
+    """The run lock's holder and orphaned shards, in every kind of status."""
+    lines = []
+    holder = status.get("run_lock")
+    if holder:
+        who = f"pid {holder['pid']} on {holder['host']}" if holder["pid"] else "another process"
+        lines.append(
+            f"  run lock: held by {who} for {duration(holder['held_seconds'])}; "
+            f"{holder['doing']}; if that run is over or stuck, free the lock with {holder['free']}"
+        )
+    orphans = status.get("orphans") or {}
+    if orphans.get("paths"):
+        lines.append(orphans_line(orphans, status["output_dir"]))
+    return lines
+
+
+def render_store(status: dict) -> str:
+    out_dir, store = status["output_dir"], status["store"]
+    lines = [
+        f"{out_dir}: a gathered store, no run state here: {store['num_shards']} shards, "
+        f"{store['num_samples']} samples, {store['num_tokens']} tokens (manifest.json"
+        f"{', index.h5' if store['index'] else '; index.h5 is missing'}); "
+        f"`python -m teacher_logits.verify {out_dir}` checks every byte"
+    ]
+    for index, why in sorted(store["failed"].items()):
+        lines.append(f"  WARNING: shard {index} {why}; do not train on this store: copy it again")
+    return "\n".join(lines + run_lines(status))
 
 
 def render(status: dict, show_all: bool = False) -> str:
     out_dir = status["output_dir"]
+    if not status["prepared"] and status.get("store"):
+        return render_store(status)
     if not status["prepared"]:
         lines = [
             f"{out_dir}: prepare has not finished yet (no prepared/plan.json); "
@@ -279,7 +267,7 @@ def render(status: dict, show_all: bool = False) -> str:
         if status.get("prepare_error"):
             lines.append(f"prepare failed: {status['prepare_error']}")
         lines.append(f"free disk under {out_dir}: {human_bytes(status['free_bytes'])}")
-        return "\n".join(lines)
+        return "\n".join(lines + run_lines(status))
 
     counts, planned, done = status["counts"], status["planned_tokens"], status["done_tokens"]
     n = status["num_shards"]
@@ -324,6 +312,7 @@ def render(status: dict, show_all: bool = False) -> str:
                 f"    ... ({len(more) - GATHER_ERROR_LINES} more lines in logs/gather.log)"
             )
     lines += render_disk(status["disk"], status["free_bytes"], out_dir)
+    lines += run_lines(status)
 
     rows = [
         s

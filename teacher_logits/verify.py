@@ -8,7 +8,8 @@ or an attribute. ``--deep`` also re-validates every shard's contents (schema,
 shapes, values, fingerprints, samples against ``index.h5``) in worker processes, and
 refuses a store whose shards (or ``index.h5``) disagree with ``manifest.json`` on the
 teacher, tokenizer or config fingerprint, naming the shards on each side.
-Prints one line per problem and exits 1, or prints one summary line and exits 0.
+Prints one line per problem and exits 1, or prints one summary line and exits 0 (and
+notes shard files the manifest does not list: ``prune`` removes them). Writes nothing.
 Needs numpy, h5py and hdf5plugin only: no Snakemake, no torch.
 """
 
@@ -25,6 +26,7 @@ import numpy as np
 from .errors import ShardError, StoreError
 from .fingerprints import file_sha256
 from .layout import INDEX_NAME, MANIFEST_NAME, RunLayout
+from .prune import find_orphans, orphans_line
 from .sampling import planned_sampling
 from .store.format import TEMPERATURES_ATTR, read_attrs
 from .store.identity import (
@@ -260,6 +262,9 @@ def main(argv: list[str] | None = None, prog: str = "python -m teacher_logits.ve
         return 1
     for line in problems:
         print(line)
+    orphans = find_orphans(RunLayout(root))
+    if orphans.paths:  # not the store's problem: nothing reads them
+        print(f"note: {orphans_line(orphans.summary(), str(root)).lstrip()}")
     if problems:
         print(f"{len(problems)} problem(s) in {root}")
         return 1

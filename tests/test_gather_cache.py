@@ -94,10 +94,21 @@ def test_a_replaced_shard_is_checked_again_and_an_untouched_one_is_not(run, capl
 def test_a_corrupt_cache_file_means_checking_everything(run, caplog):
     gather_counting(run, caplog)
     cache = run.gather_checks
-    for damage in ('{"version": 1, "shards": {"0": {"file": 3}}', "\0garbage", ""):
+    damages = (
+        '{"version": 1, "shards": {"0": {"file": 3}}',
+        "\0garbage",
+        "",
+        "[1, 2]",
+        '{"version": 1, "shards": {"0": "x"}}',
+        '{"version": 1, "shards": [1]}',
+    )
+    for damage in damages:
         cache.write_text(damage)
         assert gather_counting(run, caplog) == (6, 0)
         assert len(json.loads(cache.read_text())["shards"]) == 6
+        # One warning line names the file; the rebuilt cache is read without one.
+        (warning,) = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+        assert str(cache) in warning and "it is rebuilt" in warning
     assert not list(cache.parent.glob("*.partial"))
 
 

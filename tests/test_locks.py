@@ -7,11 +7,17 @@ flocks held by real processes, and the real free space of the test's disk.
 
 import errno
 import fcntl
+import json
 import logging
 import multiprocessing
 import os
+import re
 import signal
+import socket
+import subprocess
+import sys
 import threading
+import time
 
 import pytest
 
@@ -21,8 +27,11 @@ from teacher_logits.disk_reservations import room_ledger
 from teacher_logits.errors import ConfigError, DiskFullError, LockError
 from teacher_logits.generation.parts import job_lock
 from teacher_logits.layout import RunLayout, partial_path
-from teacher_logits.run_lock import hold_run_lock
-from teacher_logits.status import lock_held
+from teacher_logits.prune import main as prune_main
+from teacher_logits.run_lock import hold_run_lock, run_lock_held
+from teacher_logits.status import collect, lock_held, render
+
+from conftest import REPO
 
 FORK = multiprocessing.get_context("fork")
 # Upper-bound bytes per token of these plans (top_k=64, float16, entropy): the shard's
@@ -132,8 +141,9 @@ def holder():
 def test_a_lock_held_by_another_process_behaves_as_before(tmp_path, holder, caplog):
     out = RunLayout(tmp_path / "out")
     holder(out.run_lock)
-    with pytest.raises(ConfigError, match=r"another Snakemake run \(pid 12345 on elsewhere\)"):
+    with pytest.raises(ConfigError, match=r"another Snakemake run \(pid 12345 on elsewhere;") as e:
         hold_run_lock(out.output_dir)
+    assert "`kill 12345` on elsewhere (`kill -9 12345` if it ignores SIGTERM)" in str(e.value)
 
     holder(tmp_path / "gpu" / "gpu-0.lock")
     assert gpus.try_claim([(0,)], None, {}, tmp_path / "gpu") is None
@@ -255,3 +265,94 @@ def test_a_reservation_shrinks_by_what_its_job_has_written(tmp_path):
         job.join(30)
     with room_ledger(layout) as ledger:
         assert ledger.reserved_by_others(1) == {}
+
+
+# --- a run lock whose holder lives on after its run ------------------------------------
+
+HOLD_RUN_LOCK = """
+import sys, time
+from teacher_logits.generation.parts import job_lock
+from teacher_logits.layout import RunLayout
+from teacher_logits.run_lock import hold_run_lock
+hold_run_lock(sys.argv[1])
+if len(sys.argv) > 2:  # a generate job of the run, working on that shard
+    job = job_lock(RunLayout(sys.argv[1]).shard(int(sys.argv[2])))
+    job.__enter__()
+print("held", flush=True)
+time.sleep(120)
+"""
+
+
+@pytest.fixture
+def run_lock_holder(tmp_path):
+    """A real process that takes the run lock through the library, then sleeps."""
+    started = []
+
+    def start(out, *shard):
+        process = subprocess.Popen(
+            [sys.executable, "-c", HOLD_RUN_LOCK, str(out), *map(str, shard)],
+            cwd=REPO,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        started.append(process)
+        assert process.stdout.readline().strip() == "held"
+        return process
+
+    yield start
+    for process in started:
+        process.kill()
+        process.wait(30)
+
+
+def test_a_held_run_lock_names_its_holder_and_the_command_that_frees_it(
+    tmp_path, run_lock_holder, capsys
+):
+    out = tmp_path / "out"
+    holder = run_lock_holder(out)
+    time.sleep(1.1)
+    with pytest.raises(ConfigError) as refused:
+        hold_run_lock(out)
+    message = str(refused.value)
+    assert "\n" not in message
+    assert f"another Snakemake run (pid {holder.pid} on {socket.gethostname()}" in message
+    assert re.search(r"holding the lock for [1-9]\d*s", message), message
+    assert "no job of the run is running: no shard lock is held" in message
+    assert f"`kill {holder.pid}` (`kill -9 {holder.pid}` if it ignores SIGTERM)" in message
+
+    text = render(collect(out))
+    assert f"run lock: held by pid {holder.pid} on {socket.gethostname()} for " in text
+    assert f"free the lock with `kill {holder.pid}`" in text
+    # prune changes the run's files: it refuses while the lock is held.
+    assert prune_main([str(out)]) == 1
+    assert f"`kill {holder.pid}`" in capsys.readouterr().out
+
+    holder.kill()
+    holder.wait(30)
+    assert collect(out)["run_lock"] is None
+    with run_lock_held(out):  # free again, with no --unlock
+        pass
+
+
+def test_a_held_run_lock_says_which_jobs_of_the_run_are_working(tmp_path, run_lock_holder):
+    out = tmp_path / "out"
+    holder = run_lock_holder(out, 1)
+    info = collect(out)["run_lock"]
+    assert info["pid"] == holder.pid and info["doing"] == "generate jobs are running on shards 1"
+
+
+def test_a_damaged_disk_ledger_is_ignored_with_one_warning(tmp_path, caplog):
+    layout = RunLayout(tmp_path / "out")
+    layout.shards_dir.mkdir(parents=True)
+    plan = {
+        **half_disk_plan(layout, shards=1),
+        "shards": [{"index": 0, "num_tokens": 10, "num_samples": 1}],
+    }
+    for damage in ("[1, 2]", '{"3": "x"}', "{"):
+        layout.disk_ledger.write_text(damage)
+        caplog.clear()
+        with caplog.at_level(logging.WARNING):
+            check(layout, plan, 0)
+        (warning,) = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+        assert str(layout.disk_ledger) in warning
+        assert list(json.loads(layout.disk_ledger.read_text())) == ["0"]  # written anew

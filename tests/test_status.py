@@ -2,8 +2,10 @@
 
 import fcntl
 import json
+import logging
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -19,8 +21,11 @@ from teacher_logits.disk import (
 )
 from teacher_logits.errors import UserError
 from teacher_logits.layout import RunLayout, job_record_for
+from teacher_logits.prune import main as prune_main
 from teacher_logits.run_stats import busy_seconds
-from teacher_logits.status import job_error, lock_held
+from teacher_logits.status import collect, job_error, lock_held, render
+from teacher_logits.status import main as status_main
+from teacher_logits.verify import main as verify_main
 
 from conftest import REPO
 
@@ -286,3 +291,150 @@ def test_check_shard_fits_against_the_real_free_space(tmp_path):
     assert message.startswith("disk full: shard 0 needs about")
     assert "upper bound before compression" in message and "bytes) are free under" in message
     assert "\n" not in message
+
+
+# --- a store status reads but never writes: copied, read-only, orphaned ---------------
+
+STORE_V2 = Path(__file__).parent / "data" / "store_v2"
+# What a user copies to hand a store over: no prepared/, no logs, no caches.
+STORE_FILES = ("index.h5", "manifest.json", "shards")
+
+
+def copied_store(root: Path, whole_run: bool = False) -> Path:
+    """The checked-in 2-shard store (6 samples, 135 tokens): as its run left it (with
+    prepared/), or only the files a user copies."""
+    if whole_run:
+        shutil.copytree(STORE_V2, root)
+        return root
+    root.mkdir()
+    for name in STORE_FILES:
+        source = STORE_V2 / name
+        (shutil.copytree if source.is_dir() else shutil.copy2)(source, root / name)
+    return root
+
+
+def snapshot(root: Path, leave_out: str | None = None) -> dict:
+    """Every file and folder under ``root`` with its size and mtime."""
+    found = {}
+    for path in sorted(root.rglob("*")):
+        relative = path.relative_to(root).as_posix()
+        if leave_out is None or not relative.startswith(leave_out):
+            info = path.stat()
+            found[relative] = (info.st_size, info.st_mtime_ns, path.is_dir())
+    return found
+
+
+def run_main(main, *argv, capsys) -> tuple[int, str]:
+    code = main([str(a) for a in argv])
+    return code, capsys.readouterr().out
+
+
+@pytest.fixture
+def user_cache(tmp_path, monkeypatch):
+    cache = tmp_path / "user-cache"
+    monkeypatch.setenv("XDG_CACHE_HOME", str(cache))
+    return cache
+
+
+def test_status_and_verify_write_nothing_into_a_copied_store(tmp_path, user_cache, capsys):
+    store = copied_store(tmp_path / "store")
+    before = snapshot(store)
+    for _ in range(2):  # the second status takes its results from the cache
+        code, text = run_main(status_main, store, capsys=capsys)
+        assert code == 0
+        assert f"{store}: a gathered store, no run state here: 2 shards, 6 samples, " in text
+        assert "135 tokens" in text and "prepare has not finished" not in text
+        code, text = run_main(verify_main, store, capsys=capsys)
+        assert code == 0 and text.startswith("OK: ")
+        assert snapshot(store) == before
+    # Its quick check was kept in the user's cache folder, keyed by the store's path.
+    assert [p.name for p in user_cache.rglob("*.json")] == ["status_checks.json"]
+
+
+def test_status_of_a_run_writes_only_into_its_own_state(tmp_path, user_cache, capsys):
+    run = copied_store(tmp_path / "run", whole_run=True)
+    before = snapshot(run, leave_out="prepared")
+    code, text = run_main(status_main, run, capsys=capsys)
+    assert code == 0 and "done 2" in text and "all shards done and gathered" in text
+    assert snapshot(run, leave_out="prepared") == before
+    assert RunLayout(run).status_checks.is_file() and not user_cache.exists()
+
+
+def test_status_goes_on_when_its_cache_cannot_be_written(tmp_path, monkeypatch, capsys):
+    # No user cache folder can be made (its parent is a regular file) ...
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(blocker / "cache"))
+    store = copied_store(tmp_path / "store")
+    before = snapshot(store)
+    code, text = run_main(status_main, store, capsys=capsys)
+    assert code == 0 and "a gathered store, no run state here: 2 shards" in text
+    assert snapshot(store) == before
+    # ... and a run's cache file cannot be written (where its temp file goes is a folder,
+    # as the cache of older versions, beside the store's files, and the run's own).
+    run = copied_store(tmp_path / "run", whole_run=True)
+    for blocked in (run / ".status_checks.json.partial", RunLayout(run).status_checks):
+        (blocked.parent / (blocked.name.removesuffix(".partial") + ".partial")).mkdir()
+    code, text = run_main(status_main, run, capsys=capsys)
+    assert code == 0 and "done 2" in text
+
+
+@pytest.mark.parametrize(
+    "damage",
+    ["[1, 2]", "{not json", '{"expected": {}, "shards": {"0": "x"}}', '{"shards": {"0": {}}}'],
+)
+def test_a_damaged_status_cache_is_ignored_with_one_warning(tmp_path, caplog, capsys, damage):
+    run = copied_store(tmp_path / "run", whole_run=True)
+    layout = RunLayout(run)
+    expected = {k: v for k, v in json.loads(layout.manifest.read_text()).items() if k in EXPECT}
+    damage = damage.replace('"expected": {}', f'"expected": {json.dumps(expected)}')
+    for path in (run / ".status_checks.json", layout.status_checks):  # old place and new
+        path.write_text(damage)
+    with caplog.at_level(logging.WARNING):
+        code, text = run_main(status_main, run, capsys=capsys)
+    assert code == 0 and "done 2" in text
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warnings) == 1 and str(layout.status_checks) in warnings[0], warnings
+    assert "it is rebuilt" in warnings[0]
+    assert json.loads(layout.status_checks.read_text())["shards"].keys() == {"0", "1"}
+
+
+EXPECT = ("top_k", "teacher_fingerprint", "tokenizer_fingerprint", "config_fingerprint")
+
+
+def test_orphaned_shards_are_reported_and_pruned_only_when_asked(tmp_path, capsys):
+    run = copied_store(tmp_path / "run", whole_run=True)
+    layout = RunLayout(run)
+    # What a plan of 4 shards left after the plan was made again with 2.
+    old = layout.shard(0).read_bytes()
+    layout.shard(2).write_bytes(old)
+    layout.parts_dir(2).mkdir()
+    os.link(layout.shard(2), layout.parts_dir(2) / "assembled.h5")  # the kept copy
+    (layout.parts_dir(2) / "assembled.json").write_text("{}")
+    layout.shard(3).write_bytes(old[:1000])
+    layout.shard_lock(3).touch()
+    state = collect(run)
+    assert state["orphans"] == {"shards": [2, 3], "paths": 4, "bytes": len(old) + 1000 + 2}
+    text = render(state)
+    assert "2 shard(s) no plan owns any more (2, 3): 4 files or folders" in text
+    assert f"python -m teacher_logits.prune {run}` lists them" in text
+    code, text = run_main(verify_main, run, capsys=capsys)
+    assert code == 0 and "note: 2 shard(s) no plan owns any more" in text
+
+    kept = snapshot(run)
+    code, text = run_main(prune_main, run, capsys=capsys)
+    assert code == 0 and f"would remove {layout.parts_dir(2)}/" in text
+    assert "run again with --yes" in text
+    kept.pop(".run.lock", None)
+    assert {k: v for k, v in snapshot(run).items() if k != ".run.lock"} == kept
+
+    code, text = run_main(prune_main, run, "--yes", capsys=capsys)
+    assert code == 0 and f"removed {layout.shard(3)}" in text
+    assert sorted(p.name for p in layout.shards_dir.iterdir()) == [
+        "shard_00000.h5",
+        "shard_00001.h5",
+    ]
+    assert collect(run)["orphans"]["paths"] == 0
+    assert verify_main([str(run)]) == 0
+    code, text = run_main(prune_main, run, capsys=capsys)
+    assert code == 0 and "nothing to prune" in text

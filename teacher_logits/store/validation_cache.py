@@ -12,9 +12,8 @@ which are prepare's), its sha256 and size, under two keys:
   versions, hashed together. A change to any of them checks the shard again.
 
 The head never opens a shard to look it up (a stat only): libhdf5 may crash on a corrupt
-file, which only the isolated workers may risk. A missing, unreadable or corrupt cache
-file means "check everything", never an error; it is written atomically (temp file +
-rename). Needs the standard library and numpy only.
+file, which only the isolated workers may risk. A missing, unreadable or damaged cache
+file means "check everything", never an error (``json_cache``); it is written atomically. Needs the standard library and numpy only.
 """
 
 from __future__ import annotations
@@ -28,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import ShardError
-from ..layout import partial_path
+from ..json_cache import has_fields, load_cache, mapping_of, save_cache
 from .format import FORMAT_VERSION
 from .stats import ShardStats
 from .validate import ShardSummary
@@ -83,17 +82,11 @@ class ValidationCache:
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
-        self.entries: dict[str, dict] = {}
         self._changed = False
-        try:
-            data = json.loads(self.path.read_text())
-            if data.get("version") == CHECKS_VERSION and isinstance(data.get("shards"), dict):
-                self.entries = data["shards"]
-        except FileNotFoundError:
-            pass
-        except (OSError, ValueError, AttributeError) as exc:
-            log.warning("ignoring the unreadable check cache %s (%s): checking every shard",
-                        self.path, exc)  # fmt: skip
+        data = load_cache(self.path, _cache_ok) or {}
+        # Another version's checks are not damage: its entries are simply not used.
+        ok = data.get("version") == CHECKS_VERSION
+        self.entries: dict[str, dict] = data["shards"] if ok else {}
 
     def lookup(
         self, index: int, identity, expects: str, sample_ids, offsets
@@ -127,14 +120,18 @@ class ValidationCache:
         if not self._changed:
             return
         self._changed = False
-        temp = partial_path(self.path)
-        text = json.dumps({"version": CHECKS_VERSION, "shards": self.entries}, default=_jsonable)
-        try:
-            temp.write_text(text)
-            os.replace(temp, self.path)
-        except OSError as exc:
-            temp.unlink(missing_ok=True)
-            log.warning("could not save the check cache %s (%s)", self.path, exc)
+        data = {"version": CHECKS_VERSION, "shards": self.entries}
+        if not save_cache(self.path, data, default=_jsonable):
+            log.warning("could not save the check cache %s", self.path)
+
+
+def _entry_ok(index: str, entry) -> bool:
+    fields = {"file": list, "expects": str, "stats": dict, "attrs": dict, "dataset_bytes": dict}
+    return index.isdigit() and has_fields(entry, **fields)
+
+
+def _cache_ok(data) -> bool:
+    return has_fields(data, version=int, shards=dict) and mapping_of(_entry_ok)(data["shards"])
 
 
 def _jsonable(value):
