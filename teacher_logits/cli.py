@@ -8,11 +8,9 @@ Each subcommand is the ``main`` of its module, run with the rest of the command 
 from __future__ import annotations
 
 import argparse
-import inspect
 import os
 import sys
 from importlib import import_module
-from importlib.util import find_spec
 
 # name -> (module, one line of help), in the order ``--help`` lists them.
 COMMANDS = {
@@ -23,17 +21,8 @@ COMMANDS = {
         "check a (copied) store against its manifest's checksums; --deep reads all",
     ),
     "export": ("export", "write a store as Parquet for other trainers (--format parquet|axolotl)"),
-    "prune": ("prune", "remove what a finished run no longer needs"),
+    "prune": ("prune", "list (--yes: remove) shards and kept copies no plan owns any more"),
 }
-
-
-def available() -> dict:
-    """The subcommands whose module is installed (``prune`` may not be)."""
-    return {
-        name: spec
-        for name, spec in COMMANDS.items()
-        if find_spec(f"{__package__}.{spec[0]}") is not None
-    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -43,19 +32,16 @@ def main(argv: list[str] | None = None) -> int:
         "`teacher-logits COMMAND --help` describes each command.",
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    found = available()
-    for name, (_, summary) in found.items():
+    for name, (_, summary) in COMMANDS.items():
         commands.add_parser(name, help=summary, add_help=False)
     argv = sys.argv[1:] if argv is None else list(argv)
-    if not argv or argv[0] not in found:
+    if not argv or argv[0] not in COMMANDS:
         parser.parse_args(argv)  # --help, or the error naming the commands
         return 2
     # The rest goes to the command's own parser untouched (argparse would reorder it).
-    command = import_module(f"{__package__}.{found[argv[0]][0]}").main
-    # Its usage line names this command where its main takes a prog (prune's may not).
-    named = "prog" in inspect.signature(command).parameters
+    command = import_module(f"{__package__}.{COMMANDS[argv[0]][0]}").main
     try:
-        return command(argv[1:], **({"prog": f"teacher-logits {argv[0]}"} if named else {}))
+        return command(argv[1:], prog=f"teacher-logits {argv[0]}")
     except BrokenPipeError:
         # The reader went away (`teacher-logits info X | head -1`): what it wanted was
         # printed. Point stdout at /dev/null so the final flush cannot fail again.
