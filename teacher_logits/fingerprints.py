@@ -233,6 +233,14 @@ def dataset_digest(paths: list[Path], cache: dict) -> str:
     return _digest([content_digest(path, cache) for path in paths])
 
 
+def recorded_dataset_digest(records: list[dict]) -> str:
+    """``dataset_digest`` of what prepare read, from its records (``file_record``'s shape)."""
+    parts = [
+        r["sha256"] if Path(r["path"]).is_dir() else _digest(["", r["sha256"]]) for r in records
+    ]
+    return parts[0] if len(parts) == 1 else _digest(parts)
+
+
 def file_record(path: Path, cache: dict) -> dict:
     """What a plan records of one dataset path, to tell later whether rows were appended:
     its size and SHA-256 (a folder: its ``content_digest``)."""

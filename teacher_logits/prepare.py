@@ -14,11 +14,12 @@ from pathlib import Path
 
 import numpy as np
 
+from .dataset_reads import check_unchanged, rows_digests, snapshot
 from .disk import disk_full_is_a_user_error, write_text_guarded
 from .errors import ConfigError, DataError, GpuConfigError, TeacherError
 from .fingerprints import (
     WEIGHT_SUFFIXES,
-    file_record,
+    recorded_dataset_digest,
     run_config_fingerprint,
     teacher_fingerprint,
     tokenizer_fingerprint,
@@ -94,6 +95,8 @@ def check_teacher(teacher_path: Path, top_k: int, trust_remote_code: bool, tenso
 def split_shards(lengths: np.ndarray, num_shards: int) -> np.ndarray:
     """Contiguous sample ranges of about equal token count, none empty."""
     num_samples = len(lengths)
+    if num_shards == 0:  # an appended segment of blank rows only
+        return np.zeros(1, dtype=np.int64)
     cumulative = np.concatenate([[0], np.cumsum(lengths)])
     targets = cumulative[-1] * np.arange(num_shards + 1) / num_shards
     bounds = np.searchsorted(cumulative, targets, side="left").astype(np.int64)
@@ -165,9 +168,10 @@ def prepare(settings: PrepareSettings, layout: RunLayout, segment: Segment | Non
     # Every later run compares these with its own inputs (run_inputs, shard_plan).
     cache = load_digest_cache(layout)
     before = dict(cache)
+    # Each file's size, hash and rows from one read: what is tokenized is what is hashed.
+    reads = [snapshot(Path(path), cache) for path in settings.dataset_paths]
+    files = [record for record, _ in reads]
     inputs = current_run_inputs(InputSources.from_prepare_settings(settings), layout, cache)
-    files = [file_record(path, cache) for path in settings.dataset_paths]
-    save_digest_cache(layout, cache, before)
     if segment.index == 0 and segment.end_row is None:
         # A plan made from scratch: segments of an earlier plan no longer continue it.
         for stale in layout.prepared_dir.glob("segment_*"):
@@ -175,8 +179,16 @@ def prepare(settings: PrepareSettings, layout: RunLayout, segment: Segment | Non
         shutil.rmtree(layout.segment_records_dir, ignore_errors=True)
     # tokens.h5 reports a full disk itself; what is left is the datasets library's cache.
     with disk_full_is_a_user_error(datasets_cache(), fix=CACHE_FIX):
-        tokenized = tokenize_dataset(settings, tokenizer, layout, segment, files)
+        tokenized = tokenize_dataset(settings, tokenizer, layout, segment, reads)
     plan = shard_plan(settings, vocab_size, tokenized, segment)
+    span = (segment.first_row, segment.first_row + tokenized.num_rows)
+    paths = settings.dataset_paths
+    # Every later plan compares it: an edit to these rows prepares this segment again.
+    plan["rows_digest"] = rows_digests(paths, [span], settings.split, cache, files)[span]
+    for path, (record, key) in zip(paths, reads):
+        check_unchanged(Path(path), record, key, cache)  # rows appended meanwhile: next run's
+    save_digest_cache(layout, cache, before)
+    inputs["dataset_digest"] = recorded_dataset_digest(files)
     plan["dataset_files"] = files
     # Every shard's job checks the teacher it loads against these.
     plan["teacher_content_digest"] = inputs["teacher_content_digest"]
@@ -205,17 +217,15 @@ def prepare(settings: PrepareSettings, layout: RunLayout, segment: Segment | Non
 
 
 def tokenize_dataset(
-    settings: PrepareSettings, tokenizer, layout: RunLayout, segment: Segment, files: list[dict]
+    settings: PrepareSettings, tokenizer, layout: RunLayout, segment: Segment, reads: list
 ) -> Tokenized:
     """Stream the segment's rows through the tokenizer into its tokens file (atomically);
-    records each file's row count in ``files``."""
+    records each file's row count in its snapshot record (``reads``)."""
     chat = chat_renderer(settings, tokenizer)
     key = "dataset.messages_field" if chat else "dataset.text_field"
     column = settings.messages_field if chat else settings.text_field
-    data, per_file = load_rows(
-        settings.dataset_paths, settings.split, column, key, [f["sha256"] for f in files]
-    )
-    for record, rows in zip(files, per_file):
+    data, per_file = load_rows(settings.dataset_paths, settings.split, column, key, reads)
+    for (record, _), rows in zip(reads, per_file):
         record["rows"] = rows
     if len(data) == 0:
         raise DataError(f"dataset.path: {describe(settings)} has no rows; give a dataset with text")
@@ -289,6 +299,13 @@ def describe(settings: PrepareSettings) -> str:
 
 
 def check_samples_kept(settings: PrepareSettings, segment: Segment, kept: int, rows: int) -> None:
+    if not kept and segment.num_shards == 0 and segment.index > 0:
+        return  # appended rows that are all blank, as planned: dropped and listed
+    if kept and segment.num_shards == 0:
+        raise DataError(
+            f"dataset.path: rows {segment.first_row}-{segment.first_row + rows - 1} of "
+            f"{describe(settings)} changed since they were planned; run the same command again"
+        )
     if not kept:
         raise DataError(
             f"dataset.path: all {rows} rows of {describe(settings)} have empty text; check "

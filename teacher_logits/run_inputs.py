@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .config import dataset_paths, meaning_settings, teacher_path
+from .dataset_reads import no_rows
 from .fingerprints import (
     content_digest,
     dataset_digest,
@@ -71,14 +72,21 @@ class DataSources:
     max_samples: int | None
     # Shards of a first plan (or one made again from scratch).
     num_shards: int
+    # The column prepare reads, and whether it holds conversations: appended rows
+    # without text get no shard.
+    column: str = "text"
+    chat: bool = False
 
     @classmethod
     def from_config(cls, config: dict) -> DataSources:
+        messages = config["dataset"].get("messages_field")
         return cls(
             paths=tuple(dataset_paths(config)),
             split=config["dataset"]["split"],
             max_samples=config["dataset"]["max_samples"],
             num_shards=int(config["num_shards"]),
+            column=messages or config["dataset"]["text_field"],
+            chat=messages is not None,
         )
 
 
@@ -248,10 +256,13 @@ def _same_content(path: Path, entry: dict, cache: dict) -> bool:
 
 def count_rows(path: Path, split: str, cache: dict) -> int:
     """Rows of one dataset path as prepare loads them: JSON Lines by its non-blank lines,
-    Parquet and Arrow from their metadata, others through ``datasets``. Cached by content."""
+    Parquet and Arrow from their metadata, others through ``datasets``. Cached by content.
+    A path without rows is a ``DataError`` naming it."""
     key = f"rows:{content_digest(path, cache)}:{split}"
     if key not in cache:
         cache[key] = _count_rows(path, split)
+    if cache[key] == 0:
+        raise no_rows(path)
     return cache[key]
 
 

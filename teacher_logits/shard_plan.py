@@ -20,6 +20,7 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .dataset_reads import blank_rows, rows_digests
 from .layout import RunLayout, shard_name
 from .run_inputs import DataSources, changes_since, dataset_rows, planned_run_inputs
 
@@ -138,9 +139,10 @@ class ShardPlan:
 
 
 def appended_shards(first: Segment, new_rows: int) -> int:
-    """Shards for ``new_rows`` appended rows: as many per row as the first plan has."""
+    """Shards for ``new_rows`` appended rows with text: as many per row as the first plan
+    has; none for none (blank rows only: dropped and listed, no shard to compute)."""
     first_rows = max(1, int(first.end_row or 1) - first.first_row)
-    return max(1, min(new_rows, math.ceil(first.num_shards * new_rows / first_rows)))
+    return max(min(1, new_rows), min(new_rows, math.ceil(first.num_shards * new_rows / first_rows)))
 
 
 def plan_shards(
@@ -165,6 +167,14 @@ def plan_shards(
             plan.outdated.add(segment.index)
             if not plan.notes:
                 plan.notes += [f"since prepare last ran, {c}: preparing again" for c in changes]
+    edited = rows_changed(segments, plans, sources, cache) if compare else []
+    if edited:
+        plan.outdated.update(edited)
+        plan.notes.append(
+            f"since prepare last ran, the dataset's content changed (rows of "
+            f"{_segment_list(edited)}): preparing {'it' if len(edited) == 1 else 'them'} again; "
+            "each shard is kept if its token ids are unchanged"
+        )
     last, recorded = segments[-1], plans[-1]
     same_data = planned_run_inputs(recorded).get("dataset_digest") == inputs["dataset_digest"]
     # Rows its prepare job saw (appended after the head planned it) but did not tokenize.
@@ -187,8 +197,15 @@ def plan_shards(
                 "planning its shards again from scratch"
             ],
         )
+    again = []
     if changed_from is not None and changed_from < last.end_row:
-        again = [s.index for s in segments if s.end_row > changed_from]
+        # Segments that recorded a digest of their rows were compared above, row by row.
+        again = [
+            s.index
+            for s, p in zip(segments, plans)
+            if s.end_row > changed_from and "rows_digest" not in p
+        ]
+    if again:
         plan.outdated.update(again)
         plan.notes.append(
             f"since prepare last ran, the dataset's content changed (rows from {changed_from} "
@@ -196,12 +213,15 @@ def plan_shards(
             "are unchanged"
         )
     if total > last.end_row:
+        blank = blank_rows(
+            sources.paths, last.end_row, total, sources.column, sources.chat, sources.split, cache
+        )
         new = Segment(
             len(segments),
             last.end_row,
             total,
             last.shards.stop,
-            appended_shards(segments[0], total - last.end_row),
+            appended_shards(segments[0], total - last.end_row - blank),
             sources.max_samples,
             None,
             last.earlier,
@@ -214,11 +234,26 @@ def plan_shards(
     return plan
 
 
+def rows_changed(segments: list[Segment], plans: list[dict], sources, cache: dict) -> list[int]:
+    """The segments whose rows hold other content now than when they were prepared (by the
+    digest each recorded of its rows; a segment prepared before they did is compared by
+    ``dataset_rows``). Reads nothing while no dataset file's stat key changed."""
+    spans = {
+        s.index: (s.first_row, s.end_row) for s, p in zip(segments, plans) if "rows_digest" in p
+    }
+    if not spans:
+        return []
+    now = rows_digests(sources.paths, spans.values(), sources.split, cache)
+    return [j for j, span in spans.items() if now[span] != plans[j]["rows_digest"]]
+
+
 def _segment_list(indexes: list[int]) -> str:
     return ("segment " if len(indexes) == 1 else "segments ") + ", ".join(map(str, indexes))
 
 
 def _shard_range(shards: range) -> str:
+    if not shards:
+        return "no shard (they are all blank: dropped and listed)"
     if len(shards) == 1:
         return f"new shard {shards.start}"
     return f"new shards {shards.start}-{shards.stop - 1}"

@@ -75,14 +75,36 @@ def load_path(path: Path, split: str, content_digest: str | None = None):
         ) from None
 
 
-def load_rows(paths, split: str, column: str, key: str = "dataset.text_field", digests=None):
+def load_rows(paths, split: str, column: str, key: str = "dataset.text_field", reads=None):
     """``column`` of every path in list order, one dataset (sample ids are row numbers
-    over the files in that order), and each path's row count."""
+    over the files in that order), and each path's row count. ``reads``: prepare's
+    snapshots (``dataset_reads.snapshot``): each file is loaded as its snapshot read it,
+    cut to the rows it counted (rows appended since are the next run's)."""
     import datasets
+
+    from .dataset_reads import changed_while_read, load_as_read, no_rows
 
     parts = []
     for position, path in enumerate(paths):
-        loaded = load_path(Path(path), split, digests[position] if digests else None)
+        record = reads[position][0] if reads else {}
+        if record.get("rows") == 0:
+            raise no_rows(path)
+        if reads:
+            scratch = Path(datasets.config.HF_DATASETS_CACHE) / "by_content"
+            loaded = load_as_read(
+                Path(path),
+                reads[position],
+                lambda p, d=record["sha256"]: load_path(p, split, d),
+                scratch,
+            )
+        else:
+            loaded = load_path(Path(path), split)
+        if record.get("rows") is not None and len(loaded) != record["rows"]:
+            if len(loaded) < record["rows"]:
+                raise changed_while_read(path)
+            loaded = loaded.select(range(record["rows"]))
+        if len(loaded) == 0 and len(paths) > 1:
+            raise no_rows(path)
         if column not in loaded.column_names:
             what = "conversations" if key == "dataset.messages_field" else "text"
             raise DataError(

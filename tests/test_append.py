@@ -5,6 +5,7 @@ only the shard that holds it."""
 
 import hashlib
 import json
+import os
 import re
 import sys
 from pathlib import Path
@@ -12,11 +13,17 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
+from test_stale_data import verify_deep
 
 from conftest import REPO
 
 sys.path.insert(0, str(REPO))
-from teacher_logits.fingerprints import config_fingerprint, run_config_fingerprint  # noqa: E402
+from teacher_logits.fingerprints import (  # noqa: E402
+    config_fingerprint,
+    dataset_digest,
+    file_record,
+    run_config_fingerprint,
+)
 from teacher_logits.layout import RunLayout  # noqa: E402
 from teacher_logits.run_inputs import DataSources, dataset_rows  # noqa: E402
 from teacher_logits.shard_plan import appended_shards, load_plan, plan_shards  # noqa: E402
@@ -197,6 +204,120 @@ def test_a_run_planned_before_appends_keeps_its_config_fingerprint():
     assert run_config_fingerprint(settings, "t", "k") == config_fingerprint(settings, "t", "k")
 
 
+def test_an_edit_in_an_earlier_segment_is_seen_while_the_last_is_unchanged(tmp_path):
+    """Each segment's rows are compared with the digest it recorded, on every plan: an
+    edit in segment 0's rows outdates segment 0 only, also once a later segment was
+    prepared from the edited file (the last segment's record then matches the data)."""
+    from teacher_logits.dataset_reads import rows_digests
+
+    data = tmp_path / "data.jsonl"
+    data.write_text(lines(30))
+    layout = RunLayout(tmp_path / "out")
+    write_segment_plan(layout, [data], [20], 4)
+    plans = [json.loads(layout.plan.read_text())]
+    for j, (first, end) in enumerate([(0, 20), (20, 30)]):
+        plan = {**plans[0], "segment": {"first_row": first, "end_row": end,
+                                        "first_shard": 4 * j, "num_shards": 4}}  # fmt: skip
+        plan["rows_digest"] = rows_digests([data], [(first, end)], "train", {})[(first, end)]
+        layout.segment_plan(j).parent.mkdir(parents=True, exist_ok=True)
+        layout.segment_plan(j).write_text(json.dumps(plan))
+    assert plan_now(layout, [data]).outdated == set()
+    text = data.read_text().replace('"row 3"', '"EDITED row 3"')
+    data.write_text(text + lines(5, 30))
+    cache: dict = {}
+    plan = plan_now_with(layout, [data], cache)
+    assert plan.outdated == {0} and "rows of segment 0" in plan.notes[0]
+    assert [s.end_row for s in plan.segments] == [20, 30, 35]
+    # Segment 1 prepared again from the edited file: segment 0 still differs.
+    last = json.loads(layout.segment_plan(1).read_text())
+    last["run_inputs"]["dataset_digest"] = dataset_digest([data], {})
+    last["dataset_files"] = [{**file_record(data, {}), "rows": 35}]
+    layout.segment_plan(1).write_text(json.dumps(last))
+    assert plan_now_with(layout, [data], cache).outdated == {0}
+    # Unchanged files are not read again: the digests come from the cache.
+    os.chmod(data, 0)
+    try:
+        assert plan_now_with(layout, [data], cache).outdated == {0}
+    finally:
+        os.chmod(data, 0o644)
+
+
+def plan_now_with(layout, paths, cache):
+    inputs = {"settings": {}, "dataset_digest": dataset_digest(list(paths), cache)}
+    return plan_shards(layout, sources(paths), inputs, cache)
+
+
+def test_blank_appended_rows_get_no_shard_and_an_empty_file_is_one_line(tmp_path):
+    from teacher_logits.errors import DataError
+
+    data = tmp_path / "data.jsonl"
+    data.write_text(lines(25))
+    layout = RunLayout(tmp_path / "out")
+    write_segment_plan(layout, [data], [25], 3)
+    with open(data, "a") as handle:
+        handle.write('{"text": ""}\n{"text": "  \\n "}\n')
+    plan = plan_now(layout, [data])
+    new = plan.segments[-1]
+    assert (new.first_row, new.end_row, new.num_shards) == (25, 27, 0)
+    assert "no shard (they are all blank" in plan.notes[-1]
+    with open(data, "a") as handle:
+        handle.write('{"text": null}\n' + lines(2, 27))  # 3 rows, 2 with text
+    assert plan_now(layout, [data]).segments[-1].num_shards == 1
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n  \n")
+    with pytest.raises(DataError, match=f"{empty} has no rows"):
+        plan_now(layout, [data, empty])
+
+
+def test_rows_appended_while_prepare_reads_the_file_are_planned_next(
+    demo_dir, tmp_path, monkeypatch
+):
+    """prepare's size, hash and row count come from one read: rows appended after it (here
+    between the read and the datasets library's load) are the next run's, never a plan
+    that records more bytes than rows (which failed every later run)."""
+    from test_prepare_streaming import base_config, run_prepare
+
+    import teacher_logits.tokenization as tokenization
+
+    data = tmp_path / "data.jsonl"
+    data.write_text(corpus_lines(demo_dir, 0, 20))
+    config = base_config(data)
+    config["tokenize"]["max_length"] = 32
+    load_path, size = tokenization.load_path, data.stat().st_size
+
+    def appending_while_read(path, *args):
+        if path == data and data.stat().st_size == size:  # rows arrive, the last half written
+            with open(path, "a") as handle:
+                handle.write(corpus_lines(demo_dir, 20, 33) + '{"text": "half a ro')
+        return load_path(path, *args)
+
+    monkeypatch.setattr(tokenization, "load_path", appending_while_read)
+    first = run_prepare(config, demo_dir, tmp_path / "out", threads=1)["plan"]
+    (record,) = first["dataset_files"]
+    assert (first["num_rows"], record["rows"]) == (20, 20)
+    assert record["size"] == len(corpus_lines(demo_dir, 0, 20).encode())
+    monkeypatch.undo()
+    with open(data, "a") as handle:
+        handle.write('w"}\n')
+    layout = RunLayout(tmp_path / "out")
+    cache: dict = {}
+    inputs = {**first["run_inputs"], "dataset_digest": dataset_digest([data], cache)}
+    plan = plan_shards(layout, sources([data]), inputs, cache)
+    new = plan.segments[-1]
+    assert (plan.outdated, new.first_row, new.end_row) == (set(), 20, 34), plan.notes
+    from teacher_logits.prepare import prepare
+    from teacher_logits.settings import PrepareSettings
+
+    settings_config = {
+        **config,
+        "teacher": {**config["teacher"], "path": str(demo_dir / "teacher")},
+    }
+    prepare(PrepareSettings.from_config(settings_config, 1), layout, new)
+    second = json.loads(layout.segment_plan(1).read_text())
+    assert (second["segment"]["first_row"], second["segment"]["end_row"]) == (20, 34)
+    assert second["dropped"] == [] and second["num_samples"] == 14
+
+
 # --- end to end -----------------------------------------------------------------------------
 
 
@@ -314,4 +435,91 @@ def test_an_edited_old_row_regenerates_only_its_shard(workflow, demo_dir, tmp_pa
     for index in (0, 2, 3, 4):
         other = workflow.path(OUT, "logs", "generate", f"shard_{index:05d}.log").read_text()
         assert "reusing the copy an earlier job finished" in other, index
+    assert "Nothing to be done" in workflow.run("-n", config=config).stdout
+
+
+# Float32 throughout: stored values compare with the teacher's own forward to 1e-4.
+TINY = {
+    "num_shards": 3,
+    "teacher": {"dtype": "float32"},
+    "storage": {"value_dtype": "float32"},
+    "tokenize": {"max_length": 32, "num_proc": 1},
+    "generation": {"batch_tokens": 256, "commit_every_s": 0, "threads": 1, "top_k": 8},
+}
+
+
+@pytest.mark.slow
+def test_an_edit_planned_with_an_append_never_stays_stale(workflow, demo_dir, tmp_path):
+    """Row 3 edited and 5 rows appended; only the appended segment is prepared (as when
+    the edit lands after the head planned the append): the next run still sees row 3's
+    segment changed, and every stored sample is the teacher's own for the data as it is."""
+    import torch
+    from test_reader_regather import assert_teacher
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from teacher_logits import LogitStore
+
+    data = tmp_path / "data.jsonl"
+    data.write_text(corpus_lines(demo_dir, 0, 20))
+    config = {**TINY, "dataset": {"path": str(data)}}
+    workflow.run("--cores", "2", config=config)
+    rows = data.read_text().splitlines(True)
+    edited = "EDITED " + json.loads(rows[3])["text"]
+    rows[3] = json.dumps({"text": edited}) + "\n"
+    data.write_text("".join(rows) + corpus_lines(demo_dir, 20, 25))
+
+    workflow.run("--cores", "1", f"{OUT}/prepared/segment_0001/plan.json", config=config)
+    again = workflow.run("--cores", "2", config=config)
+    assert "the dataset's content changed (rows of segment 0)" in again.stderr
+    assert "Nothing to be done" in workflow.run("-n", config=config).stdout
+    logs = {
+        i: workflow.path(OUT, "logs", "generate", f"shard_{i:05d}.log").read_text()
+        for i in range(4)
+    }
+    assert "its rows changed since it was made" in logs[0]  # row 3 is in shard 0
+    assert all("reusing the copy an earlier job finished" in logs[i] for i in (1, 2))
+
+    model = AutoModelForCausalLM.from_pretrained(demo_dir / "teacher", dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(demo_dir / "teacher")
+    with LogitStore(workflow.path(OUT)) as store:
+        assert len(store) == 25
+        record = store.by_sample_id(3)
+        expected = tokenizer(edited, truncation=True, max_length=32)["input_ids"]
+        assert record["input_ids"].tolist() == expected
+        for sample_id in (0, 3, 10, 22):
+            assert_teacher(model, store.by_sample_id(sample_id), top_k=8)
+    assert verify_deep(workflow).returncode == 0
+
+
+@pytest.mark.slow
+def test_blank_rows_appended_are_dropped_and_a_blank_file_is_one_line(workflow, demo_dir, tmp_path):
+    grow = tmp_path / "grow.jsonl"
+    grow.write_text(corpus_lines(demo_dir, 0, 25))
+    config = {**TINY, "num_shards": 2, "dataset": {"path": [str(grow)]}}
+    workflow.run("--cores", "2", config=config)
+    with open(grow, "a") as handle:
+        handle.write('{"text": ""}\n{"text": "   "}\n')
+    workflow.run("--cores", "2", config=config)
+    manifest = workflow.manifest()
+    appended = [d for d in manifest["dropped"] if d["sample_id"] >= 25]
+    assert appended == [
+        {"sample_id": 25, "reason": "empty or whitespace-only text"},
+        {"sample_id": 26, "reason": "empty or whitespace-only text"},
+    ]
+    assert len(manifest["shards"]) == 2
+
+    blank = tmp_path / "blank.jsonl"
+    blank.write_text("\n\n  \n")
+    refused = workflow.run("-n", config={**config, "dataset": {"path": [str(grow), str(blank)]}},
+                           check=False)  # fmt: skip
+    assert refused.returncode != 0
+    (line,) = [x for x in refused.stderr.splitlines() if "blank.jsonl" in x]
+    assert "has no rows" in line and "remove it from dataset.path" in line
+
+    with open(grow, "a") as handle:  # a real append after the blank one: one more shard
+        handle.write(corpus_lines(demo_dir, 25, 30))
+    workflow.run("--cores", "2", config=config)
+    assert [s["index"] for s in workflow.manifest()["shards"]] == [0, 1, 2]
+    with h5py.File(workflow.path(OUT, "shards", "shard_00002.h5")) as handle:
+        assert handle["sample_ids"][:].tolist() == list(range(27, 32))
     assert "Nothing to be done" in workflow.run("-n", config=config).stdout
