@@ -76,8 +76,21 @@ def _whole_json(line: bytes) -> bool:
 
 
 def load_as_read(path: Path, read: tuple[dict, str], load, scratch: Path):
-    """``load(path)``; when ``path`` changes meanwhile (rows being appended, maybe half
-    written), ``load`` of a copy of exactly the bytes its snapshot ``read`` hashed."""
+    """The rows of ``path`` its snapshot ``read`` counted, from ``load(path)`` (a dataset);
+    when ``path`` changes meanwhile (rows being appended, maybe half written), from
+    ``load`` of a copy of exactly the bytes the snapshot hashed."""
+    record = read[0]
+    if record.get("rows") == 0:
+        raise no_rows(path)
+    loaded = _load_as_read(path, read, load, scratch)
+    if record.get("rows") is None or len(loaded) == record["rows"]:
+        return loaded
+    if len(loaded) < record["rows"]:
+        raise changed_while_read(path)
+    return loaded.select(range(record["rows"]))
+
+
+def _load_as_read(path: Path, read: tuple[dict, str], load, scratch: Path):
     record, key = read
     if stat_key(path) == key:
         try:

@@ -11,6 +11,7 @@ import multiprocessing
 import os
 import re
 from collections import Counter, deque
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -82,27 +83,17 @@ def load_rows(paths, split: str, column: str, key: str = "dataset.text_field", r
     cut to the rows it counted (rows appended since are the next run's)."""
     import datasets
 
-    from .dataset_reads import changed_while_read, load_as_read, no_rows
+    from .dataset_reads import load_as_read, no_rows
 
+    scratch = Path(datasets.config.HF_DATASETS_CACHE) / "by_content"
     parts = []
     for position, path in enumerate(paths):
-        record = reads[position][0] if reads else {}
-        if record.get("rows") == 0:
-            raise no_rows(path)
         if reads:
-            scratch = Path(datasets.config.HF_DATASETS_CACHE) / "by_content"
-            loaded = load_as_read(
-                Path(path),
-                reads[position],
-                lambda p, d=record["sha256"]: load_path(p, split, d),
-                scratch,
-            )
+            digest = reads[position][0]["sha256"]
+            load = partial(load_path, split=split, content_digest=digest)
+            loaded = load_as_read(Path(path), reads[position], load, scratch)
         else:
             loaded = load_path(Path(path), split)
-        if record.get("rows") is not None and len(loaded) != record["rows"]:
-            if len(loaded) < record["rows"]:
-                raise changed_while_read(path)
-            loaded = loaded.select(range(record["rows"]))
         if len(loaded) == 0 and len(paths) > 1:
             raise no_rows(path)
         if column not in loaded.column_names:

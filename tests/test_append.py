@@ -285,11 +285,11 @@ def test_rows_appended_while_prepare_reads_the_file_are_planned_next(
     config["tokenize"]["max_length"] = 32
     load_path, size = tokenization.load_path, data.stat().st_size
 
-    def appending_while_read(path, *args):
+    def appending_while_read(path, *args, **kwargs):
         if path == data and data.stat().st_size == size:  # rows arrive, the last half written
             with open(path, "a") as handle:
                 handle.write(corpus_lines(demo_dir, 20, 33) + '{"text": "half a ro')
-        return load_path(path, *args)
+        return load_path(path, *args, **kwargs)
 
     monkeypatch.setattr(tokenization, "load_path", appending_while_read)
     first = run_prepare(config, demo_dir, tmp_path / "out", threads=1)["plan"]
