@@ -292,3 +292,26 @@ def test_claims_merge_consecutive_parts_of_one_claim(tmp_path):
     claims = claims_from_parts([a for _, a in parts.parts])
     assert [(c["cuda_visible_devices"], c["rows"]) for c in claims] == [("0,1", 20), ("2,3", 5)]
     assert claims[0]["started_at"] == 1.0 and claims[0]["finished_at"] == 4.0
+
+
+def test_parts_without_the_cross_tokenizer_fields_are_dropped_but_the_finished_copy_stays(
+    tmp_path,
+):
+    """Parts written before the cross-tokenizer fields (no key in their record) cannot be
+    joined with rows that carry ``target_logprob``; the finished copy can still be taken
+    back (a store mixes shards with and without the fields), so it must survive."""
+    older = {"config_fingerprint": "c"}  # a record from before the key existed
+    parts = CommittedParts(tmp_path / "p", older, rows_total=100)
+    write_part(parts, 0, 0, 10)
+    parts.assembled_path.write_bytes(b"a finished shard, hard-linked")
+    now = CommittedParts(tmp_path / "p", {**older, "cross_tokenizer_fields": True}, 100)
+    assert now.rows_done == 0 and not list((tmp_path / "p").glob("part_*.h5"))
+    assert now.assembled_path.read_bytes() == b"a finished shard, hard-linked"
+    # Parts of a run without them are joined by a run without them, as before.
+    write_part(now, 0, 0, 10)
+    again = CommittedParts(tmp_path / "p", {**older, "cross_tokenizer_fields": True}, 100)
+    assert again.rows_done == 10
+    assert (
+        CommittedParts(tmp_path / "p", {**older, "cross_tokenizer_fields": False}, 100).rows_done
+        == 0
+    )

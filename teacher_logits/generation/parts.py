@@ -56,13 +56,18 @@ IDENTITY_REASONS = {
     "value_dtype": "storage.value_dtype changed",
     "store_entropy": "generation.store_entropy changed",
     "temperatures": "generation.temperatures changed",
+    "cross_tokenizer_fields": "the cross-tokenizer fields are now stored, or no longer",
     "teacher_content_digest": "the teacher's files changed (weights, config, tokenizer or code)",
     "shard_plan": "the shard's samples changed (prepare ran again with other data)",
     "tokens_digest": "the shard's token ids changed (the dataset or its tokenization was edited)",
     "regenerate_token": "a regeneration was requested (force_regenerate=true)",
 }
 # Identity keys added later, and the value parts committed before them were made with.
-IDENTITY_DEFAULTS = {"temperatures": [1.0]}
+IDENTITY_DEFAULTS = {"temperatures": [1.0], "cross_tokenizer_fields": False}
+# Keys whose change makes committed parts unusable (their rows would mix with rows of
+# another kind) but not the finished copy: a store may mix shards with and without them,
+# and the copy is validated before it is taken back.
+PARTS_ONLY = {"cross_tokenizer_fields"}
 
 
 @contextmanager
@@ -124,8 +129,12 @@ class CommittedParts:
     def _open(self) -> None:
         self.directory.mkdir(parents=True, exist_ok=True)
         found = sorted(self.directory.glob(PART_GLOB))
-        reason = self._identity_mismatch()
-        if reason and (found or self.assembled_path.exists()):
+        changed = self._identity_changes()
+        reason = self._describe(changed)
+        if isinstance(changed, list) and changed and set(changed) <= PARTS_ONLY and found:
+            self._drop_from(found, reason)
+            found = []
+        elif reason and (found or self.assembled_path.exists()):
             earlier = [f"{len(found)} committed part(s)"] if found else []
             earlier += ["the finished copy"] if self.assembled_path.exists() else []
             log.warning(
@@ -161,16 +170,22 @@ class CommittedParts:
             )
         self.write_progress()
 
-    def _identity_mismatch(self) -> str | None:
+    def _identity_changes(self) -> list[str] | str:
+        """The identity keys whose recorded value differs, or why nothing usable is recorded."""
         try:
             stored = json.loads(self._meta_path().read_text())
         except (OSError, ValueError):
             return "their record of the run that wrote them is missing or unreadable"
         if any(key not in stored and key not in IDENTITY_DEFAULTS for key in self.identity):
             return "an older version of this workflow made them, without the records it now checks"
-        changed = [
+        return [
             k for k in self.identity if stored.get(k, IDENTITY_DEFAULTS.get(k)) != self.identity[k]
         ]
+
+    @staticmethod
+    def _describe(changed: list[str] | str) -> str | None:
+        if isinstance(changed, str):
+            return changed
         return "; ".join(IDENTITY_REASONS.get(k, f"{k} changed") for k in changed) or None
 
     def _drop_from(self, paths: list[Path], why: str) -> None:

@@ -69,9 +69,10 @@ def generate(settings: GenerateSettings, layout: RunLayout, shard: int) -> None:
     identity.update(content)
     # The cross-tokenizer fields (storage.cross_tokenizer_fields), where prepare made them.
     text = token_offsets = None
-    if settings.cross_tokenizer_fields and prepared.text_bytes is not None:
+    with_fields = settings.cross_tokenizer_fields and prepared.text_bytes is not None
+    identity["cross_tokenizer_fields"] = with_fields  # parts with and without do not mix
+    if with_fields:
         text, token_offsets = (prepared.text_bytes, prepared.text_offsets), prepared.token_offsets
-        identity["cross_tokenizer_fields"] = True  # parts without target_logprob do not do
     elif settings.cross_tokenizer_fields:
         log.info(
             "shard %d: prepare made no texts and token offsets (prepared before them, or with "
