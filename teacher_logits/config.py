@@ -13,6 +13,7 @@ import os
 from pathlib import Path
 
 from .errors import ConfigError
+from .sampling import sampled_stand_ins
 from .temperatures import normalise_temperatures
 
 DEMO = "demo"
@@ -357,8 +358,7 @@ def _add_meaning_settings(config: dict, settings: dict) -> None:
     if mode != "topk":
         for key, default in (("samples", 16), ("sample_temperature", 1.0)):
             settings["generation"][key] = config["generation"].get(key, default)
-    if mode == "sampled":  # stores no top-k: the defaults stand in for its size and dtype
-        settings["generation"]["top_k"], settings["storage"]["value_dtype"] = 64, "float16"
+    settings.update(sampled_stand_ins(settings))
     if config["tokenize"].get("overflow", "truncate") == "split":
         settings["tokenize"]["stride"] = config["tokenize"].get("stride")
     if config["dataset"].get("messages_field"):

@@ -171,12 +171,27 @@ def run_config_fingerprint(
     ``dataset.max_samples``; a run planned then keeps its fingerprint while its settings
     mean the same (``earlier``: the recorded plan's ``config_fingerprint`` and settings), so
     the upgrade regenerates none of its shards and appended shards match them."""
-    if earlier and "max_samples" in (earlier.get("settings") or {}).get("dataset", {}):
-        max_samples = earlier["settings"]["dataset"]["max_samples"]
-        legacy = {**settings, "dataset": {**settings["dataset"], "max_samples": max_samples}}
-        if config_fingerprint(legacy, teacher_fp, tokenizer_fp) == earlier["config_fingerprint"]:
+    if earlier:
+        legacy = _as_recorded(settings, earlier.get("settings") or {})
+        if legacy != settings and (
+            config_fingerprint(legacy, teacher_fp, tokenizer_fp) == earlier["config_fingerprint"]
+        ):
             return earlier["config_fingerprint"]
     return config_fingerprint(settings, teacher_fp, tokenizer_fp)
+
+
+def _as_recorded(settings: dict, recorded: dict) -> dict:
+    """``settings`` as an earlier version recorded the same meaning: with
+    ``dataset.max_samples`` (before appends), and a sampled run with the top-k size and
+    value dtype it was given (before they stopped counting for a store without a top-k)."""
+    if "max_samples" in recorded.get("dataset", {}):
+        max_samples = recorded["dataset"]["max_samples"]
+        settings = {**settings, "dataset": {**settings["dataset"], "max_samples": max_samples}}
+    if (settings.get("generation") or {}).get("mode") == "sampled":
+        for section, key in (("generation", "top_k"), ("storage", "value_dtype")):
+            if key in recorded.get(section, {}):
+                settings = {**settings, section: {**settings[section], key: recorded[section][key]}}
+    return settings
 
 
 def stat_key(path: Path) -> str:

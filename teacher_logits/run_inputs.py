@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .config import dataset_paths, meaning_settings, teacher_path
-from .dataset_reads import no_rows
+from .dataset_reads import no_rows, whole_json
 from .fingerprints import (
     content_digest,
     dataset_digest,
@@ -33,6 +33,7 @@ from .fingerprints import (
 )
 from .json_cache import load_cache, mapping_of, save_cache
 from .layout import RunLayout
+from .sampling import sampled_stand_ins
 
 # What a legacy plan (made before plans recorded run_inputs) recorded of its inputs.
 LEGACY_PLAN_KEYS = ("settings", "teacher_fingerprint", "tokenizer_fingerprint")
@@ -167,8 +168,8 @@ NOT_COMPARED = ("dataset_digest", "num_shards")
 def changes_since(planned: dict, inputs: dict) -> list[str]:
     """How ``inputs`` differ from ``planned`` (a plan's run inputs), in words."""
     planned = {k: v for k, v in planned.items() if k not in NOT_COMPARED}
-    if "settings" in planned:
-        planned["settings"] = without_max_samples(planned["settings"])
+    if "settings" in planned:  # as today's code records them
+        planned["settings"] = sampled_stand_ins(without_max_samples(planned["settings"]))
     if all(inputs.get(key) == value for key, value in planned.items()):
         return []
     return describe_changes(planned, inputs) or ["the run's inputs changed"]
@@ -288,7 +289,12 @@ def _count_rows(path: Path, split: str) -> int:
 
 def tail_rows(path: Path, start: int) -> int:
     """Non-blank lines of a JSON Lines file after byte ``start`` (the JSON reader skips
-    blank ones)."""
+    blank ones), as prepare reads them: a last line without a newline counts only when it
+    is whole JSON (not half a row still being written)."""
+    rows = 0
     with open(path, "rb") as handle:
         handle.seek(start)
-        return sum(1 for line in handle if line.strip())
+        for line in handle:
+            if line.strip() and (line.endswith(b"\n") or whole_json(line)):
+                rows += 1
+    return rows

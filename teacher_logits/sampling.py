@@ -26,6 +26,19 @@ _M1, _M2 = np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)
 DRAW_STREAM, CHOICE_STREAM = 0x5EED_D4A3, 0xC401_CE55
 
 
+def sampled_stand_ins(settings: dict) -> dict:
+    """Meaning settings as a ``sampled`` run fingerprints them: it stores no top-k, so the
+    defaults stand in for the top-k size and value dtype, and changing either reruns
+    nothing. Other modes' settings are returned as they are."""
+    if (settings.get("generation") or {}).get("mode") != "sampled":
+        return settings
+    return {
+        **settings,
+        "generation": {**settings["generation"], "top_k": 64},
+        "storage": {**(settings.get("storage") or {}), "value_dtype": "float16"},
+    }
+
+
 @dataclass(frozen=True)
 class SampleSettings:
     """``generation.mode``, ``samples`` and ``sample_temperature``."""

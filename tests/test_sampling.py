@@ -17,6 +17,7 @@ import torch
 import yaml
 
 from teacher_logits import LogitStore
+from teacher_logits.config import meaning_settings
 from teacher_logits.errors import ConfigError, TrainingInputError
 from teacher_logits.generation.topk import (
     Reduction,
@@ -528,8 +529,6 @@ def test_a_sampled_store_has_no_top_k_and_its_draws_sum_to_samples(workflow):
 
 
 def test_sampled_mode_fingerprints_no_top_k_setting():
-    from teacher_logits.config import meaning_settings
-
     config = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
     config["generation"]["mode"] = "sampled"
     sampled = meaning_settings(config)
@@ -611,3 +610,29 @@ def test_the_disk_estimate_counts_draws_and_int8_scales():
     assert uncompressed_bytes_per_token(8, "int8", True, **row) == 4 + 40 + 8 + 4 + 2 + 4 + 80
     sampled = planned_row({"settings": {"generation": {"mode": "sampled", "samples": 8}}})
     assert uncompressed_bytes_per_token(0, "float16", False, **sampled) == 4 + 4 + 40
+
+
+def test_a_sampled_run_from_before_the_stand_ins_keeps_its_fingerprint_and_plan():
+    """Sampled runs once fingerprinted their top_k and value dtype: upgrading must neither
+    call that a change nor regenerate their shards."""
+    from teacher_logits.fingerprints import config_fingerprint, run_config_fingerprint
+    from teacher_logits.run_inputs import changes_since
+
+    config = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
+    config["generation"]["mode"] = "sampled"
+    config["generation"]["top_k"], config["storage"]["value_dtype"] = 32, "float32"
+    now = meaning_settings(config)
+    before = {  # what the previous version recorded for the same run
+        **now,
+        "generation": {**now["generation"], "top_k": 32},
+        "storage": {**now["storage"], "value_dtype": "float32"},
+    }
+    earlier = {"config_fingerprint": config_fingerprint(before, "t", "k"), "settings": before}
+    assert run_config_fingerprint(now, "t", "k", earlier) == earlier["config_fingerprint"]
+    assert changes_since({"settings": before}, {"settings": now}) == []
+    # Another setting that does change the numbers still does.
+    other = {**now, "generation": {**now["generation"], "samples": 4}}
+    assert run_config_fingerprint(other, "t", "k", earlier) != earlier["config_fingerprint"]
+    assert changes_since({"settings": before}, {"settings": other}) == [
+        "generation.samples 16 -> 4"
+    ]
