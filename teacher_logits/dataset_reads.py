@@ -61,13 +61,13 @@ def _complete_lines(path: Path, limit: int) -> dict:
             size += cut
             rows += sum(1 for line in data[:cut].split(b"\n") if line.strip())
             pending = data[cut:]
-    if pending.strip() and _whole_json(pending):  # a file that ends without a newline
+    if pending.strip() and whole_json(pending):  # a file that ends without a newline
         digest.update(pending)
         size, rows = size + len(pending), rows + 1
     return {"size": size, "sha256": digest.hexdigest(), "rows": rows}
 
 
-def _whole_json(line: bytes) -> bool:
+def whole_json(line: bytes) -> bool:
     try:
         json.loads(line)
     except ValueError:  # half a row still being written: the next run plans it
@@ -92,7 +92,10 @@ def load_as_read(path: Path, read: tuple[dict, str], load, scratch: Path):
 
 def _load_as_read(path: Path, read: tuple[dict, str], load, scratch: Path):
     record, key = read
-    if stat_key(path) == key:
+    # A JSON Lines file whose last line was half written when it was read: the rows
+    # before it, from the copy (``load`` of the file itself would fail on that line).
+    whole = not _is_lines(path) or int(record["size"]) == int(key.split(":")[0])
+    if whole and stat_key(path) == key:
         try:
             loaded = load(path)
         except DataError:

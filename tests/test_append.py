@@ -318,6 +318,22 @@ def test_rows_appended_while_prepare_reads_the_file_are_planned_next(
     assert second["dropped"] == [] and second["num_samples"] == 14
 
 
+def test_a_half_written_last_line_is_neither_counted_nor_read(demo_dir, tmp_path):
+    """A writer paused mid-line (its buffer flushed in blocks): plan time counts the rows
+    before that line, and prepare tokenizes exactly those."""
+    from test_prepare_streaming import base_config, run_prepare
+
+    from teacher_logits.run_inputs import tail_rows
+
+    data = tmp_path / "data.jsonl"
+    data.write_text(corpus_lines(demo_dir, 0, 20) + '{"text": "half a ro')
+    assert tail_rows(data, 0) == 20
+    config = base_config(data)
+    config["tokenize"]["max_length"] = 32
+    plan = run_prepare(config, demo_dir, tmp_path / "out", threads=1)["plan"]
+    assert (plan["num_rows"], plan["dataset_files"][0]["rows"]) == (20, 20)
+
+
 # --- end to end -----------------------------------------------------------------------------
 
 
