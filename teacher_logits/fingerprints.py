@@ -270,7 +270,7 @@ def grown_from(path: Path, record: dict, cache: dict) -> bool:
     file grew at its end, after a full last line). Cached by the file's stat key."""
     if path.suffix != ".jsonl" or path.stat().st_size <= record["size"]:
         return False
-    entry = cache.setdefault(f"grown:{path.resolve()}", {})
+    entry = cache.get(f"grown:{path.resolve()}") or {}
     wanted = f"{stat_key(path)}:{record['size']}:{record['sha256']}"
     if entry.get("key") != wanted:
         h, left = hashlib.sha256(), record["size"]

@@ -90,7 +90,7 @@ def orphans_line(summary: dict, output_dir: str) -> str:
     return (
         f"  {len(shards)} shard(s) no plan owns any more ({listed}): {summary['paths']} "
         f"files or folders, {human_bytes(summary['bytes'])}; "
-        f"`python -m teacher_logits.prune {output_dir}` lists them, `--yes` removes them"
+        f"`teacher-logits prune {output_dir}` lists them, `--yes` removes them"
     )
 
 

@@ -248,7 +248,7 @@ def render_store(status: dict) -> str:
         f"{out_dir}: a gathered store, no run state here: {store['num_shards']} shards, "
         f"{store['num_samples']} samples, {store['num_tokens']} tokens (manifest.json"
         f"{', index.h5' if store['index'] else '; index.h5 is missing'}); "
-        f"`python -m teacher_logits.verify {out_dir}` checks every byte"
+        f"`teacher-logits verify {out_dir}` checks every byte"
     ]
     for index, why in sorted(store["failed"].items()):
         lines.append(f"  WARNING: shard {index} {why}; do not train on this store: copy it again")

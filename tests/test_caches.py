@@ -58,3 +58,15 @@ def test_a_cache_that_cannot_be_written_costs_nothing(tmp_path):
     (tmp_path / "cache.json.partial").mkdir()  # its temp file cannot be made
     assert not save_cache(target, {"a": 1}) and not target.exists()
     assert load_cache(target, lambda data: True) is None
+
+
+def test_another_versions_check_cache_is_not_called_damaged(tmp_path, caplog):
+    """Entries of another version of gather's checks may have another shape: unused, kept
+    quiet, and never deleted as damage."""
+    from teacher_logits.store.validation_cache import CHECKS_VERSION, ValidationCache
+
+    path = tmp_path / "checks.json"
+    path.write_text(json.dumps({"version": CHECKS_VERSION + 1, "shards": {"0": [1, 2]}}))
+    with caplog.at_level(logging.WARNING):
+        assert ValidationCache(path).entries == {}
+    assert "damaged" not in caplog.text and path.exists()

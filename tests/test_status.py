@@ -417,7 +417,7 @@ def test_orphaned_shards_are_reported_and_pruned_only_when_asked(tmp_path, capsy
     assert state["orphans"] == {"shards": [2, 3], "paths": 4, "bytes": len(old) + 1000 + 2}
     text = render(state)
     assert "2 shard(s) no plan owns any more (2, 3): 4 files or folders" in text
-    assert f"python -m teacher_logits.prune {run}` lists them" in text
+    assert f"teacher-logits prune {run}` lists them" in text
     code, text = run_main(verify_main, run, capsys=capsys)
     assert code == 0 and "note: 2 shard(s) no plan owns any more" in text
 

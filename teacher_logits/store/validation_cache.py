@@ -84,7 +84,6 @@ class ValidationCache:
         self.path = Path(path)
         self._changed = False
         data = load_cache(self.path, _cache_ok) or {}
-        # Another version's checks are not damage: its entries are simply not used.
         ok = data.get("version") == CHECKS_VERSION
         self.entries: dict[str, dict] = data["shards"] if ok else {}
 
@@ -131,7 +130,10 @@ def _entry_ok(index: str, entry) -> bool:
 
 
 def _cache_ok(data) -> bool:
-    return has_fields(data, version=int, shards=dict) and mapping_of(_entry_ok)(data["shards"])
+    # Another version's entries may have another shape: not damage, just not used.
+    if not has_fields(data, version=int, shards=dict):
+        return False
+    return data["version"] != CHECKS_VERSION or mapping_of(_entry_ok)(data["shards"])
 
 
 def _jsonable(value):
