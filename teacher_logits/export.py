@@ -24,6 +24,7 @@ finished files and writes the rest. Needs numpy, h5py and pyarrow, never torch.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import multiprocessing
 import os
@@ -131,6 +132,11 @@ def _record(store, fmt: str) -> dict:
                 "tokenizer_content_fingerprint",
             )
         },
+        # Which shard files: a store regenerated with the same shape and settings (edited
+        # rows of equal length, say) is another store, and a rerun must not mix the two.
+        "shards_sha256": hashlib.sha256(
+            "".join(str(entry.get("sha256")) for entry in manifest["shards"]).encode()
+        ).hexdigest(),
         **({"axolotl_matched": AXOLOTL_MATCHED} if fmt == "axolotl" else {}),
     }
 

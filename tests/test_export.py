@@ -250,3 +250,31 @@ def test_draws_of_a_sampled_store_are_columns_and_no_top_k_is_invented():
     assert set(row) == {"sample_id", "input_ids", "sampled_ids", "sampled_counts"}
     assert row["sampled_ids"] == [[1, 2], [3, 0], [4, 5]]
     assert row["sampled_counts"] == [[3, 1], [4, 0], [2, 2]]
+
+
+def test_a_rerun_after_the_store_changed_does_not_keep_the_old_files(store, tmp_path):
+    """A killed export of one store, then the store's shards changed (same shape and
+    settings): the rerun writes every file again rather than mixing two stores."""
+    import json
+
+    out = tmp_path / "out"
+    with LogitStore(store) as reader:
+        staging = _staging(out, _record(reader, "parquet"))
+        _export_shard(reader, 0, export_file(staging, 0), "parquet", _record(reader, "parquet"))
+    old_shards = json.loads(pq.read_schema(export_file(staging, 0)).metadata[b"teacher_logits"])[
+        "shards_sha256"
+    ]
+    manifest_path = store / "manifest.json"
+    original = manifest_path.read_text()
+    manifest = json.loads(original)
+    manifest["shards"][0]["sha256"] = "0" * 64  # as a regenerated shard 0 would have
+    manifest_path.write_text(json.dumps(manifest))
+    try:
+        command("export", store, out)
+        made_from = {
+            json.loads(pq.read_schema(path).metadata[b"teacher_logits"])["shards_sha256"]
+            for path in sorted(out.iterdir())
+        }
+        assert len(made_from) == 1 and old_shards not in made_from  # the store as it is now
+    finally:
+        manifest_path.write_text(original)  # the module's store, as the other tests see it
