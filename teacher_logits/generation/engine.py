@@ -32,7 +32,11 @@ class Engine(Protocol):
     @property
     def pad_id(self) -> int: ...
 
-    def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> TopK: ...
+    def __call__(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, row_keys=None, targets=None
+    ) -> TopK:
+        """``row_keys`` seed the sampled modes' draws; ``targets`` (each valid position's
+        next token id, -1: none) ask for ``TopK.target_logit``."""
 
     def close(self) -> None: ...
 
