@@ -12,6 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from teacher_logits.row_bytes import CROSS_FIELD_BYTES
+
 from chromium import Chromium, find_chromium
 from conftest import REPO, Workflow, demo_workflow
 
@@ -60,7 +62,11 @@ def test_manifest_holds_the_report_statistics(finished_run):
     assert {"topk_ids", "topk_logits", "logsumexp", "entropy", "input_ids"} <= stats[
         "dataset_bytes"
     ].keys()
-    assert stats["bytes_per_token"] < stats["uncompressed_bytes_per_token"] == 4 + 64 * 6 + 4 + 2
+    assert (
+        stats["bytes_per_token"]
+        < stats["uncompressed_bytes_per_token"]
+        == 4 + 64 * 6 + 4 + 2 + CROSS_FIELD_BYTES
+    )
     assert stats["index_bytes"] > 0
     # Provenance per shard, and throughput per GPU group.
     for shard in shards:

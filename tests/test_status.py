@@ -86,7 +86,7 @@ def test_status_through_a_run(workflow):
     state = status_json(workflow)
     assert state["counts"] == {"done": 0, "in progress": 0, "pending": 3, "failed": 0}
     assert state["planned_tokens"] == plan["num_tokens"] and state["done_tokens"] == 0
-    raw = uncompressed_bytes_per_token(64, "float16", True)
+    raw = uncompressed_bytes_per_token(64, "float16", True, cross_fields=True)
     disk = state["disk"]
     assert disk["basis"] == "upper bound before compression" and disk["bytes_per_token"] == raw
     assert disk["total_bytes"] > sum(s["num_tokens"] * raw for s in plan["shards"])
