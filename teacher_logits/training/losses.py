@@ -216,14 +216,23 @@ def _is_number(value) -> bool:
 
 
 def _logsumexp_at(batch: dict, temperature: float) -> torch.Tensor:
-    stored = batch.get("logsumexp_t") or {}
+    return logsumexp_at(
+        batch.get("logsumexp_t") or {},
+        temperature,
+        f"kd_loss(temperature={temperature:g}, tail='bucket')",
+        "train at a stored temperature, or use tail='renormalize'",
+    )
+
+
+def logsumexp_at(stored: dict, temperature: float, asked: str, fix: str) -> torch.Tensor:
+    """The teacher's logsumexp rows at ``temperature`` from ``stored`` ({temperature:
+    rows}), or one line naming the temperatures the store has (``asked``: the call)."""
     for key, values in stored.items():
         if math.isclose(float(key), temperature, rel_tol=1e-6):
             return values
     listed = ", ".join(f"{float(key):g}" for key in sorted(stored)) or "none"
     raise TrainingInputError(
-        f"kd_loss(temperature={temperature:g}, tail='bucket'): the store has the teacher's "
-        f"logsumexp at temperatures {listed} only; add {temperature:g} to "
-        "generation.temperatures in the workflow config and rerun the workflow, train at a "
-        "stored temperature, or use tail='renormalize'"
+        f"{asked}: the store has the teacher's logsumexp at temperatures {listed} only; add "
+        f"{temperature:g} to generation.temperatures in the workflow config and rerun the "
+        f"workflow, {fix}"
     )

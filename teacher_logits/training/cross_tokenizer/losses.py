@@ -25,6 +25,7 @@ import torch
 
 from ...errors import TrainingInputError
 from ..collation import IGNORE_INDEX
+from ..losses import logsumexp_at
 
 LOSSES = ("both", "chunk", "distribution")
 # Chunk probabilities are kept below 1 - 1e-6: log(1 - q) stays finite, and a chunk the
@@ -172,15 +173,11 @@ def _distribution_loss(student_logits, batch: dict, temperature: float, dtype) -
 
 
 def _logsumexp_at(batch: dict, temperature: float) -> torch.Tensor:
-    stored = batch.get("teacher_logsumexp_t") or {}
-    for key, values in stored.items():
-        if math.isclose(float(key), temperature, rel_tol=1e-6):
-            return values
-    listed = ", ".join(f"{float(key):g}" for key in sorted(stored)) or "none"
-    raise TrainingInputError(
-        f"cross_tokenizer_loss(temperature={temperature:g}): the store has the teacher's "
-        f"logsumexp at temperatures {listed} only; add {temperature:g} to "
-        "generation.temperatures and rerun the workflow, or train at a stored temperature"
+    return logsumexp_at(
+        batch.get("teacher_logsumexp_t") or {},
+        temperature,
+        f"cross_tokenizer_loss(temperature={temperature:g})",
+        "or train at a stored temperature",
     )
 
 
