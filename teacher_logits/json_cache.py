@@ -22,6 +22,16 @@ from .layout import atomic_write_text, partial_path
 log = logging.getLogger("teacher_logits.cache")
 
 
+def read_json(path: str | os.PathLike) -> dict | None:
+    """A JSON object from ``path``; None when there is none, or it does not parse or is not
+    an object (a record being replaced, or written by hand)."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
 def has_fields(value, **types) -> bool:
     """Whether ``value`` is a dict whose ``name`` entries have these types."""
     return isinstance(value, dict) and all(

@@ -16,7 +16,6 @@ Nothing here writes a file but the dataset's hash cache. No torch.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,7 +30,7 @@ from .fingerprints import (
     teacher_fingerprint,
     tokenizer_fingerprint,
 )
-from .json_cache import load_cache, mapping_of, save_cache
+from .json_cache import load_cache, mapping_of, read_json, save_cache
 from .layout import RunLayout
 from .sampling import sampled_stand_ins
 
@@ -89,13 +88,6 @@ class DataSources:
             column=messages or config["dataset"]["text_field"],
             chat=messages is not None,
         )
-
-
-def _read_json(path: Path):
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
 
 
 def load_digest_cache(layout: RunLayout) -> dict:
@@ -157,7 +149,7 @@ def planned_run_inputs(plan: dict | None) -> dict:
 def changes_since_plan(layout: RunLayout, inputs: dict) -> list[str]:
     """How ``inputs`` differ from what the existing plan was made from, in words (empty:
     the plan still holds, or there is none yet and prepare runs anyway)."""
-    return changes_since(planned_run_inputs(_read_json(layout.plan)), inputs)
+    return changes_since(planned_run_inputs(read_json(layout.plan)), inputs)
 
 
 # Compared by shard_plan, which tells appended rows from changed ones; neither the

@@ -15,12 +15,12 @@ the shape ``plan.json`` always had, for gather, status and readers.
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from .dataset_reads import blank_rows, rows_digests
+from .json_cache import read_json
 from .layout import RunLayout, shard_name
 from .run_inputs import DataSources, changes_since, dataset_rows, planned_run_inputs
 
@@ -47,13 +47,6 @@ class Segment:
     @property
     def shards(self) -> range:
         return range(self.first_shard, self.first_shard + self.num_shards)
-
-
-def _read_json(path: Path):
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
 
 
 def segment_of_plan(index: int, plan: dict) -> Segment:
@@ -86,11 +79,11 @@ def recorded_plans(layout: RunLayout) -> list[dict]:
     plans: list[dict] = []
     first_row = first_shard = 0
     while True:
-        plan = _read_json(layout.segment_plan(len(plans)))
+        plan = read_json(layout.segment_plan(len(plans)))
         if not isinstance(plan, dict) or "shards" not in plan:
             # Deleted by Snakemake while its segment is prepared again (or after that
             # failed): the record prepare kept beside it.
-            plan = _read_json(layout.segment_record(len(plans)))
+            plan = read_json(layout.segment_record(len(plans)))
         if not isinstance(plan, dict) or "shards" not in plan:
             return plans
         segment = segment_of_plan(len(plans), plan)

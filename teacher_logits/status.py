@@ -37,6 +37,7 @@ from pathlib import Path
 
 from .disk import free_bytes, gather_bytes, human_bytes, render_disk, run_needs
 from .errors import LockError
+from .json_cache import read_json
 from .layout import RunLayout, job_record_for
 from .locks import held_by_another
 from .prune import find_orphans, orphans_line
@@ -76,14 +77,6 @@ def job_error(log_path: Path, whole: bool = False) -> str | None:
     if record.get("state") != "failed" or not record.get("error"):
         return None
     return record["error"] if whole else record["error"].splitlines()[0]
-
-
-def read_json(path: Path) -> dict | None:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None
 
 
 def shard_state(layout: RunLayout, entry: dict, plan_mtime: float, checked: dict) -> dict:
